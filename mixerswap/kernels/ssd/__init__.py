@@ -1,0 +1,1 @@
+"""See naive.py: the reference implementation is the specification."""
