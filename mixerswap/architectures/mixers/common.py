@@ -1,0 +1,44 @@
+"""What every recurrent mixer needs from the call beyond its hidden states: padding and documents."""
+
+from __future__ import annotations
+
+import torch
+
+# The student passes the 2-D padding mask to its mixers under this keyword (the decoder layers of
+# every supported family forward unknown keywords to their attention module).
+PADDING_MASK_KWARG = "mixerswap_padding_mask"
+
+
+def packed_seq_idx(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
+    """Document ids from ``position_ids`` that restart, as ``transformers`` detects packed sequences.
+
+    A new document starts wherever the position does not follow its predecessor by one. Returns
+    ``[B, T]`` ids, or ``None`` when every row holds a single document.
+    """
+    if position_ids.shape[0] != batch:
+        position_ids = position_ids.expand(batch, -1)
+    step = torch.diff(position_ids, prepend=position_ids[:, :1] - 1, dim=-1)
+    seq_idx = (step != 1).cumsum(-1)
+    if bool((seq_idx[:, -1] == 0).all()):
+        return None
+    return seq_idx
+
+
+def mixer_inputs(
+    kwargs: dict, position_ids: torch.Tensor | None, batch: int, seqlen: int, *, continuing: bool
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The padding mask ``[B, T]`` (1 = real token) for this call's tokens and the document ids.
+
+    Following ``transformers``, packed documents are read from ``position_ids`` only when there is
+    no padding mask and no cached prefix (a training or scoring call).
+    """
+    mask = kwargs.get(PADDING_MASK_KWARG)
+    padding = None
+    if mask is not None:
+        mask = mask[:, -seqlen:]
+        if not bool(mask.all()):
+            padding = mask.to(torch.float32)
+    seq_idx = None
+    if mask is None and position_ids is not None and not continuing and seqlen > 1:
+        seq_idx = packed_seq_idx(position_ids, batch)
+    return padding, seq_idx

@@ -1,0 +1,176 @@
+"""``MixerSwapForCausalLM``: the teacher's own HF architecture with some attention modules swapped out.
+
+The student instantiates the teacher's ``*ForCausalLM`` class from ``config.teacher_config`` and
+keeps its body (embeddings, decoder layers, final norm) as ``self.model`` and its head as
+``self.lm_head``, so state-dict names, MLPs, norms, RoPE and family quirks are exactly the
+teacher's. Layers whose plan entry is not ``attention`` get a mixer module in place of their
+attention module; mixers take the attention module's call signature, so the teacher's decoder
+layer code runs unchanged. One :class:`HybridMixerCache` serves the whole stack.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import GenerationMixin, PreTrainedModel
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+from .cache import HybridMixerCache
+from .configuration import MixerSwapConfig
+from .families import family_for
+from .mixers import MIXERS, RECURRENT_KINDS
+from .mixers.common import PADDING_MASK_KWARG
+from .plan import ATTENTION, validate_plan
+
+REMOTE_CODE_DIR = Path(__file__).parent / "remote"
+AUTO_MAP = {
+    "AutoConfig": "configuration_mixerswap.MixerSwapConfig",
+    "AutoModelForCausalLM": "modeling_mixerswap.MixerSwapForCausalLM",
+}
+
+
+class MixerSwapPreTrainedModel(PreTrainedModel):
+    config_class = MixerSwapConfig
+    config: MixerSwapConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def initialize_weights(self):
+        super().initialize_weights()
+        # Mixers sit inside the teacher body, whose own ``_init_weights`` knows nothing of them:
+        # give them their Mamba-style init. Parameters loaded from a checkpoint are left alone.
+        for mixer in self.mixers():
+            mixer.init_parameters(std=getattr(self.config, "initializer_range", None) or 0.02)
+
+    def mixers(self) -> list[torch.nn.Module]:
+        return [m for m in self.modules() if type(m) in MIXERS.values()]
+
+
+class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
+    """A causal LM whose layers follow ``config.plan``; see the module docstring."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: MixerSwapConfig):
+        super().__init__(config)
+        teacher_config = config.teacher_config
+        self.family = family_for(teacher_config.model_type)
+        teacher_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(teacher_config)]
+        teacher = teacher_cls(teacher_config)
+        self.model = teacher.model
+        self.lm_head = teacher.lm_head
+        self._no_split_modules = list(getattr(teacher, "_no_split_modules", None) or [])
+
+        layers = self.decoder_layers()
+        for idx, (kind, settings) in enumerate(validate_plan(config.plan, len(layers))):
+            if kind != ATTENTION:
+                mixer = MIXERS[kind](settings, teacher_config.hidden_size, idx)
+                setattr(layers[idx], self.family.attention_attr, mixer)
+        self.post_init()
+
+    def decoder_layers(self) -> torch.nn.ModuleList:
+        module = self
+        for name in self.family.layers_path.split("."):
+            module = getattr(module, name)
+        return module
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def recurrent_layers(self) -> list[int]:
+        return [i for i, kind in enumerate(self.config.layer_kinds()) if kind in RECURRENT_KINDS]
+
+    def make_cache(self) -> HybridMixerCache:
+        """An empty cache for this plan (KV for attention layers, states for recurrent mixers)."""
+        return HybridMixerCache(self.config.teacher_config, self.recurrent_layers())
+
+    def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
+        user_cache = model_kwargs.get("past_key_values")
+        if user_cache is not None and not isinstance(user_cache, HybridMixerCache):
+            raise TypeError("pass a cache from model.make_cache(); mixerswap students need a HybridMixerCache")
+        if generation_config.cache_implementation not in (None, "dynamic"):
+            raise ValueError(
+                f"cache_implementation={generation_config.cache_implementation!r} is not supported by mixerswap "
+                "students; leave it unset (a HybridMixerCache is used)"
+            )
+        if user_cache is None and generation_config.use_cache is not False:
+            model_kwargs["past_key_values"] = self.make_cache()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: HybridMixerCache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> CausalLMOutputWithPast:
+        """Same contract as the teacher's ``*ForCausalLM.forward``.
+
+        ``attention_mask`` is the usual 2-D padding mask ``[B, past + T]``; recurrent mixers use it
+        to keep padding out of their states. Without a mask, ``position_ids`` that restart mark
+        packed documents (the ``transformers`` convention), for attention and mixers alike.
+        """
+        if use_cache is None:
+            use_cache = getattr(self.config.teacher_config, "use_cache", True) and not self.training
+        if use_cache and past_key_values is None:
+            past_key_values = self.make_cache()
+        if attention_mask is not None and attention_mask.dim() == 2:
+            kwargs[PADDING_MASK_KWARG] = attention_mask
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            **kwargs,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        softcap = getattr(self.config.teacher_config, "final_logit_softcapping", None)
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return CausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+        )
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save as usual, plus the small remote-code modules so ``trust_remote_code=True`` loads it."""
+        self.config.auto_map = dict(AUTO_MAP)
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_remote_code(save_directory)
+
+
+def write_remote_code(directory) -> None:
+    """Copy the ``trust_remote_code`` shims (``configuration_mixerswap.py``, ``modeling_mixerswap.py``)."""
+    for src in REMOTE_CODE_DIR.glob("*.py"):
+        (Path(directory) / src.name).write_text(src.read_text())

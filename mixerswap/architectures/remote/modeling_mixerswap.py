@@ -1,0 +1,13 @@
+"""Model class of a mixerswap student, for ``trust_remote_code=True`` (needs ``pip install mixerswap``).
+
+Optional fast kernels (Triton, mamba-ssm) are imported by mixerswap itself inside try/except.
+"""
+
+try:
+    from mixerswap.architectures.modeling import MixerSwapForCausalLM
+except ImportError as err:  # pragma: no cover - exercised only without the package
+    raise ImportError(
+        "this checkpoint is a mixerswap student; install the package to load it: pip install mixerswap"
+    ) from err
+
+__all__ = ["MixerSwapForCausalLM"]

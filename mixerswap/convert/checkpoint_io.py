@@ -1,0 +1,287 @@
+"""Streaming checkpoint IO: read a teacher shard by shard, write a student shard by shard, atomically.
+
+Memory stays flat whatever the model size: tensors that pass through unchanged are copied as raw
+byte ranges from the teacher's safetensors file to the student's, without becoming tensors; only
+the attention weights of replaced layers are materialized, one layer at a time. One input shard is
+open at a time. Output goes to a temporary folder renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
+COPY_CHUNK = 16 << 20
+WEIGHTS_NAME, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
+
+
+def parse_size(size: str | int) -> int:
+    """``"5GB"``, ``"500MB"``, ``"64KiB"`` or an int → bytes (decimal units, ``iB`` for binary)."""
+    if isinstance(size, int):
+        return size
+    text = size.strip().upper().replace(" ", "")
+    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
+    for unit, factor in units.items():
+        if text.endswith(unit):
+            try:
+                return int(float(text[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    if text.isdigit():
+        return int(text)
+    raise ValueError(f"cannot read size {size!r}; write it like 5GB, 500MB or 64KiB")
+
+
+class CheckpointError(ValueError):
+    """A teacher checkpoint is missing, incomplete or corrupt."""
+
+
+class OutputExistsError(FileExistsError):
+    """The output folder exists and is not empty, and overwriting was not asked for."""
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    dtype: str  # safetensors dtype name
+    shape: tuple[int, ...]
+    begin: int  # absolute byte offsets in the file
+    end: int
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return SAFETENSORS_DTYPES[self.dtype]
+
+
+class SafetensorsShard:
+    """One ``.safetensors`` file: its header parsed and checked, tensors read or copied on demand."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        size = self.path.stat().st_size
+        try:
+            with open(self.path, "rb") as f:
+                (header_len,) = struct.unpack("<Q", f.read(8))
+                if header_len > size - 8:
+                    raise ValueError(f"header length {header_len} exceeds the file size {size}")
+                header = json.loads(f.read(header_len))
+            start = 8 + header_len
+            header.pop("__metadata__", None)
+            self.entries = {}
+            for name, info in header.items():
+                begin, end = (start + o for o in info["data_offsets"])
+                dtype, shape = info["dtype"], tuple(info["shape"])
+                if dtype not in SAFETENSORS_DTYPES:
+                    raise ValueError(f"tensor {name} has unsupported dtype {dtype}")
+                want = math.prod(shape) * SAFETENSORS_DTYPES[dtype].itemsize
+                if end > size or end - begin != want:
+                    raise ValueError(f"tensor {name} has byte range {begin}..{end} that does not fit {shape} "
+                                     f"{dtype} in a {size}-byte file (truncated?)")
+                self.entries[name] = TensorEntry(name, dtype, shape, begin, end)
+        except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
+            raise CheckpointError(f"corrupt shard {self.path}: {err}") from None
+
+    def read(self, name: str) -> torch.Tensor:
+        entry = self.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(entry.begin)
+            data = bytearray(f.read(entry.end - entry.begin))
+        if not data:
+            return torch.empty(entry.shape, dtype=entry.torch_dtype)
+        return torch.frombuffer(data, dtype=entry.torch_dtype).reshape(entry.shape)
+
+    def copy_to(self, name: str, out) -> None:
+        """Append tensor ``name``'s raw bytes to the open binary file ``out``."""
+        entry = self.entries[name]
+        with open(self.path, "rb") as f:
+            f.seek(entry.begin)
+            remaining = entry.end - entry.begin
+            while remaining:
+                chunk = f.read(min(COPY_CHUNK, remaining))
+                if not chunk:
+                    raise CheckpointError(f"corrupt shard {self.path}: unexpected end of file in {name}")
+                out.write(chunk)
+                remaining -= len(chunk)
+
+
+def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder as is; otherwise a Hugging Face hub id, downloaded (config, tokenizer, weights)."""
+    path = Path(name_or_path)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise CheckpointError(f"{path} is a file; give the folder that holds config.json and the weights")
+    text = str(name_or_path)
+    if text.count("/") > 1 or text.startswith((".", "/", "~")):
+        raise CheckpointError(f"no such folder: {path}")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=[
+            "*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]))
+    except Exception as err:  # network, auth, missing repo: all end the same way for the user
+        raise CheckpointError(f"{text!r} is not a local folder and could not be fetched from the hub: {err}") from None
+
+
+def list_shards(model_dir: Path) -> list[Path]:
+    """The weight files of a checkpoint in order, checked to exist (safetensors only)."""
+    index = model_dir / WEIGHTS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as err:
+            raise CheckpointError(f"corrupt index {index}: {err}") from None
+        shards = [model_dir / name for name in dict.fromkeys(weight_map.values())]
+        missing = [p.name for p in shards if not p.exists()]
+        if missing:
+            raise CheckpointError(f"{index.name} lists shards that are missing from {model_dir}: {', '.join(missing)}")
+        return shards
+    single = model_dir / WEIGHTS_NAME
+    if single.exists():
+        return [single]
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise CheckpointError(f"{model_dir} holds PyTorch .bin weights; mixerswap reads safetensors. Re-save "
+                              "the teacher once with `model.save_pretrained(dir)` (safetensors is the default)")
+    raise CheckpointError(f"no weights in {model_dir}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX}")
+
+
+def iter_shards(shards: list[Path]) -> Iterator[SafetensorsShard]:
+    """Open shards one at a time (each is parsed and validated when reached)."""
+    for path in shards:
+        yield SafetensorsShard(path)
+
+
+class ShardedWriter:
+    """Write tensors into ``model-0000i-of-0000N.safetensors`` files of at most ``max_shard_bytes``.
+
+    Tensor bytes are streamed to a data file next to the shard; when a shard is full its header is
+    written and the data appended, so at most one tensor is in memory at a time.
+    """
+
+    def __init__(self, directory: Path, max_shard_bytes: int = 5 << 30):
+        self.directory = Path(directory)
+        self.max_shard_bytes = max_shard_bytes
+        self.finished: list[tuple[Path, list[str], int]] = []  # (file, names, bytes)
+        self._header: dict[str, dict] = {}
+        self._data = None
+        self._offset = 0
+        self.total_bytes = 0
+
+    def _ensure_room(self, nbytes: int) -> None:
+        if self._data is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
+            self._close_shard()
+        if self._data is None:
+            self._data_path = self.directory / f".shard-{len(self.finished)}.data"
+            self._data = open(self._data_path, "wb")
+            self._header, self._offset = {}, 0
+
+    def _record(self, name: str, dtype: str, shape, nbytes: int) -> None:
+        if name in self._header or any(name in names for _, names, _ in self.finished):
+            raise ValueError(f"tensor {name} written twice")
+        self._header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [self._offset, self._offset + nbytes]}
+        self._offset += nbytes
+        self.total_bytes += nbytes
+
+    def copy(self, shard: SafetensorsShard, name: str, new_name: str | None = None) -> None:
+        """Copy a tensor from a teacher shard without materializing it."""
+        entry = shard.entries[name]
+        nbytes = entry.end - entry.begin
+        self._ensure_room(nbytes)
+        shard.copy_to(name, self._data)
+        self._record(new_name or name, entry.dtype, entry.shape, nbytes)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        tensor = tensor.detach().contiguous().cpu()
+        if tensor.dtype not in TORCH_TO_SAFETENSORS:
+            raise ValueError(f"cannot store {name} with dtype {tensor.dtype}")
+        nbytes = tensor.numel() * tensor.element_size()
+        self._ensure_room(nbytes)
+        if nbytes:
+            self._data.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+        self._record(name, TORCH_TO_SAFETENSORS[tensor.dtype], tensor.shape, nbytes)
+
+    def _close_shard(self) -> None:
+        self._data.close()
+        header = {"__metadata__": {"format": "pt"}, **self._header}
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * (-len(blob) % 8)
+        path = self.directory / f".shard-{len(self.finished)}.safetensors"
+        with open(path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            shutil.copyfileobj(data, out, COPY_CHUNK)
+        self._data_path.unlink()
+        self.finished.append((path, list(self._header), self._offset))
+        self._data = None
+
+    def written_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor written so far (finished shards and the open one) with its shape."""
+        shapes = {}
+        for path, names, _ in self.finished:
+            shapes.update({n: e.shape for n, e in SafetensorsShard(path).entries.items()})
+        shapes.update({n: tuple(info["shape"]) for n, info in self._header.items()})
+        return shapes
+
+    def close(self) -> list[Path]:
+        """Finish the last shard, give shards their final names, and write the index if sharded."""
+        if self._data is not None:
+            self._close_shard()
+        count = len(self.finished)
+        if count == 0:
+            raise ValueError("no tensors were written")
+        final, weight_map = [], {}
+        for i, (path, names, _) in enumerate(self.finished):
+            name = WEIGHTS_NAME if count == 1 else f"model-{i + 1:05d}-of-{count:05d}.safetensors"
+            path.rename(self.directory / name)
+            final.append(self.directory / name)
+            weight_map.update(dict.fromkeys(names, name))
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.directory / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        return final
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it is removed.
+
+    Raises :class:`OutputExistsError` before any work if ``out`` exists, is not empty, and
+    ``overwrite`` is false.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise OutputExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+        tmp.rename(out)
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+    else:
+        tmp.rename(out)

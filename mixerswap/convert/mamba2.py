@@ -1,0 +1,105 @@
+"""Attention → Mamba-2 initialization (``mamba2_from_attention``).
+
+Linear attention is an SSM without decay, and Mamba-2's SSD is linear attention with a learned,
+input-dependent decay (Dao & Gu 2024, section 5). So the attention projections seed the mixer
+directly, as in MambaInLlama and MOHAWK:
+
+==========  ===========================  ======================================================
+mixer       from the teacher             why
+==========  ===========================  ======================================================
+c_proj      W_q (+ bias)                 C plays the query: ``y_t = S_t C_t``
+b_proj      W_k (+ bias)                 B plays the key: ``S_t += dt_t x_t B_t^T``
+x_proj      W_v (+ bias)                 x plays the value
+out_proj    W_o (+ bias)                 same output projection
+b/c norm    k_norm / q_norm (Qwen3,      keeps the teacher's per-head normalization of q and k
+            Gemma-3), offset folded in
+==========  ===========================  ======================================================
+
+GQA carries over: ``B`` and ``x`` keep the teacher's key/value heads as groups, ``C`` its query
+heads. RoPE is dropped (the decay carries position). Everything attention has no counterpart for
+(A, dt, D, conv, gate, output norm) gets the initialization documented in
+:meth:`~mixerswap.architectures.mixers.mamba2.Mamba2Mixer.init_ssm_parameters`; the conv starts
+as the identity (last tap 1) so the first forward sees the raw projections. The scale
+``1/sqrt(head_dim)`` of attention scores is not folded in: the per-head output norm removes any
+global scale of ``C``.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedConfig
+
+from ..architectures.mixers.mamba2 import Mamba2Mixer, Mamba2Settings
+from .adapters import AttentionShape, AttentionWeights
+
+# Settings a user may change at conversion; the rest are dictated by the teacher's shapes.
+TUNABLE = frozenset(Mamba2Settings.model_fields) - {"n_heads", "n_groups", "head_dim", "d_state", "qkv_bias",
+                                                     "out_bias", "bc_norm"}
+
+
+def mamba2_settings(
+    teacher_config: PreTrainedConfig,
+    *,
+    qkv_bias: bool,
+    out_bias: bool,
+    qk_norm: bool,
+    overrides: dict | None = None,
+) -> Mamba2Settings:
+    """The plan settings of a Mamba-2 mixer that inherits a teacher attention layer's weights."""
+    overrides = dict(overrides or {})
+    fixed = set(overrides) - TUNABLE
+    if fixed:
+        raise ValueError(
+            f"mamba2 settings {sorted(fixed)} follow from the teacher's attention shapes and cannot be set; "
+            f"tunable: {', '.join(sorted(TUNABLE))}"
+        )
+    shape = AttentionShape.from_config(teacher_config)
+    overrides.setdefault("norm_eps", getattr(teacher_config, "rms_norm_eps", 1e-6))
+    return Mamba2Settings(
+        n_heads=shape.num_heads,
+        n_groups=shape.num_kv_heads,
+        head_dim=shape.head_dim,
+        d_state=shape.head_dim,
+        qkv_bias=qkv_bias,
+        out_bias=out_bias,
+        bc_norm=qk_norm,
+        **overrides,
+    )
+
+
+def mamba2_from_attention(
+    attn: AttentionWeights,
+    settings: Mamba2Settings,
+    hidden_size: int,
+    *,
+    seed: int = 0,
+    dtype: torch.dtype | None = None,
+) -> dict[str, torch.Tensor]:
+    """The mixer's state dict (names relative to the mixer) seeded from one attention layer.
+
+    Args:
+        attn: the layer's attention weights (see :func:`~mixerswap.convert.adapters.read_attention`).
+        settings: from :func:`mamba2_settings`.
+        hidden_size: model width.
+        seed: seeds the random parts (A, dt); conversions are reproducible.
+        dtype: output dtype (default: that of ``attn.q``).
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        mixer = Mamba2Mixer(settings, hidden_size, layer_idx=0)
+        mixer.init_parameters()
+    state = {name: t.detach() for name, t in mixer.state_dict().items()}
+    copies = {
+        "c_proj.weight": attn.q, "b_proj.weight": attn.k, "x_proj.weight": attn.v, "out_proj.weight": attn.o,
+        "c_proj.bias": attn.q_bias, "b_proj.bias": attn.k_bias, "x_proj.bias": attn.v_bias,
+        "out_proj.bias": attn.o_bias, "c_norm_weight": attn.q_norm, "b_norm_weight": attn.k_norm,
+    }
+    for name, tensor in copies.items():
+        if tensor is None:
+            continue
+        if name not in state:
+            raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
+                             f"({name}) but the mixer settings have no place for them")
+        state[name] = tensor
+    dtype = dtype or attn.q.dtype
+    return {name: t.to(dtype).contiguous() for name, t in state.items()}

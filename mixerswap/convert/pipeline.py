@@ -1,0 +1,245 @@
+"""``convert``: teacher HF folder (or hub id) → student HF folder, streamed and atomic.
+
+Every check that can fail (family, plan, shards, output folder) runs before anything is written.
+Tensors of kept layers and of the rest of the model are copied byte for byte; each replaced
+layer's attention weights are read (they may span shards), handed to the mixer's converter, and
+its tensors written. The written names and shapes are checked against the student model built on
+the meta device before the output folder is renamed into place.
+"""
+
+from __future__ import annotations
+
+import logging
+import platform
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import transformers
+import yaml
+from tqdm.auto import tqdm
+from transformers import AutoConfig
+
+from .. import __version__
+from ..architectures import MixerSwapConfig, MixerSwapForCausalLM, describe_plan, family_for
+from ..architectures.modeling import AUTO_MAP, write_remote_code
+from ..architectures.plan import ATTENTION
+from .adapters import AttentionShape, attention_tensor_names, read_attention
+from .checkpoint_io import (
+    CheckpointError,
+    SafetensorsShard,
+    ShardedWriter,
+    atomic_output_dir,
+    list_shards,
+    parse_size,
+    resolve_model_dir,
+)
+from .mamba2 import mamba2_from_attention, mamba2_settings
+from .selection import select_attention_layers
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
+                "chat_template.json")
+
+
+@dataclass(frozen=True)
+class MixerConverter:
+    """How to build one mixer kind from a teacher attention layer."""
+
+    settings: callable  # (teacher_config, *, qkv_bias, out_bias, qk_norm, overrides) -> pydantic Settings
+    from_attention: callable  # (AttentionWeights, settings, hidden_size, *, seed, dtype) -> state dict
+
+
+CONVERTERS: dict[str, MixerConverter] = {"mamba2": MixerConverter(mamba2_settings, mamba2_from_attention)}
+
+
+@dataclass
+class ConversionResult:
+    out: Path
+    plan: list[dict]
+    attention_layers: list[int]
+    shards: list[str]
+    bytes_written: int
+    dropped: list[str] = field(default_factory=list)
+
+
+def convert(
+    teacher: str | Path,
+    out: str | Path,
+    *,
+    to: str = "mamba2",
+    keep_attention: float | None = None,
+    attention_layers: list[int] | None = None,
+    mixer_settings: dict | None = None,
+    dtype: str = "auto",
+    seed: int = 0,
+    max_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    revision: str | None = None,
+    progress: bool = True,
+    command: str | None = None,
+) -> ConversionResult:
+    """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
+
+    Args:
+        teacher: local HF folder or hub id.
+        out: output folder (must be absent or empty unless ``overwrite``).
+        to: mixer kind for replaced layers (``mamba2``).
+        keep_attention / attention_layers: which layers keep attention (see ``select_attention_layers``).
+        mixer_settings: tunable mixer settings, e.g. ``{"chunk_size": 128}``.
+        dtype: ``auto`` keeps each tensor's stored dtype; else ``float32``, ``bfloat16``, ``float16``.
+        seed: seeds the parts of the mixers that attention does not determine.
+        max_shard_size: e.g. ``"5GB"``; larger outputs are sharded with an index.
+    """
+    if to not in CONVERTERS:
+        raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(CONVERTERS)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
+        raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    model_dir = resolve_model_dir(teacher, revision)
+    if not (model_dir / "config.json").exists():
+        raise CheckpointError(f"no config.json in {model_dir}")
+    teacher_config = AutoConfig.from_pretrained(model_dir)
+    family = family_for(teacher_config.model_type)
+    shards = [SafetensorsShard(p) for p in list_shards(model_dir)]  # parses and checks every header now
+    names = {name for shard in shards for name in shard.entries}
+    num_layers = teacher_config.num_hidden_layers
+    kept = select_attention_layers(num_layers, keep_attention=keep_attention, attention_layers=attention_layers)
+
+    converter = CONVERTERS[to]
+    plan, layer_names = [], {}
+    for idx in range(num_layers):
+        if idx in kept:
+            plan.append({"kind": ATTENTION})
+            continue
+        roles = attention_tensor_names(family, idx)
+        present = {role for role, name in roles.items() if name in names}
+        settings = converter.settings(
+            teacher_config,
+            qkv_bias=bool(present & {"q_bias", "qkv_bias"}),
+            out_bias="o_bias" in present,
+            qk_norm="q_norm" in present,
+            overrides=mixer_settings,
+        )
+        plan.append({"kind": to, **settings.model_dump()})
+        layer_names[idx] = {roles[r] for r in present}
+
+    target_dtype = DTYPES[dtype]
+    provenance = {
+        "teacher": str(teacher), "to": to, "keep_attention": keep_attention, "attention_layers": kept,
+        "mixer_settings": dict(mixer_settings or {}), "dtype": dtype, "seed": seed,
+        "mixerswap_version": __version__, "transformers_version": transformers.__version__,
+    }
+    config = MixerSwapConfig(teacher_config=teacher_config, plan=plan, conversion=provenance)
+    config.auto_map = dict(AUTO_MAP)
+    config.architectures = ["MixerSwapForCausalLM"]
+    expected = expected_tensors(config)
+    embed = next((s.entries[n] for s in shards for n in s.entries if n.endswith("embed_tokens.weight")), None)
+    config.dtype = target_dtype or (embed.torch_dtype if embed else torch.float32)
+    logger.info("converting %s (%s): %s", teacher, family.name, describe_plan(plan))
+
+    owner = {name: idx for idx, group in layer_names.items() for name in group}
+    pending: dict[int, dict[str, torch.Tensor]] = {}
+    dropped = []
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        writer = ShardedWriter(tmp, parse_size(max_shard_size))
+        total = sum(e.end - e.begin for s in shards for e in s.entries.values())
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
+        for shard in shards:
+            for name, entry in shard.entries.items():
+                bar.update(entry.end - entry.begin)
+                if name in owner:
+                    idx = owner[name]
+                    pending.setdefault(idx, {})[name] = shard.read(name)
+                    if len(pending[idx]) == len(layer_names[idx]):
+                        _write_mixer(writer, converter, family, teacher_config, plan, idx, pending.pop(idx),
+                                     seed, target_dtype)
+                elif name not in expected:
+                    dropped.append(name)
+                elif target_dtype is None or entry.torch_dtype == target_dtype or not entry.torch_dtype.is_floating_point:
+                    writer.copy(shard, name)
+                else:
+                    writer.add(name, shard.read(name).to(target_dtype))
+        bar.close()
+        _check_written(writer, expected)
+        written = writer.close()
+
+        config.save_pretrained(tmp)
+        write_remote_code(tmp)
+        for file in COPIED_FILES:
+            if (model_dir / file).exists():
+                shutil.copy2(model_dir / file, tmp / file)
+        (tmp / "mixerswap.yaml").write_text(yaml.safe_dump({**provenance, "command": command}, sort_keys=False))
+        (tmp / "README.md").write_text(model_card(teacher, family.name, plan, provenance, command))
+    if dropped:
+        logger.warning("dropped %d teacher tensors the student does not use: %s", len(dropped), ", ".join(dropped[:5]))
+    logger.info("wrote %s (%d shard(s), %.1f MB)", out, len(written), writer.total_bytes / 1e6)
+    return ConversionResult(out, plan, kept, [p.name for p in written], writer.total_bytes, dropped)
+
+
+def _write_mixer(writer, converter, family, teacher_config, plan, idx, tensors, seed, dtype) -> None:
+    attn = read_attention(family, AttentionShape.from_config(teacher_config), idx, tensors.get)
+    entry = dict(plan[idx])
+    kind = entry.pop("kind")
+    from ..architectures.mixers import MIXERS
+
+    settings = MIXERS[kind].Settings(**entry)
+    state = converter.from_attention(attn, settings, teacher_config.hidden_size, seed=seed + idx, dtype=dtype)
+    prefix = family.attention_prefix(idx)
+    for name, tensor in state.items():
+        writer.add(prefix + name, tensor)
+
+
+def expected_tensors(config: MixerSwapConfig) -> dict[str, tuple[int, ...]]:
+    """Names and shapes of the student's stored tensors (tied weights excluded), from a meta-device model."""
+    with torch.device("meta"):
+        model = MixerSwapForCausalLM(config)
+    shapes = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def _check_written(writer: ShardedWriter, expected: dict[str, tuple[int, ...]]) -> None:
+    shapes = writer.written_shapes()
+    missing = sorted(set(expected) - set(shapes))
+    if missing:
+        raise CheckpointError(f"the teacher checkpoint lacks {len(missing)} tensor(s) the student needs: "
+                              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for name, shape in shapes.items():
+        if expected.get(name) != shape:
+            raise CheckpointError(f"tensor {name} has shape {shape}, the model expects {expected.get(name)}")
+
+
+def model_card(teacher, family_name: str, plan: list[dict], provenance: dict, command: str | None) -> str:
+    kinds = [entry["kind"] for entry in plan]
+    replaced = sum(k != ATTENTION for k in kinds)
+    lines = [
+        "---", "library_name: transformers", "tags: [mixerswap, hybrid, " + provenance["to"] + "]", "---", "",
+        f"# {provenance['to']} student of `{teacher}`", "",
+        f"Converted by mixerswap {provenance['mixerswap_version']} from a {family_name} teacher: "
+        f"{replaced} of {len(kinds)} attention layers replaced by `{provenance['to']}` mixers initialized "
+        "from the attention weights; everything else is the teacher's.", "",
+        f"- Plan: {describe_plan(plan)}",
+        f"- Settings: `mixerswap.yaml` in this folder" + (f"; command: `{command}`" if command else ""),
+        "", "The replaced layers start from an attention-derived initialization and need distillation "
+        "(`mixerswap distill`) before the model is useful.", "",
+        "```python", "import mixerswap  # or pass trust_remote_code=True", "from transformers import AutoModelForCausalLM",
+        "model = AutoModelForCausalLM.from_pretrained('<this folder>')", "```", "",
+        f"<sub>python {platform.python_version()}, transformers {provenance['transformers_version']}</sub>", "",
+    ]
+    return "\n".join(lines)
+
+
+def load_conversion_settings(folder: str | Path) -> dict:
+    """The settings a student folder was converted with (its ``mixerswap.yaml``)."""
+    path = Path(folder) / "mixerswap.yaml"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} not found: not a folder written by mixerswap convert")
+    return yaml.safe_load(path.read_text()) or {}
