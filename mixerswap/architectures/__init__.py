@@ -1,6 +1,6 @@
 """Student architecture: config with a layer plan, the HF model, mixers and the hybrid cache."""
 
-from .cache import HybridMixerCache, RecurrentStateLayer
+from .cache import HybridMixerCache, RecurrentStateLayer, cache_nbytes
 from .configuration import MixerSwapConfig
 from .families import FAMILIES, TeacherFamily, UnsupportedTeacherError, family_for, supported_model_types
 from .modeling import MixerSwapForCausalLM, MixerSwapPreTrainedModel
@@ -16,6 +16,7 @@ __all__ = [
     "PlanError",
     "RecurrentStateLayer",
     "TeacherFamily",
+    "cache_nbytes",
     "UnsupportedTeacherError",
     "describe_plan",
     "family_for",

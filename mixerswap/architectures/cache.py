@@ -110,12 +110,17 @@ class HybridMixerCache(DynamicCache):
         return layer
 
     def nbytes(self) -> int:
-        """Bytes held by all layers: keys and values plus recurrent states."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, RecurrentStateLayer):
-                total += layer.nbytes()
-            elif getattr(layer, "is_initialized", False) and layer.keys is not None:
-                total += layer.keys.numel() * layer.keys.element_size()
-                total += layer.values.numel() * layer.values.element_size()
-        return total
+        return cache_nbytes(self)
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by any ``transformers`` cache: keys and values, plus recurrent states of ours."""
+    total = 0
+    for layer in getattr(cache, "layers", []):
+        if isinstance(layer, RecurrentStateLayer):
+            total += layer.nbytes()
+        else:
+            for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+                if isinstance(tensor, torch.Tensor):
+                    total += tensor.numel() * tensor.element_size()
+    return total

@@ -1,0 +1,127 @@
+"""``mixerswap`` command line: thin wrappers over the Python API, with one-line errors."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import shlex
+import sys
+
+import click
+import yaml
+
+EXPECTED_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+
+
+def setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        force=True,
+    )
+    for noisy in ("httpx", "huggingface_hub", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def user_errors(fn):
+    """Turn expected failures into a one-line ``Error: ...`` and exit status 1 (no traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except EXPECTED_ERRORS as err:
+            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+            raise click.ClickException(" ".join(str(message).split())) from None
+
+    return wrapper
+
+
+def parse_settings(pairs: tuple[str, ...]) -> dict:
+    settings = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"expected KEY=VALUE, got {pair!r}", param_hint="--set")
+        settings[key.strip()] = yaml.safe_load(value)
+    return settings
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mixerswap")
+def main():
+    """Turn a pretrained Hugging Face Transformer into a cheaper hybrid student."""
+
+
+@main.command()
+@click.argument("teacher")
+@click.option("--to", "to", default="mamba2", show_default=True, help="Mixer for replaced layers.")
+@click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1).")
+@click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--seed", default=0, show_default=True, help="Seed for the parts attention does not determine.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--revision", help="Hub revision when TEACHER is a hub id.")
+@click.option("--out", required=True, help="Output folder (a normal HF checkpoint).")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
+@user_errors
+def convert(teacher, to, keep_attention, attention_layers, settings, dtype, seed, max_shard_size, revision, out,
+            overwrite, quiet):
+    """Convert TEACHER (local HF folder or hub id) into a hybrid student folder."""
+    setup_logging(quiet)
+    from .convert import convert as run_convert
+    from .convert.selection import parse_layer_list
+
+    layers = parse_layer_list(attention_layers) if attention_layers is not None else None
+    result = run_convert(
+        teacher, out, to=to, keep_attention=keep_attention, attention_layers=layers,
+        mixer_settings=parse_settings(settings), dtype=dtype, seed=seed, max_shard_size=max_shard_size,
+        overwrite=overwrite, revision=revision, progress=not quiet,
+        command=shlex.join(["mixerswap", *sys.argv[1:]]),
+    )
+    kept = ",".join(map(str, result.attention_layers)) or "none"
+    click.echo(f"wrote {result.out}: {len(result.plan)} layers, attention kept at {kept}, "
+               f"{len(result.shards)} shard(s), {result.bytes_written / 1e6:.1f} MB")
+
+
+@main.command()
+@click.argument("model")
+@click.argument("prompt")
+@click.option("--max-new-tokens", default=50, show_default=True)
+@click.option("--sample/--greedy", default=False, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--top-p", default=1.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--quiet", "-q", is_flag=True)
+@user_errors
+def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, dtype, device, quiet):
+    """Generate a continuation of PROMPT with MODEL (a student or any HF causal LM folder)."""
+    setup_logging(quiet)
+    from .generation import generate_text, load_model_and_tokenizer
+
+    lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
+    text = generate_text(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
+                         temperature=temperature, top_p=top_p, seed=seed)
+    click.echo(text)
+
+
+@main.command()
+@click.option("--out", default=None, help="Keep the demo's teacher and student here (default: a temp folder).")
+@click.option("--steps", default=300, show_default=True, help="Training steps of the demo teacher.")
+@click.option("--quiet", "-q", is_flag=True)
+@user_errors
+def demo(out, steps, quiet):
+    """Build a small teacher locally (no download), convert it, generate, and report what happened."""
+    setup_logging(quiet)
+    from .demo import run_demo
+
+    run_demo(out, steps=steps, progress=not quiet, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,44 @@
+"""Load any causal LM folder (student or teacher) with its tokenizer, and generate text."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from . import architectures  # noqa: F401  (registers the student with the Auto classes)
+
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str | None) -> torch.device:
+    if device:
+        return torch.device(device)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str | None = None):
+    """``(model, tokenizer)`` from a local folder or hub id, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not Path(path).is_dir() and str(path).startswith((".", "/", "~")):
+        raise FileNotFoundError(f"no such model folder: {path}")
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
+    model = model.to(pick_device(device)).eval()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        raise FileNotFoundError(f"{path} has no usable tokenizer files ({err})") from None
+    return model, tokenizer
+
+
+@torch.inference_mode()
+def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 50, do_sample: bool = False,
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
+    """Prompt plus continuation, decoded."""
+    torch.manual_seed(seed)
+    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
+    return tokenizer.decode(output[0], skip_special_tokens=True)
