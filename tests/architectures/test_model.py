@@ -1,0 +1,134 @@
+"""The student as an HF model: generation paths, padding, save/load, remote code, dtype."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from mixerswap import MixerSwapConfig, MixerSwapForCausalLM
+from mixerswap.convert import convert
+
+from ..conftest import family_config
+
+
+@pytest.fixture(scope="module")
+def hybrid_dir(teacher_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("hybrid") / "student"
+    convert(teacher_dir("llama"), out, attention_layers=[1], mixer_settings={"chunk_size": 4}, progress=False)
+    return out
+
+
+@pytest.fixture()
+def hybrid(hybrid_dir):
+    return AutoModelForCausalLM.from_pretrained(hybrid_dir, dtype=torch.float64).eval()
+
+
+def test_left_padded_batch_equals_rows_alone(hybrid):
+    rows = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in (11, 4, 7)]
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :] = r
+        mask[i, width - len(r) :] = 1
+    kw = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        batched = hybrid.generate(ids, attention_mask=mask, **kw)
+        logits = hybrid(ids, attention_mask=mask).logits
+        for i, r in enumerate(rows):
+            alone = hybrid.generate(r[None], **kw)
+            assert batched[i, width:].tolist() == alone[0, len(r) :].tolist()
+            alone_logits = hybrid(r[None]).logits[0]
+            torch.testing.assert_close(logits[i, width - len(r) :], alone_logits)
+
+
+def test_sampling_and_multiple_sequences(hybrid):
+    prompt = torch.randint(3, 128, (2, 5), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        greedy = hybrid.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=False)
+        torch.manual_seed(0)
+        top1 = hybrid.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=True, top_k=1,
+                               num_return_sequences=3)
+        torch.manual_seed(0)
+        sampled = hybrid.generate(prompt, max_new_tokens=5, min_new_tokens=5, do_sample=True, temperature=1.5,
+                                  num_return_sequences=3)
+    assert top1.shape == (6, 10)
+    assert top1.tolist() == greedy.repeat_interleave(3, 0).tolist()  # cache was repeated per sequence
+    assert sampled.shape == (6, 10)
+
+
+def test_beam_search_with_cache_equals_without(hybrid):
+    prompt = torch.randint(3, 128, (1, 6), generator=torch.Generator().manual_seed(3))
+    kw = dict(max_new_tokens=5, min_new_tokens=5, num_beams=3, do_sample=False)
+    with torch.no_grad():
+        cached = hybrid.generate(prompt, **kw)
+        uncached = hybrid.generate(prompt, use_cache=False, **kw)
+    assert cached.tolist() == uncached.tolist()
+
+
+def test_save_load_round_trip(hybrid_dir, tmp_path):
+    model = AutoModelForCausalLM.from_pretrained(hybrid_dir).eval()
+    model.save_pretrained(tmp_path)
+    again = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(3, 128, (2, 17))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+    assert (tmp_path / "modeling_mixerswap.py").exists() and (tmp_path / "configuration_mixerswap.py").exists()
+
+
+def test_loads_with_trust_remote_code_in_fresh_process(hybrid_dir, tmp_path):
+    ids = torch.randint(3, 128, (1, 12), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(hybrid_dir).eval()
+    with torch.no_grad():
+        want = model(ids).logits
+    script = f"""
+import json, sys, torch, transformers
+assert not any(m.startswith("mixerswap") for m in sys.modules)
+model = transformers.AutoModelForCausalLM.from_pretrained({str(hybrid_dir)!r}, trust_remote_code=True).eval()
+with torch.no_grad():
+    logits = model(torch.tensor({ids.tolist()})).logits
+print(json.dumps({{"class": type(model).__name__, "logits": logits.tolist()}}))
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["class"] == "MixerSwapForCausalLM"
+    torch.testing.assert_close(torch.tensor(result["logits"]), want, rtol=0, atol=1e-6)
+
+
+def test_random_init_student_is_sane():
+    teacher = family_config("llama")
+    plan = [{"kind": "attention"}] + [{"kind": "mamba2", "n_heads": 4, "n_groups": 2, "head_dim": 8,
+                                       "d_state": 8}] * 2
+    model = MixerSwapForCausalLM(MixerSwapConfig(teacher_config=teacher.to_dict(), plan=plan))
+    mixer = model.model.layers[1].self_attn
+    assert torch.isfinite(mixer.A_log).all() and (mixer.A_log.exp() >= 1).all()
+    assert torch.equal(mixer.D, torch.zeros(4))
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied like the teacher
+    out = model(torch.randint(0, 128, (1, 9)))
+    assert torch.isfinite(out.logits).all()
+
+
+def test_bf16_teacher_gives_bf16_student(teacher_dir, tmp_path):
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir("qwen2"), dtype=torch.bfloat16)
+    teacher.save_pretrained(tmp_path / "t")
+    convert(tmp_path / "t", tmp_path / "s", keep_attention=0.5, progress=False)
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype="auto")
+    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(student(torch.randint(3, 128, (1, 8))).logits.float()).all()
+
+
+def test_plan_errors_name_the_layer():
+    from mixerswap.architectures import PlanError
+
+    teacher = family_config("llama").to_dict()
+    with pytest.raises(PlanError, match="3 layers"):
+        MixerSwapConfig(teacher_config=teacher, plan=[{"kind": "attention"}])
+    with pytest.raises(PlanError, match="layer 1: unknown mixer kind 'rwkv'"):
+        MixerSwapConfig(teacher_config=teacher, plan=[{"kind": "attention"}, {"kind": "rwkv"}, {"kind": "attention"}])
+    with pytest.raises(PlanError, match=r"layer 2 \(mamba2\): n_heads"):
+        MixerSwapConfig(teacher_config=teacher, plan=[{"kind": "attention"}] * 2 + [{"kind": "mamba2"}])
