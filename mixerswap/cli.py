@@ -22,6 +22,10 @@ def setup_logging(quiet: bool) -> None:
     )
     for noisy in ("httpx", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 def user_errors(fn):

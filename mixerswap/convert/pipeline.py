@@ -150,23 +150,22 @@ def convert(
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         writer = ShardedWriter(tmp, parse_size(max_shard_size))
         total = sum(e.end - e.begin for s in shards for e in s.entries.values())
-        bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress)
-        for shard in shards:
-            for name, entry in shard.entries.items():
-                bar.update(entry.end - entry.begin)
-                if name in owner:
-                    idx = owner[name]
-                    pending.setdefault(idx, {})[name] = shard.read(name)
-                    if len(pending[idx]) == len(layer_names[idx]):
-                        _write_mixer(writer, converter, family, teacher_config, plan, idx, pending.pop(idx),
-                                     seed, target_dtype)
-                elif name not in expected:
-                    dropped.append(name)
-                elif target_dtype is None or entry.torch_dtype == target_dtype or not entry.torch_dtype.is_floating_point:
-                    writer.copy(shard, name)
-                else:
-                    writer.add(name, shard.read(name).to(target_dtype))
-        bar.close()
+        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+            for shard in shards:
+                for name, entry in shard.entries.items():
+                    bar.update(entry.end - entry.begin)
+                    if name in owner:
+                        idx = owner[name]
+                        pending.setdefault(idx, {})[name] = shard.read(name)
+                        if len(pending[idx]) == len(layer_names[idx]):
+                            _write_mixer(writer, converter, family, teacher_config, plan, idx, pending.pop(idx),
+                                         seed, target_dtype)
+                    elif name not in expected:
+                        dropped.append(name)
+                    elif target_dtype is None or entry.torch_dtype == target_dtype or not entry.torch_dtype.is_floating_point:
+                        writer.copy(shard, name)
+                    else:
+                        writer.add(name, shard.read(name).to(target_dtype))
         _check_written(writer, expected)
         written = writer.close()
 

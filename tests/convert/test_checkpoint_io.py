@@ -1,0 +1,79 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from mixerswap.convert.checkpoint_io import (
+    CheckpointError,
+    OutputExistsError,
+    SafetensorsShard,
+    ShardedWriter,
+    atomic_output_dir,
+    parse_size,
+)
+
+
+def test_writer_round_trips_and_shards(tmp_path):
+    src = {"a": torch.randn(10, 10), "b": torch.arange(7), "c": torch.randn(3, dtype=torch.float64).to(torch.bfloat16),
+           "empty": torch.zeros(0, 4)}
+    save_file(src, tmp_path / "in.safetensors")
+    shard = SafetensorsShard(tmp_path / "in.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    writer = ShardedWriter(out, max_shard_bytes=300)
+    writer.copy(shard, "a")
+    writer.add("b2", shard.read("b") * 2)
+    writer.copy(shard, "c")
+    writer.copy(shard, "empty")
+    files = writer.close()
+    assert len(files) == 2
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    loaded = {}
+    for f in files:
+        loaded.update(load_file(f))
+    assert set(index["weight_map"]) == set(loaded) == {"a", "b2", "c", "empty"}
+    torch.testing.assert_close(loaded["a"], src["a"], rtol=0, atol=0)
+    torch.testing.assert_close(loaded["b2"], src["b"] * 2)
+    torch.testing.assert_close(loaded["c"], src["c"], rtol=0, atol=0)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in (src["a"], src["b"], src["c"]))
+
+
+def test_single_shard_has_no_index(tmp_path):
+    writer = ShardedWriter(tmp_path)
+    writer.add("x", torch.ones(3))
+    assert [p.name for p in writer.close()] == ["model.safetensors"]
+    assert not (tmp_path / "model.safetensors.index.json").exists()
+
+
+def test_corrupt_header(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    path.write_bytes(b"\xff" * 8 + b"{}")
+    with pytest.raises(CheckpointError, match="corrupt shard"):
+        SafetensorsShard(path)
+
+
+def test_atomic_dir(tmp_path):
+    out = tmp_path / "result"
+    with pytest.raises(RuntimeError):
+        with atomic_output_dir(out) as tmp:
+            (tmp / "half.bin").write_text("x")
+            raise RuntimeError("boom")
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    with atomic_output_dir(out) as tmp:
+        (tmp / "done.txt").write_text("ok")
+    assert (out / "done.txt").read_text() == "ok"
+    with pytest.raises(OutputExistsError):
+        with atomic_output_dir(out):
+            pass
+
+
+@pytest.mark.parametrize("text, value", [("5GB", 5 * 10**9), ("500MB", 5 * 10**8), ("64KiB", 65536), (1234, 1234),
+                                         ("40KB", 40000)])
+def test_parse_size(text, value):
+    assert parse_size(text) == value
+
+
+def test_parse_size_rejects_garbage():
+    with pytest.raises(ValueError, match="cannot read size"):
+        parse_size("lots")
