@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import shutil
 import subprocess
 import sys
@@ -31,6 +30,19 @@ LLAMA_32_1B = dict(
                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
     bos_token_id=128000, eos_token_id=128001,
 )
+
+
+# Runs `mixerswap convert` in a fresh process and reports that process's own high-water mark
+# (VmHWM belongs to the new address space, so pages of the parent it was forked from don't count).
+CHILD = """
+import json, sys
+from mixerswap.cli import main
+try:
+    main(json.loads(sys.argv[1]), standalone_mode=False)
+finally:
+    hwm = next(l for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    print(json.dumps({"peak_rss_bytes": int(hwm.split()[1]) * 1024}))
+"""
 
 
 def build_checkpoint(folder: Path, dtype: torch.dtype, shards: int = 4) -> int:
@@ -82,15 +94,15 @@ def main() -> int:
         size = build_checkpoint(teacher, getattr(torch, args.dtype))
         build_s = time.perf_counter() - t0
         params = size // torch.empty((), dtype=getattr(torch, args.dtype)).element_size()
-        cmd = [sys.executable, "-m", "mixerswap.cli", "convert", str(teacher), "--to", "mamba2",
-               "--keep-attention", args.keep_attention, "--out", str(student), "--quiet"]
+        cli_args = ["convert", str(teacher), "--to", "mamba2", "--keep-attention", args.keep_attention,
+                    "--out", str(student), "--quiet"]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cli_args)], capture_output=True, text=True)
         wall = time.perf_counter() - t0
         if proc.returncode:
             print(proc.stdout, proc.stderr, file=sys.stderr)
             return 1
-        peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024  # Linux reports KiB
+        peak = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_bytes"]
         out_bytes = sum(p.stat().st_size for p in student.glob("*.safetensors"))
         rows = [
             ("teacher parameters", f"{params / 1e9:.3f} B"),
