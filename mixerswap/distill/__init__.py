@@ -1,0 +1,1 @@
+"""Progressive distillation: mixer alignment, hidden-state alignment, logit KD."""

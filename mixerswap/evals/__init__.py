@@ -1,0 +1,1 @@
+"""Evaluation: lm-eval harness, perplexity, long-context probes, speed and memory."""
