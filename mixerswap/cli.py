@@ -92,6 +92,50 @@ def convert(teacher, to, keep_attention, attention_layers, settings, dtype, seed
 
 
 @main.command()
+@click.argument("student", required=False)
+@click.option("--teacher", help="Teacher folder or hub id.")
+@click.option("--data", help="Text/jsonl/parquet file, a folder of them, or a datasets name/path.")
+@click.option("--stages", help="e.g. align:20M,hidden:40M,kd:200M (token budgets).")
+@click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")
+@click.option("--seq-len", type=int)
+@click.option("--batch-size", type=int)
+@click.option("--grad-accum", type=int)
+@click.option("--seed", type=int)
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]))
+@click.option("--checkpoint-every", type=int, help="Optimizer steps between checkpoints.")
+@click.option("--text-field", help="Field/column holding the text in jsonl/parquet/datasets.")
+@click.option("--out", help="Output folder (a normal HF checkpoint).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of this --out.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--keep-checkpoints", is_flag=True, help="Keep OUT.work/ (checkpoints, metrics) after success.")
+@click.option("--quiet", "-q", is_flag=True)
+@user_errors
+def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision,
+            checkpoint_every, text_field, out, resume, overwrite, keep_checkpoints, quiet):
+    """Distill STUDENT (a converted folder) from its teacher: align -> hidden -> kd."""
+    setup_logging(quiet)
+    from .distill.recipe import DistillRecipe, parse_stages
+    from .distill.trainer import run_distill
+
+    options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
+               "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
+               "checkpoint_every": checkpoint_every, "text_field": text_field,
+               "stages": parse_stages(stages) if stages else None}
+    if recipe:
+        settings = DistillRecipe.from_yaml(recipe, **options)
+    else:
+        settings = DistillRecipe.validated({k: v for k, v in options.items() if v is not None})
+    result = run_distill(settings, resume=resume, overwrite=overwrite, progress=not quiet,
+                         keep_checkpoints=keep_checkpoints)
+    click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)} -> "
+               f"{_fmt(result.perplexity_after)}")
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+@main.command()
 @click.argument("model")
 @click.argument("prompt")
 @click.option("--max-new-tokens", default=50, show_default=True)

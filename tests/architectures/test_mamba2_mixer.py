@@ -20,7 +20,8 @@ def make_mixer(chunk_size=8, seed=0, **overrides):
     with torch.no_grad():  # make every path matter: nonzero D, input-dependent dt and gate, random conv
         mixer.D.normal_()
         mixer.dt_proj.weight.normal_(std=0.3)
-        mixer.z_proj.weight.normal_(std=0.3)
+        if hasattr(mixer, "z_proj"):
+            mixer.z_proj.weight.normal_(std=0.3)
         mixer.conv1d.weight.normal_(std=0.5)
     return mixer.double().eval()
 
@@ -122,3 +123,22 @@ def test_wrong_cache_type_is_a_clear_error():
 def test_settings_validation():
     with pytest.raises(ValueError, match="multiple of n_groups"):
         Mamba2Settings(n_heads=4, n_groups=3, head_dim=8, d_state=8)
+
+
+def test_mixing_matrix_reproduces_the_scan():
+    """y = M x + D x with M from mixing_matrix, for plain (ungated, unnormalized) output."""
+    mixer = make_mixer(norm="none", conv_activation="identity")
+    h = torch.randn(2, 13, HIDDEN, dtype=torch.float64)
+    position_ids = torch.cat([torch.arange(6), torch.arange(7)])[None].expand(2, -1)
+    with torch.no_grad():
+        M = mixer.mixing_matrix(h, position_ids=position_ids)
+        xbc = torch.cat([mixer.x_proj(h), mixer.b_proj(h), mixer.c_proj(h)], -1)
+        from mixerswap.kernels import causal_conv1d
+
+        seq_idx = torch.tensor([[0] * 6 + [1] * 7]).expand(2, -1)
+        xbc, _ = causal_conv1d(xbc, mixer.conv1d.weight.squeeze(1), mixer.conv1d.bias, seq_idx=seq_idx)
+        x = xbc[..., : mixer.x_dim].view(2, 13, 2, 8).repeat_interleave(2, dim=2)  # [b, t, h, p]
+        y_matrix = torch.einsum("bhij,bjhp->bihp", M, x) + mixer.D.view(4, 1) * x
+        y_module, _ = mixer(h, position_ids=position_ids)
+        y_module = y_module @ torch.linalg.pinv(mixer.out_proj.weight).T  # undo out_proj (full column rank)
+    torch.testing.assert_close(y_matrix.reshape(2, 13, -1), y_module)

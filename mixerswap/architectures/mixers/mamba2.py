@@ -197,11 +197,12 @@ class Mamba2Mixer(nn.Module):
         padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
 
         xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
-        dt = F.softplus(self.dt_proj(hidden_states).float())
+        acc = torch.promote_types(hidden_states.dtype, torch.float32)  # fp32, or fp64 in exactness tests
+        dt = F.softplus(self.dt_proj(hidden_states).to(acc))
         if padding is not None:
             xbc = xbc * padding[..., None].to(xbc.dtype)
             dt = dt * padding[..., None]
-        A = -torch.exp(self.A_log.float())
+        A = -torch.exp(self.A_log.to(acc))
         conv_w = self.conv1d.weight.squeeze(1)
 
         if has_state and seqlen == 1:
@@ -240,6 +241,37 @@ class Mamba2Mixer(nn.Module):
             z = self.z_proj(hidden_states) if s.norm == "gated" else None
             y = kernels.gated_rmsnorm(y, z, self.norm_weight, group_size=s.head_dim, eps=s.norm_eps)
         return self.out_proj(y), None
+
+    def mixing_matrix(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None = None,
+                      **kwargs) -> torch.Tensor:
+        """The token-mixing matrix the SSD applies to ``x``, materialized: ``[B, H, T, T]``.
+
+        ``M[h, i, j] = C_i . B_j * exp(sum_{k=j+1..i} dt_k A_h) * dt_j`` for ``j <= i`` (0 above the
+        diagonal and across documents), so ``y_i = sum_j M[h, i, j] x_j + D x_i``. It is the
+        counterpart of an attention probability matrix (MOHAWK's matrix orientation); quadratic in
+        ``T``, for short sequences only.
+        """
+        from ...kernels.ssd.naive import segsum
+
+        s = self.settings
+        batch, seqlen, _ = hidden_states.shape
+        padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=False)
+        xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
+        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        dt = F.softplus(self.dt_proj(hidden_states).to(acc))
+        if padding is not None:
+            xbc = xbc * padding[..., None].to(xbc.dtype)
+            dt = dt * padding[..., None]
+        xbc, _ = kernels.causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
+                                       activation=s.conv_activation)
+        _, B, C = self._split_xbc(xbc)
+        rep = s.n_heads // s.n_groups
+        B = B.to(acc).repeat_interleave(rep, dim=2)  # [b, t, h, n]
+        decay = torch.exp(segsum((dt * -torch.exp(self.A_log.to(acc))).transpose(1, 2)))  # [b, h, i, j]
+        if seq_idx is not None:
+            decay = decay * (seq_idx[:, :, None] == seq_idx[:, None, :])[:, None]
+        scores = torch.einsum("bihn,bjhn->bhij", C.to(acc), B)
+        return scores * decay * dt.transpose(1, 2)[:, :, None, :]
 
     def extra_repr(self) -> str:
         s = self.settings

@@ -1,0 +1,161 @@
+"""Distillation settings, declared once (pydantic): they validate YAML recipes and CLI options alike.
+
+A recipe file is a YAML mapping of :class:`DistillRecipe` fields; unknown keys are errors that name
+the key. ``--stages align:20M,hidden:40M,kd:200M`` is shorthand for three :class:`StageConfig`
+entries with their defaults.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+STAGE_NAMES = ("align", "hidden", "kd")
+DEFAULT_LR = {"align": 1e-3, "hidden": 5e-4, "kd": 1e-4}
+
+
+class RecipeError(ValueError):
+    """A recipe or stage specification is invalid."""
+
+
+def parse_tokens(value: int | str) -> int:
+    """``20M`` → 20_000_000; ``1.5B``, ``300k`` and plain integers too."""
+    if isinstance(value, int):
+        return value
+    text = str(value).strip().upper().replace("_", "")
+    scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}
+    try:
+        if text and text[-1] in scale:
+            return int(float(text[:-1]) * scale[text[-1]])
+        return int(text)
+    except ValueError:
+        raise ValueError(f"cannot read token count {value!r}; write it like 20M, 300k or 1.5B") from None
+
+
+class StageConfig(BaseModel):
+    """One distillation stage.
+
+    * ``align``: each replaced layer's mixer, fed the teacher's attention inputs, learns to
+      reproduce the teacher's attention output (``mode: output``, MSE) or its attention matrix
+      (``mode: matrix``, MSE between the materialized mixing matrix and the attention
+      probabilities, on the first ``matrix_len`` tokens). Only mixers train.
+    * ``hidden``: each replaced block, fed the teacher's block input, reproduces the teacher's
+      block output (per-layer MSE). Mixers train, and the block's MLP with ``unfreeze_mlp``.
+    * ``kd``: end-to-end logit distillation (forward/reverse KL or a mix, temperature, optional CE).
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Literal["align", "hidden", "kd"]
+    tokens: int = Field(gt=0, description="token budget of the stage")
+    lr: float | None = Field(None, gt=0, description="peak learning rate (default per stage)")
+    warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warm-up")
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    mode: Literal["output", "matrix"] = "output"
+    matrix_len: int = Field(128, gt=1)
+    unfreeze_mlp: bool = False
+    trainable: Literal["mixers", "mixers+mlp", "all"] | None = None
+    kd_kind: Literal["forward", "reverse", "mix"] = "forward"
+    kd_mix: float = Field(0.5, ge=0, le=1)
+    temperature: float = Field(1.0, gt=0)
+    ce_weight: float = Field(0.0, ge=0)
+    chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary-sized KD loss")
+
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _tokens(cls, value):
+        return parse_tokens(value)
+
+    @property
+    def peak_lr(self) -> float:
+        return self.lr if self.lr is not None else DEFAULT_LR[self.name]
+
+    @property
+    def trainable_set(self) -> str:
+        if self.trainable:
+            return self.trainable
+        if self.name == "kd":
+            return "all"
+        return "mixers+mlp" if self.unfreeze_mlp else "mixers"
+
+
+class LoraOptions(BaseModel):
+    """LoRA adapters (peft) on the kept attention layers' projections during ``kd``; merged at the end."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    r: int = Field(8, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+
+class DistillRecipe(BaseModel):
+    """Everything ``mixerswap distill`` needs; a YAML recipe holds these keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field(description="student folder written by `mixerswap convert`")
+    teacher: str = Field(description="teacher folder or hub id")
+    data: str = Field(description="text/jsonl/parquet file, folder of them, or a datasets name/path")
+    out: str
+    stages: list[StageConfig] = Field(min_length=1)
+    text_field: str = "text"
+    seq_len: int = Field(2048, gt=1)
+    batch_size: int = Field(8, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    seed: int = 0
+    weight_decay: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    checkpoint_every: int = Field(200, gt=0, description="optimizer steps between checkpoints")
+    held_out_docs: int = Field(32, ge=0, description="documents kept out of training for perplexity")
+    lora: LoraOptions | None = None
+    log_with: Literal["tensorboard"] | None = None
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> DistillRecipe:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"recipe {path} not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise RecipeError(f"recipe {path} is not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise RecipeError(f"recipe {path} must be a mapping of settings")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        return cls.validated(data, source=str(path))
+
+    @classmethod
+    def validated(cls, data: dict, source: str = "options") -> DistillRecipe:
+        try:
+            return cls(**data)
+        except ValidationError as err:
+            raise RecipeError(f"{source}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(p) for p in error["loc"]) or "recipe"
+    if error["type"] == "extra_forbidden":
+        return f"unknown key {where!r}"
+    if error["type"] == "missing":
+        return f"missing key {where!r}"
+    return f"{where}: {error['msg']}"
+
+
+def parse_stages(text: str) -> list[dict]:
+    """``align:20M,hidden:40M,kd:200M`` → stage dicts (other settings at their defaults)."""
+    stages = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, tokens = part.partition(":")
+        if not sep or name not in STAGE_NAMES:
+            raise RecipeError(f"bad stage {part!r}: write NAME:TOKENS with NAME in {', '.join(STAGE_NAMES)}")
+        stages.append({"name": name, "tokens": parse_tokens(tokens)})
+    if not stages:
+        raise RecipeError("no stages given; e.g. --stages align:20M,hidden:40M,kd:200M")
+    return stages
