@@ -132,3 +132,18 @@ def test_plan_errors_name_the_layer():
         MixerSwapConfig(teacher_config=teacher, plan=[{"kind": "attention"}, {"kind": "rwkv"}, {"kind": "attention"}])
     with pytest.raises(PlanError, match=r"layer 2 \(mamba2\): n_heads"):
         MixerSwapConfig(teacher_config=teacher, plan=[{"kind": "attention"}] * 2 + [{"kind": "mamba2"}])
+
+
+def test_packed_documents_equal_separate_runs(hybrid):
+    """Packed rows (position_ids restarting, no mask), as distillation feeds them: no leak across documents."""
+    lengths = [7, 3, 12, 5]
+    docs = [torch.randint(3, 128, (n,), generator=torch.Generator().manual_seed(n)) for n in lengths]
+    ids = torch.cat(docs)[None]
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    with torch.no_grad():
+        packed = hybrid(ids, position_ids=position_ids, use_cache=False).logits
+        start = 0
+        for doc in docs:
+            alone = hybrid(doc[None], use_cache=False).logits
+            torch.testing.assert_close(packed[:, start : start + len(doc)], alone)
+            start += len(doc)
