@@ -23,6 +23,11 @@ from .architectures.cache import cache_nbytes
 from .convert import convert
 
 
+HELD_OUT = 2
+DISTILL_STAGES = [{"name": "align", "tokens": 40_000, "lr": 3e-3}, {"name": "hidden", "tokens": 40_000, "lr": 1e-3},
+                  {"name": "kd", "tokens": 80_000, "lr": 5e-4}]
+
+
 def demo_text() -> str:
     return resources.files("mixerswap").joinpath("data/demo_stories.txt").read_text()
 
@@ -49,9 +54,10 @@ def build_teacher(out_dir: Path, *, steps: int = 300, seed: int = 0, progress: b
     torch.manual_seed(seed)
     text = demo_text()
     tokenizer = build_tokenizer(text)
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    split = int(0.9 * len(ids))
-    train, held_out = ids[:split], ids[split:]
+    stories = [line for line in text.splitlines() if line.strip()]
+    # The first HELD_OUT stories are never trained on (distillation holds out the same ones).
+    held_out = torch.tensor(tokenizer("\n".join(stories[:HELD_OUT]))["input_ids"])
+    train = torch.tensor(tokenizer("\n".join(stories[HELD_OUT:]))["input_ids"])
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=4,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
@@ -92,6 +98,17 @@ def perplexity(model, ids: torch.Tensor, seq: int = 128) -> float:
 
 
 @torch.inference_mode()
+def top1_agreement(model, reference, ids: torch.Tensor, seq: int = 128) -> float:
+    """Fraction of positions where ``model`` and ``reference`` predict the same next token."""
+    same = total = 0
+    for start in range(0, len(ids), seq):
+        window = ids[start : start + seq][None]
+        same += (model(window).logits.argmax(-1) == reference(window).logits.argmax(-1)).sum().item()
+        total += window.numel()
+    return same / total
+
+
+@torch.inference_mode()
 def cache_bytes_at(model, length: int) -> int:
     ids = torch.zeros(1, length, dtype=torch.long)
     return cache_nbytes(model(ids, use_cache=True).past_key_values)
@@ -101,40 +118,61 @@ def run_demo(out: str | Path | None = None, *, steps: int = 300, progress: bool 
     """Run the demo; returns the measured figures (also printed through ``echo``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .distill.recipe import DistillRecipe
+    from .distill.trainer import run_distill
     from .generation import generate_text
 
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="mixerswap-demo-"))
-    teacher_dir, student_dir = work / "teacher", work / "student"
+    teacher_dir, student_dir, distilled_dir = work / "teacher", work / "student", work / "student-distilled"
     started = time.perf_counter()
     facts = build_teacher(teacher_dir, steps=steps, progress=progress)
-    echo(f"[1/3] trained a {steps}-step Llama teacher (4 layers, hidden 64) on the bundled stories: "
+    echo(f"[1/4] trained a {steps}-step Llama teacher (4 layers, hidden 64) on the bundled stories: "
          f"loss {facts['first_loss']:.2f} -> {facts['last_loss']:.2f}; saved to {teacher_dir}")
 
     result = convert(teacher_dir, student_dir, keep_attention=0.5, overwrite=True, progress=False,
                      command=f"mixerswap convert {teacher_dir} --to mamba2 --keep-attention 0.5 --out {student_dir}")
     kept = ",".join(map(str, result.attention_layers))
-    echo(f"[2/3] converted to {student_dir}: Mamba-2 in {len(result.plan) - len(result.attention_layers)} of "
+    echo(f"[2/4] converted to {student_dir}: Mamba-2 in {len(result.plan) - len(result.attention_layers)} of "
          f"{len(result.plan)} layers, attention kept in layer(s) {kept}")
+
+    corpus = work / "stories.txt"
+    corpus.write_text("\n\n".join(line for line in demo_text().splitlines() if line.strip()))
+    recipe = DistillRecipe.validated({
+        "student": str(student_dir), "teacher": str(teacher_dir), "data": str(corpus), "out": str(distilled_dir),
+        "seq_len": 64, "batch_size": 8, "held_out_docs": HELD_OUT, "checkpoint_every": 10_000,
+        "stages": DISTILL_STAGES})
+    distilled = run_distill(recipe, overwrite=True, progress=progress)
+    stages = ", ".join(f"{s['name']} {s['tokens'] // 1000}k tokens" for s in DISTILL_STAGES)
+    echo(f"[3/4] distilled ({stages}) into {distilled_dir}")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
+    after = AutoModelForCausalLM.from_pretrained(distilled_dir).eval()
     prompt = "Once upon a time"
     held_out = facts["held_out"]
     report = {
         "teacher_ppl": perplexity(teacher, held_out),
         "student_ppl": perplexity(student, held_out),
+        "distilled_ppl": perplexity(after, held_out),
+        "student_agreement": top1_agreement(student, teacher, held_out),
+        "distilled_agreement": top1_agreement(after, teacher, held_out),
         "teacher_cache_bytes_256": cache_bytes_at(teacher, 256),
         "student_cache_bytes_256": cache_bytes_at(student, 256),
         "teacher_text": generate_text(teacher, tokenizer, prompt, max_new_tokens=40),
         "student_text": generate_text(student, tokenizer, prompt, max_new_tokens=40),
+        "distilled_text": generate_text(after, tokenizer, prompt, max_new_tokens=40),
     }
-    echo("[3/3] generation, greedy, 40 new tokens:")
-    echo(f"  teacher: {report['teacher_text']!r}")
-    echo(f"  student: {report['student_text']!r}  (not distilled yet)")
-    echo(f"  held-out perplexity: teacher {report['teacher_ppl']:.2f}, student {report['student_ppl']:.2f}")
+    echo("[4/4] on the held-out stories, and greedy generation (40 new tokens):")
+    echo(f"  perplexity: teacher {report['teacher_ppl']:.2f} | student converted {report['student_ppl']:.2f} "
+         f"| student distilled {report['distilled_ppl']:.2f}")
+    echo(f"  next-token agreement with the teacher: converted {report['student_agreement']:.1%} "
+         f"| distilled {report['distilled_agreement']:.1%}")
     echo(f"  cache at 256 tokens: teacher {report['teacher_cache_bytes_256']} B, "
          f"student {report['student_cache_bytes_256']} B")
+    echo(f"  teacher:   {report['teacher_text']!r}")
+    echo(f"  converted: {report['student_text']!r}")
+    echo(f"  distilled: {report['distilled_text']!r}")
     echo(f"done in {time.perf_counter() - started:.0f}s; folders in {work}")
     report["work_dir"] = work
     return report

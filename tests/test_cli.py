@@ -128,5 +128,5 @@ def test_failure_midway_leaves_no_output(teacher_dir, tmp_path, monkeypatch):
 def test_demo_runs(tmp_path):
     result = run("demo", "--out", tmp_path / "demo", "--steps", "20", "-q")
     assert result.exit_code == 0, result.output
-    assert "held-out perplexity" in result.output and "cache at 256 tokens" in result.output
-    assert (tmp_path / "demo" / "student" / "config.json").exists()
+    assert "perplexity: teacher" in result.output and "cache at 256 tokens" in result.output
+    assert (tmp_path / "demo" / "student-distilled" / "config.json").exists()

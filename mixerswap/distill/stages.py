@@ -47,7 +47,7 @@ class Stage:
     """Base: picks trainable parameters, computes the loss of one batch."""
 
     def __init__(self, config: StageConfig, student, teacher):
-        self.config, self.student, self.teacher = config, student, teacher
+        self.config, self.student, self.teacher = config, student, teacher.requires_grad_(False)
         self.layers = replaced_layers(student)
 
     @property

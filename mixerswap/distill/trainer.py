@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .. import __version__
 from ..convert.checkpoint_io import atomic_output_dir
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, load_progress, save_checkpoint
-from .data import check_seq_len, check_vocab, held_out_split, make_loader, read_documents
+from .data import PackedLoader, check_seq_len, check_vocab, held_out_split, read_documents
 from .recipe import DistillRecipe, StageConfig
 from .stages import build_stage
 
@@ -75,7 +75,7 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
                 keep_checkpoints: bool = False, _fail_after_step: int | None = None) -> DistillResult:
     """Distill ``recipe.student`` from ``recipe.teacher``; see the module docstring."""
     from accelerate import Accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from ..architectures import MixerSwapForCausalLM
 
@@ -95,8 +95,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=teacher_dtype,
                                                    **({"attn_implementation": "eager"} if eager else {}))
     teacher = teacher.to(device).eval().requires_grad_(False)
-    tokenizer = AutoTokenizer.from_pretrained(recipe.teacher)
     check_vocab(teacher.config, student.config)
+    tokenizer = _load_tokenizer(recipe.student, recipe.teacher)
     check_seq_len(recipe.seq_len, teacher.config)
 
     documents = read_documents(recipe.data, text_field=recipe.text_field)
@@ -126,8 +126,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         total_steps = max(1, math.ceil(config.tokens / (rows_per_step * recipe.seq_len)))
         optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=recipe.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, c=config, n=total_steps: lr_factor(s, n, c))
-        loader = make_loader(train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=recipe.batch_size * world,
-                             seed=recipe.seed + stage_index, max_tokens=config.tokens)
+        loader = PackedLoader(train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=recipe.batch_size * world,
+                              seed=recipe.seed + stage_index, max_tokens=config.tokens)
         start = 0
         if resume:  # only for the first stage run after resuming
             resume = False
@@ -211,12 +211,24 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     return DistillResult(out, ppl_before, ppl_after, state.history)
 
 
+def _load_tokenizer(*folders):
+    """The teacher's tokenizer: ``convert`` copies it into the student folder; else the teacher's own."""
+    from transformers import AutoTokenizer
+
+    for folder in folders:
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError):
+            continue
+    raise FileNotFoundError(f"no tokenizer in {' or '.join(map(str, folders))}; copy the teacher's tokenizer files "
+                            "into the student folder")
+
+
 def _eval_rows(held_out: list[str], tokenizer, seq_len: int, max_rows: int = 8) -> torch.Tensor | None:
     if not held_out:
         return None
-    loader = make_loader(held_out, tokenizer, seq_len=seq_len, batch_size=max_rows, seed=0, max_tokens=None)
-    batch = next(iter(loader), None)
-    return None if batch is None else batch
+    loader = PackedLoader(held_out, tokenizer, seq_len=seq_len, batch_size=max_rows, shuffle=False)
+    return next(iter(loader), None)
 
 
 @torch.no_grad()

@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mixerswap.cli import main
 from mixerswap.convert import convert
 from mixerswap.demo import demo_text
-from mixerswap.distill.data import make_loader, read_documents
+from mixerswap.distill.data import PackedLoader, read_documents
 from mixerswap.distill.recipe import DistillRecipe, RecipeError, StageConfig, parse_stages
 from mixerswap.distill.stages import build_stage
 from mixerswap.distill.trainer import DistillError, run_distill
@@ -42,8 +42,7 @@ def test_each_stage_lowers_its_loss(setup, stage):
     runner = build_stage(config, student, teacher)
     params = runner.select_trainable()
     tokenizer = AutoTokenizer.from_pretrained(setup["teacher"])
-    batch = next(iter(make_loader(read_documents(str(setup["data"])), tokenizer, seq_len=32, batch_size=4, seed=0,
-                                  max_tokens=None)))
+    batch = next(iter(PackedLoader(read_documents(str(setup["data"])), tokenizer, seq_len=32, batch_size=4)))
     opt = torch.optim.Adam(params, lr={"align": 3e-3, "hidden": 1e-3, "kd": 1e-3}[name])
     losses = []
     for _ in range(8):
@@ -59,7 +58,7 @@ def test_each_stage_lowers_its_loss(setup, stage):
 
 
 def test_pipeline_lowers_held_out_perplexity(setup, tmp_path):
-    stages = parse_stages("align:8k,hidden:8k,kd:16k")
+    stages = parse_stages("align:2k,hidden:2k,kd:4k")
     result = run_distill(recipe(setup, tmp_path / "out", stages), progress=False)
     assert result.perplexity_after < result.perplexity_before
     out = tmp_path / "out"
@@ -71,11 +70,11 @@ def test_pipeline_lowers_held_out_perplexity(setup, tmp_path):
 
 
 def test_resume_after_crash_is_bit_exact(setup, tmp_path):
-    stages = parse_stages("align:2k,hidden:2k,kd:3k")
+    stages = parse_stages("align:1k,hidden:1k,kd:1k")
     run_distill(recipe(setup, tmp_path / "a", stages), progress=False)
     crashed = recipe(setup, tmp_path / "b", stages)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        run_distill(crashed, progress=False, _fail_after_step=9)  # inside the hidden stage, off a checkpoint
+        run_distill(crashed, progress=False, _fail_after_step=11)  # inside the hidden stage, off a checkpoint
     assert not (tmp_path / "b").exists()
     run_distill(crashed, resume=True, progress=False)
     a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
