@@ -24,8 +24,13 @@ from .convert import convert
 
 
 HELD_OUT = 2
-DISTILL_STAGES = [{"name": "align", "tokens": 40_000, "lr": 3e-3}, {"name": "hidden", "tokens": 40_000, "lr": 1e-3},
-                  {"name": "kd", "tokens": 80_000, "lr": 5e-4}]
+
+
+def distill_stages(total_tokens: int) -> list[dict]:
+    """The demo's stages: a quarter of the budget to align, a quarter to hidden, half to kd."""
+    quarter = max(total_tokens // 4, 1)
+    return [{"name": "align", "tokens": quarter, "lr": 3e-3}, {"name": "hidden", "tokens": quarter, "lr": 1e-3},
+            {"name": "kd", "tokens": 2 * quarter, "lr": 5e-4}]
 
 
 def demo_text() -> str:
@@ -114,7 +119,8 @@ def cache_bytes_at(model, length: int) -> int:
     return cache_nbytes(model(ids, use_cache=True).past_key_values)
 
 
-def run_demo(out: str | Path | None = None, *, steps: int = 300, progress: bool = True, echo=print) -> dict:
+def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens: int = 160_000,
+             progress: bool = True, echo=print) -> dict:
     """Run the demo; returns the measured figures (also printed through ``echo``)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -140,9 +146,9 @@ def run_demo(out: str | Path | None = None, *, steps: int = 300, progress: bool 
     recipe = DistillRecipe.validated({
         "student": str(student_dir), "teacher": str(teacher_dir), "data": str(corpus), "out": str(distilled_dir),
         "seq_len": 64, "batch_size": 8, "held_out_docs": HELD_OUT, "checkpoint_every": 10_000,
-        "stages": DISTILL_STAGES})
+        "stages": distill_stages(distill_tokens)})
     distilled = run_distill(recipe, overwrite=True, progress=progress)
-    stages = ", ".join(f"{s['name']} {s['tokens'] // 1000}k tokens" for s in DISTILL_STAGES)
+    stages = ", ".join(f"{s.name} {s.tokens} tokens" for s in recipe.stages)
     echo(f"[3/4] distilled ({stages}) into {distilled_dir}")
 
     tokenizer = AutoTokenizer.from_pretrained(teacher_dir)

@@ -127,7 +127,7 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=recipe.weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, c=config, n=total_steps: lr_factor(s, n, c))
         loader = PackedLoader(train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=recipe.batch_size * world,
-                              seed=recipe.seed + stage_index, max_tokens=config.tokens)
+                              seed=recipe.seed + stage_index, max_tokens=total_steps * rows_per_step * recipe.seq_len)
         start = 0
         if resume:  # only for the first stage run after resuming
             resume = False
