@@ -55,10 +55,16 @@ class Stage:
         return self.config.name
 
     def select_trainable(self) -> list[nn.Parameter]:
-        """Freeze everything, unfreeze what this stage trains; returns those parameters (in order)."""
+        """Freeze everything, unfreeze what this stage trains; returns those parameters (in order).
+
+        LoRA adapters, if the student carries them, always train; with ``trainable: all`` the
+        weights they adapt stay frozen (that is the point of LoRA).
+        """
         which = self.config.trainable_set
-        for p in self.student.parameters():
-            p.requires_grad_(which == "all")
+        has_lora = any("lora_" in n for n, _ in self.student.named_parameters())
+        for name, p in self.student.named_parameters():
+            adapted = has_lora and ".base_layer." in name
+            p.requires_grad_("lora_" in name or (which == "all" and not adapted))
         if which != "all":
             blocks = decoder_layers(self.student)
             for i in self.layers:

@@ -32,6 +32,7 @@ from .. import __version__
 from ..convert.checkpoint_io import atomic_output_dir
 from .checkpoint import Progress, latest_checkpoint, load_checkpoint, load_progress, save_checkpoint
 from .data import PackedLoader, check_seq_len, check_vocab, held_out_split, read_documents
+from .lora import add_lora, merge_lora
 from .recipe import DistillRecipe, StageConfig
 from .stages import build_stage
 
@@ -118,8 +119,15 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     work.mkdir(parents=True, exist_ok=True)
 
     world, rank = accelerator.num_processes, accelerator.process_index
+    lora_added = False
     for stage_index in range(state.stage_index, len(recipe.stages)):
         config = recipe.stages[stage_index]
+        resuming, resume = resume, False  # the checkpoint applies to the first stage run after resuming
+        if resuming and state.stage_step == 0:  # at a stage boundary: weights and random generators only
+            load_checkpoint(latest_checkpoint(ckpt_root), student)
+        if recipe.lora and config.name == "kd" and not lora_added:
+            add_lora(student, recipe.lora)
+            lora_added = True
         stage = build_stage(config, student, teacher)
         params = stage.select_trainable()
         rows_per_step = recipe.batch_size * recipe.grad_accum * world
@@ -128,15 +136,10 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, c=config, n=total_steps: lr_factor(s, n, c))
         loader = PackedLoader(train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=recipe.batch_size * world,
                               seed=recipe.seed + stage_index, max_tokens=total_steps * rows_per_step * recipe.seq_len)
-        start = 0
-        if resume:  # only for the first stage run after resuming
-            resume = False
-            start = state.stage_step
-            if start:  # mid-stage: optimizer, schedule and data position continue
-                load_checkpoint(latest_checkpoint(ckpt_root), student, optimizer, scheduler)
-                loader.load_state_dict(state.loader_state)
-            else:  # at a stage boundary: only the weights (and random generators) carry over
-                load_checkpoint(latest_checkpoint(ckpt_root), student)
+        start = state.stage_step if resuming else 0
+        if start:  # mid-stage: weights, optimizer, schedule, data position and random generators continue
+            load_checkpoint(latest_checkpoint(ckpt_root), student, optimizer, scheduler)
+            loader.load_state_dict(state.loader_state)
         batches = iter(loader)
         student.train()
         bar = tqdm(total=total_steps, initial=start, desc=f"{config.name}", disable=not (progress and accelerator.is_main_process))
@@ -200,6 +203,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         bar.close()
         state.stage_index, state.stage_step = stage_index + 1, 0
 
+    if lora_added:
+        merge_lora(student)
     student.eval()
     ppl_after = _perplexity(student, eval_rows, device) if eval_rows is not None else None
     if accelerator.is_main_process:

@@ -150,3 +150,24 @@ def test_recipe_errors_name_the_key(tmp_path):
         parse_stages("align:1M,distill:2M")
     assert parse_stages("align:20M,kd:1.5B") == [{"name": "align", "tokens": 20_000_000},
                                                  {"name": "kd", "tokens": 1_500_000_000}]
+
+
+def test_lora_on_kept_attention_is_merged_and_resumable(setup, tmp_path):
+    stages = parse_stages("align:512,kd:1k")
+    lora = {"r": 4, "alpha": 8}
+    run_distill(recipe(setup, tmp_path / "a", stages, lora=lora), progress=False)
+    crashed = recipe(setup, tmp_path / "b", stages, lora=lora)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_distill(crashed, progress=False, _fail_after_step=7)  # inside kd, after a checkpoint with adapters
+    run_distill(crashed, resume=True, progress=False)
+    student = AutoModelForCausalLM.from_pretrained(setup["student"])
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b")
+    assert a.state_dict().keys() == student.state_dict().keys()  # merged: plain names, no adapters
+    kept = a.config.conversion["attention_layers"][0]
+    name = f"model.layers.{kept}.self_attn.q_proj.weight"
+    assert not torch.equal(a.state_dict()[name], student.state_dict()[name])  # the adapter changed it
+    for key, value in a.state_dict().items():
+        assert torch.equal(value, b.state_dict()[key]), key
+    with pytest.raises(RecipeError, match="unknown key 'lora.rank'"):
+        recipe(setup, tmp_path / "c", stages, lora={"rank": 4})
