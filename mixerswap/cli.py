@@ -161,14 +161,119 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, dt
 @main.command()
 @click.option("--out", default=None, help="Keep the demo's teacher and student here (default: a temp folder).")
 @click.option("--steps", default=300, show_default=True, help="Training steps of the demo teacher.")
+@click.option("--distill-tokens", default=160_000, show_default=True, help="Token budget of the demo distillation.")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def demo(out, steps, quiet):
+def demo(out, steps, distill_tokens, quiet):
     """Build a small teacher locally (no download), convert it, generate, and report what happened."""
     setup_logging(quiet)
     from .demo import run_demo
 
-    run_demo(out, steps=steps, progress=not quiet, echo=click.echo)
+    run_demo(out, steps=steps, distill_tokens=distill_tokens, progress=not quiet, echo=click.echo)
+
+
+def _lengths_option(ctx, param, value):
+    """Click callback: ``1k,4k`` → ``[1024, 4096]`` (None stays None)."""
+    from .evals.lengths import parse_lengths
+
+    if value is None:
+        return None
+    try:
+        return parse_lengths(value)
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+
+def _quiet_eval_logs(quiet: bool) -> None:
+    for name in ("lm_eval", "lm-eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+@main.command("eval")
+@click.argument("model")
+@click.option("--tasks", help="Comma-separated lm-eval task names and/or task folders, e.g. mixerswap_stories or "
+                              "./my_tasks/.")
+@click.option("--include-path", multiple=True, help="Extra folder of lm-eval task YAMLs (repeatable).")
+@click.option("--vs", help="Reference model (e.g. the teacher), evaluated side by side.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--limit", type=float, help="lm-eval documents per task (a fraction if below 1).")
+@click.option("--num-fewshot", type=int)
+@click.option("--perplexity", "ppl_file", type=click.Path(dir_okay=False),
+              help="Text file, or jsonl with a 'text' field per line.")
+@click.option("--ppl-context", type=int, help="Perplexity window in tokens (default: model limit, at most 4096).")
+@click.option("--ppl-stride", type=int, help="Tokens scored per window after the first (default: context/2).")
+@click.option("--passkey", callback=_lengths_option, help="Passkey retrieval lengths, e.g. 1k,4k,16k.")
+@click.option("--needle", callback=_lengths_option, help="Needle-in-a-haystack lengths, e.g. 1k,4k.")
+@click.option("--needle-depths", default="0,0.25,0.5,0.75,1", show_default=True)
+@click.option("--haystack", type=click.Path(dir_okay=False), help="Haystack text (default: the bundled stories).")
+@click.option("--mqar", is_flag=True, help="Multi-query associative recall.")
+@click.option("--mqar-lengths", callback=_lengths_option, help="Default: 64,256,1k within the model's limit.")
+@click.option("--mqar-pairs", default=8, show_default=True, help="Key-value pairs per MQAR sequence.")
+@click.option("--samples", default=5, show_default=True, help="Prompts per passkey length and needle cell.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the probes (lm-eval keeps its defaults).")
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--out", default="eval-results", show_default=True, help="Folder for results.json, summary.md, plots.")
+@click.option("--quiet", "-q", is_flag=True)
+@user_errors
+def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot, ppl_file, ppl_context, ppl_stride,
+                 passkey, needle, needle_depths, haystack, mqar, mqar_lengths, mqar_pairs, samples, seed, dtype,
+                 device, out, quiet):
+    """Evaluate MODEL (and --vs, side by side): lm-eval tasks, perplexity, long-context probes."""
+    setup_logging(quiet)
+    _quiet_eval_logs(quiet)
+    from .evals.evaluate import EvalOptions, evaluate
+
+    options = EvalOptions(
+        tasks=[t for t in (tasks or "").split(",") if t.strip()], include_path=list(include_path),
+        batch_size=batch_size, limit=int(limit) if limit and limit >= 1 else limit, num_fewshot=num_fewshot,
+        perplexity=ppl_file, ppl_context=ppl_context, ppl_stride=ppl_stride, passkey=passkey or [],
+        needle=needle or [], needle_depths=[float(d) for d in needle_depths.split(",")], haystack=haystack,
+        mqar=mqar or bool(mqar_lengths), mqar_lengths=mqar_lengths, mqar_pairs=mqar_pairs, probe_samples=samples,
+        seed=seed, dtype=dtype, device=device,
+    )
+    report = evaluate(model, options, vs=vs, out=out, echo=(lambda _: None) if quiet else click.echo)
+    click.echo(report.text())
+    click.echo(f"wrote {report.out / 'results.json'}" + "".join(f", {p}" for p in report.plots))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--vs", help="Reference model (e.g. the teacher); ratios are MODEL / VS.")
+@click.option("--context", "contexts", default="1k,4k", show_default=True, callback=_lengths_option)
+@click.option("--batch", "batches", default="1,8", show_default=True, callback=_lengths_option)
+@click.option("--decode-tokens", default=32, show_default=True, help="Timed decode steps per configuration.")
+@click.option("--warmup", type=int, help="Untimed repetitions per configuration (default: 1 on CUDA, 0 on CPU).")
+@click.option("--prefill-chunk", type=int, help="Prefill this many tokens per forward (default: whole prompt).")
+@click.option("--max-memory", help="CUDA only: cap allocations, e.g. 40GB (runs over it are recorded as oom).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
+@click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
+@click.option("--quiet", "-q", is_flag=True)
+@user_errors
+def bench(model, vs, contexts, batches, decode_tokens, warmup, prefill_chunk, max_memory, plot, json_path, dtype,
+          device, quiet):
+    """Prefill/decode speed, latency and memory of MODEL (and --vs) over context lengths and batch sizes."""
+    setup_logging(quiet)
+    from .convert.checkpoint_io import parse_size
+    from .evals.loading import model_labels
+    from .evals.plots import plot_bench
+    from .evals.speed import bench_paths, save_report
+
+    labels = model_labels(model, vs)
+    reference = next((label for label, (_, role) in labels.items() if role == "vs"), None)
+    report = bench_paths({label: path for label, (path, _) in labels.items()}, contexts=contexts, batches=batches,
+                         decode_tokens=decode_tokens, dtype=dtype, device=device, reference=reference, warmup=warmup,
+                         prefill_chunk=prefill_chunk, max_memory_bytes=parse_size(max_memory) if max_memory else None,
+                         echo=None if quiet else click.echo)
+    click.echo(report.table())
+    click.echo(f"kernels: {report.kernels['requested']} -> " +
+               ", ".join(f"{op}={backend}" for op, backend in report.kernels["ops"].items()))
+    if json_path:
+        click.echo(f"wrote {save_report(report, json_path)}")
+    if plot:
+        click.echo(f"wrote {plot_bench(report.to_dict(), plot)}")
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 
-from .architectures.cache import cache_nbytes
 from .convert import convert
 
 
@@ -87,19 +86,12 @@ def build_teacher(out_dir: Path, *, steps: int = 300, seed: int = 0, progress: b
             "held_out": held_out}
 
 
-@torch.inference_mode()
-def perplexity(model, ids: torch.Tensor, seq: int = 128) -> float:
-    """Token-weighted perplexity over consecutive windows of ``ids``."""
-    total, count = 0.0, 0
-    for start in range(0, len(ids) - 1, seq):
-        window = ids[start : start + seq + 1][None]
-        if window.shape[1] < 2:
-            break
-        out = model(window, labels=window)
-        n = window.shape[1] - 1
-        total += out.loss.item() * n
-        count += n
-    return math.exp(total / count)
+def perplexity(model, ids: torch.Tensor, context: int = 128) -> float:
+    """Sliding-window perplexity of ``ids`` (see :mod:`mixerswap.evals.perplexity`)."""
+    from .evals.perplexity import sequence_nll
+
+    nll, tokens, _ = sequence_nll(model, ids, context=min(context, len(ids)), stride=max(1, context // 2))
+    return math.exp(nll / tokens)
 
 
 @torch.inference_mode()
@@ -113,12 +105,6 @@ def top1_agreement(model, reference, ids: torch.Tensor, seq: int = 128) -> float
     return same / total
 
 
-@torch.inference_mode()
-def cache_bytes_at(model, length: int) -> int:
-    ids = torch.zeros(1, length, dtype=torch.long)
-    return cache_nbytes(model(ids, use_cache=True).past_key_values)
-
-
 def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens: int = 160_000,
              progress: bool = True, echo=print) -> dict:
     """Run the demo; returns the measured figures (also printed through ``echo``)."""
@@ -126,6 +112,7 @@ def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens:
 
     from .distill.recipe import DistillRecipe
     from .distill.trainer import run_distill
+    from .evals.summary import demo_eval_report
     from .generation import generate_text
 
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="mixerswap-demo-"))
@@ -163,8 +150,6 @@ def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens:
         "distilled_ppl": perplexity(after, held_out),
         "student_agreement": top1_agreement(student, teacher, held_out),
         "distilled_agreement": top1_agreement(after, teacher, held_out),
-        "teacher_cache_bytes_256": cache_bytes_at(teacher, 256),
-        "student_cache_bytes_256": cache_bytes_at(student, 256),
         "teacher_text": generate_text(teacher, tokenizer, prompt, max_new_tokens=40),
         "student_text": generate_text(student, tokenizer, prompt, max_new_tokens=40),
         "distilled_text": generate_text(after, tokenizer, prompt, max_new_tokens=40),
@@ -174,11 +159,12 @@ def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens:
          f"| student distilled {report['distilled_ppl']:.2f}")
     echo(f"  next-token agreement with the teacher: converted {report['student_agreement']:.1%} "
          f"| distilled {report['distilled_agreement']:.1%}")
-    echo(f"  cache at 256 tokens: teacher {report['teacher_cache_bytes_256']} B, "
-         f"student {report['student_cache_bytes_256']} B")
     echo(f"  teacher:   {report['teacher_text']!r}")
     echo(f"  converted: {report['student_text']!r}")
     echo(f"  distilled: {report['distilled_text']!r}")
+    report["table"] = demo_eval_report(teacher, after, tokenizer, held_out)
+    echo("teacher vs distilled student (held-out perplexity, MQAR recall, speed and cache at batch 1):")
+    echo(report["table"])
     echo(f"done in {time.perf_counter() - started:.0f}s; folders in {work}")
     report["work_dir"] = work
     return report

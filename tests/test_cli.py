@@ -126,7 +126,8 @@ def test_failure_midway_leaves_no_output(teacher_dir, tmp_path, monkeypatch):
 
 
 def test_demo_runs(tmp_path):
-    result = run("demo", "--out", tmp_path / "demo", "--steps", "20", "-q")
+    result = run("demo", "--out", tmp_path / "demo", "--steps", "20", "--distill-tokens", "4096", "-q")
     assert result.exit_code == 0, result.output
-    assert "perplexity: teacher" in result.output and "cache at 256 tokens" in result.output
+    assert "perplexity: teacher" in result.output and "MQAR accuracy" in result.output
+    assert "decode tokens/s" in result.output
     assert (tmp_path / "demo" / "student-distilled" / "config.json").exists()

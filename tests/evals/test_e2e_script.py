@@ -1,0 +1,25 @@
+"""benchmarks/e2e_speed.py runs end to end (scaled down) and reports every model and the kernels."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e_speed.py"
+
+
+def test_e2e_speed_tiny(tmp_path, monkeypatch, capsys):
+    spec = importlib.util.spec_from_file_location("e2e_speed", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--tiny", "--context", "64,128", "--batch", "1",
+                                      "--decode-tokens", "2", "--workdir", str(tmp_path),
+                                      "--json", str(tmp_path / "e2e.json")])
+    assert module.main() == 0
+    output = capsys.readouterr().out
+    report = json.loads((tmp_path / "e2e.json").read_text())
+    assert list(report["models"]) == ["teacher", "mamba2-50%", "mamba2-25%", "mamba2-0%"]
+    assert [m["plan"].count("attention") for m in report["models"].values()] == [4, 2, 1, 0]
+    assert {r["status"] for r in report["runs"]} == {"ok"} and len(report["ratios"]) == 6
+    assert "ssd_chunk_scan=torch" in output and "targets: not checked with --tiny" in output
+    assert module.check_targets([])[0][1] == "n/a"

@@ -1,0 +1,35 @@
+"""The demo's evaluation table: the demo's own models, every measure present, in seconds."""
+
+import time
+
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mixerswap.convert import convert
+from mixerswap.demo import build_teacher
+from mixerswap.evals.summary import demo_eval_report
+
+
+def test_demo_eval_report_on_the_demo_models(tmp_path):
+    facts = build_teacher(tmp_path / "teacher", steps=20, progress=False)
+    convert(tmp_path / "teacher", tmp_path / "student", keep_attention=0.5, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "teacher")
+    teacher = AutoModelForCausalLM.from_pretrained(tmp_path / "teacher").eval()
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "student").eval()
+    started = time.perf_counter()
+    table = demo_eval_report(teacher, student, tokenizer, facts["held_out"])
+    elapsed = time.perf_counter() - started
+    assert elapsed < 60, f"took {elapsed:.0f}s; the demo budget is ~15s"
+    lines = table.splitlines()
+    cells = lambda line: [c.strip() for c in line.split("|")[1:-1]]  # noqa: E731
+    assert cells(lines[0]) == ["measure", "teacher", "student", "student / teacher"]
+    for measure in ("held-out perplexity", "MQAR accuracy @ 32", "prefill tokens/s @ 192", "decode tokens/s @ 64",
+                    "cache KiB @ 192+8"):
+        assert any(line.startswith(f"| {measure}") for line in lines), measure
+    cache = cells(next(line for line in lines if line.startswith("| cache KiB @ 192+8")))
+    assert float(cache[2]) < float(cache[1])  # half the layers keep a fixed-size state instead of keys/values
+    assert "mixer kernels: torch" in lines[-1]
+    text_report = demo_eval_report(teacher, student, tokenizer, tokenizer.decode(facts["held_out"]))
+    from_text = cells(text_report.splitlines()[2])
+    from_ids = cells(lines[2])
+    assert from_text[0] == from_ids[0] == "held-out perplexity"
+    assert float(from_text[1]) > 1 and float(from_text[2]) > 1
