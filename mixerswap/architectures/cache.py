@@ -80,7 +80,7 @@ class RecurrentStateLayer(CacheLayerMixin):
         self._map(lambda t: t[indices, ...])
 
     def crop(self, tokens_to_remove: int) -> None:
-        if tokens_to_remove > 0 or (tokens_to_remove < 0 and self.seen_tokens + tokens_to_remove < self.seen_tokens):
+        if tokens_to_remove:
             raise NotImplementedError("a recurrent state cannot be rolled back (assisted decoding is not supported)")
 
     def offload(self):

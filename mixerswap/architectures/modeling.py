@@ -148,10 +148,7 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         )
         hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        softcap = getattr(self.config.teacher_config, "final_logit_softcapping", None)
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
+        logits = lm_logits(self, hidden_states[:, keep, :])
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -168,6 +165,15 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory)
+
+
+def lm_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
+    """``[..., hidden]`` → ``[..., vocab]`` as the model's forward computes them, for a student or a
+    plain HF teacher alike, including the final-logit softcap of Gemma-2/3."""
+    config = getattr(model.config, "teacher_config", model.config)
+    logits = model.lm_head(hidden_states)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    return torch.tanh(logits / softcap) * softcap if softcap is not None else logits
 
 
 def write_remote_code(directory) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from transformers import AutoConfig
 from .. import __version__
 from ..architectures import MixerSwapConfig, MixerSwapForCausalLM, describe_plan, family_for
 from ..architectures.modeling import AUTO_MAP, write_remote_code
-from ..architectures.plan import ATTENTION
+from ..architectures.plan import ATTENTION, parse_layer
 from .adapters import AttentionShape, attention_tensor_names, read_attention
 from .checkpoint_io import (
     CheckpointError,
@@ -50,8 +51,8 @@ COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.j
 class MixerConverter:
     """How to build one mixer kind from a teacher attention layer."""
 
-    settings: callable  # (teacher_config, *, qkv_bias, out_bias, qk_norm, overrides) -> pydantic Settings
-    from_attention: callable  # (AttentionWeights, settings, hidden_size, *, seed, dtype) -> state dict
+    settings: Callable  # (teacher_config, *, qkv_bias, out_bias, qk_norm, overrides) -> pydantic Settings
+    from_attention: Callable  # (AttentionWeights, settings, hidden_size, *, seed, dtype) -> state dict
 
 
 CONVERTERS: dict[str, MixerConverter] = {"mamba2": MixerConverter(mamba2_settings, mamba2_from_attention)}
@@ -184,11 +185,7 @@ def convert(
 
 def _write_mixer(writer, converter, family, teacher_config, plan, idx, tensors, seed, dtype) -> None:
     attn = read_attention(family, AttentionShape.from_config(teacher_config), idx, tensors.get)
-    entry = dict(plan[idx])
-    kind = entry.pop("kind")
-    from ..architectures.mixers import MIXERS
-
-    settings = MIXERS[kind].Settings(**entry)
+    _, settings = parse_layer(plan[idx], idx)
     state = converter.from_attention(attn, settings, teacher_config.hidden_size, seed=seed + idx, dtype=dtype)
     prefix = family.attention_prefix(idx)
     for name, tensor in state.items():

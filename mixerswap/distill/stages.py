@@ -15,10 +15,13 @@ and ``labels [B, T]`` (-100 = ignored).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
 from ..architectures.mixers.common import PADDING_MASK_KWARG
+from ..architectures.modeling import lm_logits
 from ..architectures.plan import ATTENTION
 from .capture import attention_modules, block_modules, capture, decoder_layers
 from .losses import chunked_kd_loss, mse_loss
@@ -167,14 +170,7 @@ def build_stage(config: StageConfig, student, teacher) -> Stage:
 
 def _head(model):
     """hidden → logits exactly as the model's forward computes them (incl. Gemma's final softcap)."""
-    config = getattr(model.config, "teacher_config", model.config)
-    softcap = getattr(config, "final_logit_softcapping", None)
-
-    def head(hidden: torch.Tensor) -> torch.Tensor:
-        logits = model.lm_head(hidden)
-        return torch.tanh(logits / softcap) * softcap if softcap is not None else logits
-
-    return head
+    return functools.partial(lm_logits, model)
 
 
 def _next_token_labels(batch: dict) -> torch.Tensor:
