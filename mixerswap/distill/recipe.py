@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 STAGE_NAMES = ("align", "hidden", "kd")
 DEFAULT_LR = {"align": 1e-3, "hidden": 5e-4, "kd": 1e-4}
@@ -64,11 +64,19 @@ class StageConfig(BaseModel):
     temperature: float = Field(1.0, gt=0)
     ce_weight: float = Field(0.0, ge=0)
     chunk_tokens: int = Field(1024, gt=0, description="tokens per chunk of the vocabulary-sized KD loss")
+    teacher_topk: int | None = Field(None, gt=0, description="kd: keep the teacher's k largest logits per token")
 
     @field_validator("tokens", mode="before")
     @classmethod
     def _tokens(cls, value):
         return parse_tokens(value)
+
+    @model_validator(mode="after")
+    def _topk_needs_forward_kl(self):
+        if self.teacher_topk is not None and self.kd_kind != "forward":
+            raise ValueError("teacher_topk keeps only part of the teacher's distribution; it works with "
+                             "kd_kind 'forward' only")
+        return self
 
     @property
     def peak_lr(self) -> float:
@@ -116,6 +124,13 @@ class DistillRecipe(BaseModel):
     held_out_docs: int = Field(32, ge=0, description="documents kept out of training for perplexity")
     lora: LoraOptions | None = None
     log_with: Literal["tensorboard"] | None = None
+    teacher_cache: str | None = Field(None, description="folder of cached top-k teacher logits for kd stages")
+
+    @model_validator(mode="after")
+    def _cache_needs_topk(self):
+        if self.teacher_cache and any(s.name == "kd" and s.teacher_topk is None for s in self.stages):
+            raise ValueError("teacher_cache stores top-k teacher logits: set teacher_topk on every kd stage")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides) -> DistillRecipe:

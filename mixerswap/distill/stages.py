@@ -26,6 +26,7 @@ from ..architectures.plan import ATTENTION
 from .capture import attention_modules, block_modules, capture, decoder_layers
 from .losses import chunked_kd_loss, mse_loss
 from .recipe import StageConfig
+from .teacher_cache import TeacherCache, topk_head, topk_pack
 
 
 def token_mask(batch: dict) -> torch.Tensor:
@@ -79,12 +80,13 @@ class Stage:
             raise ValueError(f"stage {self.name} has nothing to train: the student has no replaced layers")
         return params
 
-    def loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+    def loss(self, batch: dict, key: str | None = None) -> tuple[torch.Tensor, dict]:
+        """Loss of one batch; ``key`` names the micro-batch (for caches of teacher outputs)."""
         raise NotImplementedError
 
 
 class AlignStage(Stage):
-    def loss(self, batch):
+    def loss(self, batch, key=None):
         if self.config.mode == "matrix":
             return self._matrix_loss(batch)
         mask = token_mask(batch)
@@ -122,7 +124,7 @@ class AlignStage(Stage):
 
 
 class HiddenStage(Stage):
-    def loss(self, batch):
+    def loss(self, batch, key=None):
         mask = token_mask(batch)
         extra = _padding_kwargs(batch)
         with torch.no_grad(), capture(block_modules(self.teacher, self.layers)) as seen:
@@ -138,18 +140,37 @@ class HiddenStage(Stage):
 
 
 class KDStage(Stage):
-    def loss(self, batch):
+    """End-to-end KD; teacher logits on the fly, or as top-k (``teacher_topk``), optionally cached."""
+
+    cache: TeacherCache | None = None
+
+    def _teacher(self, inputs: dict, key: str | None) -> tuple[torch.Tensor, object]:
+        """``(teacher tensor, teacher head)`` for ``chunked_kd_loss``: hidden states + lm head, or packed top-k."""
+        k = self.config.teacher_topk
+        if k is None:
+            with torch.no_grad():
+                return self.teacher.model(**inputs, use_cache=False).last_hidden_state, _head(self.teacher)
+        packed = self.cache.get(key) if self.cache is not None and key is not None else None
+        if packed is None:
+            with torch.no_grad():
+                hidden = self.teacher.model(**inputs, use_cache=False).last_hidden_state
+                packed = torch.cat([topk_pack(lm_logits(self.teacher, h), k)
+                                    for h in hidden.split(max(1, self.config.chunk_tokens // hidden.shape[1]))])
+            if self.cache is not None and key is not None:
+                self.cache.put(key, packed)
+        return packed.to(inputs["input_ids"].device), topk_head(self.student.config.vocab_size)
+
+    def loss(self, batch, key: str | None = None):
         c = self.config
         mask = token_mask(batch)
         inputs = model_inputs(batch)
-        with torch.no_grad():
-            teacher_hidden = self.teacher.model(**inputs, use_cache=False).last_hidden_state
+        teacher, teacher_head = self._teacher(inputs, key)
         student_hidden = self.student.model(**inputs, use_cache=False, **_padding_kwargs(batch)).last_hidden_state
         loss = chunked_kd_loss(
             student_hidden,
             _head(self.student),
-            teacher_hidden,
-            _head(self.teacher),
+            teacher,
+            teacher_head,
             mask,
             kind=c.kd_kind,
             mix=c.kd_mix,

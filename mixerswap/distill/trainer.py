@@ -35,6 +35,7 @@ from .data import PackedLoader, check_seq_len, check_vocab, held_out_split, read
 from .lora import add_lora, merge_lora
 from .recipe import DistillRecipe, StageConfig
 from .stages import build_stage
+from .teacher_cache import TeacherCache
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +130,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
             add_lora(student, recipe.lora)
             lora_added = True
         stage = build_stage(config, student, teacher)
+        if recipe.teacher_cache and config.name == "kd":
+            stage.cache = TeacherCache(recipe.teacher_cache, _cache_fingerprint(recipe, world))
         params = stage.select_trainable()
         rows_per_step = recipe.batch_size * recipe.grad_accum * world
         total_steps = max(1, math.ceil(config.tokens / (rows_per_step * recipe.seq_len)))
@@ -147,14 +150,14 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         for step in range(start, total_steps):
             optimizer.zero_grad(set_to_none=True)
             step_loss, parts, exhausted = 0.0, {}, False
-            for _ in range(recipe.grad_accum):
+            for micro in range(recipe.grad_accum):
                 batch = next(batches, None)
                 if batch is None:
                     exhausted = True
                     break
                 batch = {k: v[rank::world].to(device) for k, v in batch.items()}
                 with accelerator.autocast():
-                    loss, parts = stage.loss(batch)
+                    loss, parts = stage.loss(batch, key=f"stage{stage_index}-step{step:08d}-micro{micro}-rank{rank}")
                 if not torch.isfinite(loss):
                     last = latest_checkpoint(ckpt_root)
                     raise DistillError(
@@ -214,6 +217,13 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     accelerator.end_training()
     logger.info("wrote %s; held-out perplexity %s -> %s", out, ppl_before, ppl_after)
     return DistillResult(out, ppl_before, ppl_after, state.history)
+
+
+def _cache_fingerprint(recipe: DistillRecipe, world: int) -> dict:
+    """What cached teacher logits depend on: teacher, data, batching and the stages' budgets."""
+    keys = ("teacher", "data", "text_field", "seq_len", "batch_size", "grad_accum", "seed", "held_out_docs")
+    stages = [{"name": s.name, "tokens": s.tokens, "teacher_topk": s.teacher_topk} for s in recipe.stages]
+    return {**{k: getattr(recipe, k) for k in keys}, "world": world, "stages": stages}
 
 
 def _load_tokenizer(*folders):
