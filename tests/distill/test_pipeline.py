@@ -90,7 +90,7 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
     real = stages_module.HiddenStage.loss
     calls = {"n": 0}
 
-    def poisoned(self, batch):
+    def poisoned(self, batch, key=None):
         calls["n"] += 1
         loss, parts = real(self, batch)
         return (loss * float("nan"), parts) if calls["n"] >= 3 else (loss, parts)
