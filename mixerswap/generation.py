@@ -17,18 +17,31 @@ def pick_device(device: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str | None = None):
-    """``(model, tokenizer)`` from a local folder or hub id, in eval mode on ``device``."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def check_model_path(path: str | Path) -> None:
+    """A path-looking argument must be an existing folder (anything else may be a hub id)."""
     if not Path(path).is_dir() and str(path).startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such model folder: {path}")
+
+
+def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str | None = None,
+                             require_tokenizer: bool = True):
+    """``(model, tokenizer)`` from a local folder or hub id, in eval mode on ``device``.
+
+    Without tokenizer files the tokenizer is ``None``, or an error if ``require_tokenizer``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_path(path)
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])
     model = model.to(pick_device(device)).eval()
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
-        raise FileNotFoundError(f"{path} has no usable tokenizer files ({err})") from None
+        if require_tokenizer:
+            raise FileNotFoundError(f"{path} has no usable tokenizer files ({err})") from None
+        tokenizer = None
     return model, tokenizer
 
 

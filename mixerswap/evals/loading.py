@@ -4,27 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..generation import DTYPES, pick_device
-
-
-def check_model_path(path: str | Path) -> None:
-    if not Path(path).is_dir() and str(path).startswith((".", "/", "~")):
-        raise FileNotFoundError(f"no such model folder: {path}")
+from ..generation import check_model_path, load_model_and_tokenizer
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = None):
     """``(model, tokenizer or None)`` in eval mode, from a local folder or hub id."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    check_model_path(path)
-    if dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype]).to(pick_device(device)).eval()
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    return model, tokenizer
+    return load_model_and_tokenizer(path, dtype=dtype, device=device, require_tokenizer=False)
 
 
 def load_config(path: str | Path):
