@@ -104,6 +104,7 @@ def convert(teacher, to, keep_attention, attention_layers, settings, dtype, seed
 @click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]))
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between checkpoints.")
 @click.option("--text-field", help="Field/column holding the text in jsonl/parquet/datasets.")
+@click.option("--held-out-docs", type=int, help="Documents kept out of training for perplexity (default 32).")
 @click.option("--out", help="Output folder (a normal HF checkpoint).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of this --out.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
@@ -111,7 +112,7 @@ def convert(teacher, to, keep_attention, attention_layers, settings, dtype, seed
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
 def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision,
-            checkpoint_every, text_field, out, resume, overwrite, keep_checkpoints, quiet):
+            checkpoint_every, text_field, held_out_docs, out, resume, overwrite, keep_checkpoints, quiet):
     """Distill STUDENT (a converted folder) from its teacher: align -> hidden -> kd."""
     setup_logging(quiet)
     from .distill.recipe import DistillRecipe, parse_stages
@@ -119,7 +120,7 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
 
     options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
                "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
-               "checkpoint_every": checkpoint_every, "text_field": text_field,
+               "checkpoint_every": checkpoint_every, "text_field": text_field, "held_out_docs": held_out_docs,
                "stages": parse_stages(stages) if stages else None}
     if recipe:
         settings = DistillRecipe.from_yaml(recipe, **options)

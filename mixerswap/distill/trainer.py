@@ -89,7 +89,8 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
                               "or delete that folder to start over")
 
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision, log_with=recipe.log_with,
-                              project_dir=str(work) if recipe.log_with else None)
+                              project_dir=str(work) if recipe.log_with else None,
+                              cpu=not torch.cuda.is_available())  # lets `torchrun` start CPU data parallelism
     device = accelerator.device
     student = MixerSwapForCausalLM.from_pretrained(recipe.student, dtype=torch.float32).to(device)
     teacher_dtype = torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32

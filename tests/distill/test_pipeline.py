@@ -171,3 +171,23 @@ def test_lora_on_kept_attention_is_merged_and_resumable(setup, tmp_path):
         assert torch.equal(value, b.state_dict()[key]), key
     with pytest.raises(RecipeError, match="unknown key 'lora.rank'"):
         recipe(setup, tmp_path / "c", stages, lora={"rank": 4})
+
+
+def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
+    """`torchrun --nproc_per_node 2` (CPU, gloo): each rank takes half of every batch, gradients are averaged."""
+    import subprocess
+    import sys
+
+    common = ["distill", str(setup["student"]), "--teacher", str(setup["teacher"]), "--data", str(setup["data"]),
+              "--stages", "align:1k,hidden:1k,kd:1k", "--seq-len", "32", "--held-out-docs", "2", "-q"]
+    assert run_cli(*common, "--batch-size", "8", "--out", tmp_path / "one").exit_code == 0
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29533", "-m", "mixerswap", *common, "--batch-size", "4",
+                           "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
+    two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-3, msg=name)
+    start = AutoModelForCausalLM.from_pretrained(setup["student"]).state_dict()
+    assert any(not torch.equal(one[n], start[n]) for n in one)  # training happened
