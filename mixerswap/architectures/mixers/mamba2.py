@@ -170,6 +170,19 @@ class Mamba2Mixer(nn.Module):
             C.reshape(*lead, s.n_heads, s.d_state),
         )
 
+    def _project(self, hidden_states: torch.Tensor, padding: torch.Tensor | None):
+        """``[x, B, C]`` before the conv ``[B, T, conv_dim]`` and ``dt`` ``[B, T, H]``, zeroed at padding.
+
+        ``dt`` is in fp32 (fp64 for fp64 inputs): a padded position with dt = 0 neither decays nor
+        writes the state, and its zeroed input leaves the conv window as if it were not there.
+        """
+        xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
+        dt = F.softplus(self.dt_proj(hidden_states).to(torch.promote_types(hidden_states.dtype, torch.float32)))
+        if padding is not None:
+            xbc = xbc * padding[..., None].to(xbc.dtype)
+            dt = dt * padding[..., None]
+        return xbc, dt
+
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -196,13 +209,8 @@ class Mamba2Mixer(nn.Module):
         has_state = layer is not None and layer.has_state()
         padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
 
-        xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)  # fp32, or fp64 in exactness tests
-        dt = F.softplus(self.dt_proj(hidden_states).to(acc))
-        if padding is not None:
-            xbc = xbc * padding[..., None].to(xbc.dtype)
-            dt = dt * padding[..., None]
-        A = -torch.exp(self.A_log.to(acc))
+        xbc, dt = self._project(hidden_states, padding)
+        A = -torch.exp(self.A_log.to(dt.dtype))
         conv_w = self.conv1d.weight.squeeze(1)
 
         if has_state and seqlen == 1:
@@ -256,12 +264,8 @@ class Mamba2Mixer(nn.Module):
         s = self.settings
         batch, seqlen, _ = hidden_states.shape
         padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=False)
-        xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
-        dt = F.softplus(self.dt_proj(hidden_states).to(acc))
-        if padding is not None:
-            xbc = xbc * padding[..., None].to(xbc.dtype)
-            dt = dt * padding[..., None]
+        xbc, dt = self._project(hidden_states, padding)
+        acc = dt.dtype
         xbc, _ = kernels.causal_conv1d(xbc, self.conv1d.weight.squeeze(1), self.conv1d.bias, seq_idx=seq_idx,
                                        activation=s.conv_activation)
         _, B, C = self._split_xbc(xbc)
