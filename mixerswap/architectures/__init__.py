@@ -1,6 +1,6 @@
 """Student architecture: config with a layer plan, the HF model, mixers and the hybrid cache."""
 
-from .cache import HybridMixerCache, RecurrentStateLayer, cache_nbytes
+from .cache import HybridMixerCache, MixerCacheLayer, RecurrentStateLayer, cache_nbytes
 from .configuration import MixerSwapConfig
 from .families import FAMILIES, TeacherFamily, UnsupportedTeacherError, family_for, supported_model_types
 from .modeling import MixerSwapForCausalLM, MixerSwapPreTrainedModel
@@ -10,6 +10,7 @@ __all__ = [
     "ATTENTION",
     "FAMILIES",
     "HybridMixerCache",
+    "MixerCacheLayer",
     "MixerSwapConfig",
     "MixerSwapForCausalLM",
     "MixerSwapPreTrainedModel",

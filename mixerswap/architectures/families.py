@@ -18,7 +18,8 @@ class TeacherFamily:
         name: human name for messages.
         model_types: ``config.model_type`` values of this family.
         layers_path: dotted path from the ``*ForCausalLM`` module to the decoder layer list.
-        attention_attr: attribute of a decoder layer holding the attention module.
+        attention_attr: attribute of a decoder layer holding the attention module (or its mixer).
+        mlp_attr: attribute of a decoder layer holding the MLP.
         q, k, v, o: projection names inside the attention module (``None`` when fused).
         qkv: name of a fused q/k/v projection (Phi-3), split in q, k, v order.
         q_norm, k_norm: per-head RMSNorm applied to q and k before RoPE (Qwen3, Gemma-3).
@@ -29,6 +30,7 @@ class TeacherFamily:
     model_types: tuple[str, ...]
     layers_path: str = "model.layers"
     attention_attr: str = "self_attn"
+    mlp_attr: str = "mlp"
     q: str | None = "q_proj"
     k: str | None = "k_proj"
     v: str | None = "v_proj"
@@ -37,6 +39,13 @@ class TeacherFamily:
     q_norm: str | None = None
     k_norm: str | None = None
     norm_weight_offset: float = 0.0
+
+    def mixer_of(self, layer):
+        """The module in a decoder layer's attention slot (the teacher's attention or its mixer)."""
+        return getattr(layer, self.attention_attr)
+
+    def mlp_of(self, layer):
+        return getattr(layer, self.mlp_attr)
 
     def attention_prefix(self, layer_idx: int) -> str:
         """State-dict prefix of layer ``layer_idx``'s attention module, e.g. ``model.layers.3.self_attn.``."""

@@ -10,6 +10,7 @@ layer code runs unchanged. One :class:`HybridMixerCache` serves the whole stack.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -20,7 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 from .cache import HybridMixerCache
 from .configuration import MixerSwapConfig
 from .families import family_for
-from .mixers import MIXERS, RECURRENT_KINDS
+from .mixers import Mixer, fp32_parameter_names, mixer_kind
 from .mixers.common import PADDING_MASK_KWARG
 from .plan import ATTENTION, validate_plan
 
@@ -50,8 +51,8 @@ class MixerSwapPreTrainedModel(PreTrainedModel):
         for mixer in self.mixers():
             mixer.init_parameters(std=getattr(self.config, "initializer_range", None) or 0.02)
 
-    def mixers(self) -> list[torch.nn.Module]:
-        return [m for m in self.modules() if type(m) in MIXERS.values()]
+    def mixers(self) -> list[Mixer]:
+        return [m for m in self.modules() if isinstance(m, Mixer)]
 
 
 class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
@@ -72,9 +73,11 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         layers = self.decoder_layers()
         for idx, (kind, settings) in enumerate(validate_plan(config.plan, len(layers))):
             if kind != ATTENTION:
-                mixer = MIXERS[kind](settings, teacher_config.hidden_size, idx)
+                mixer = mixer_kind(kind).module(settings, teacher_config.hidden_size, idx)
                 setattr(layers[idx], self.family.attention_attr, mixer)
         self.post_init()
+        # Loading in bf16/fp16 keeps the parameters each mixer declares fp32 (A_log, D, ... of Mamba-2).
+        self._keep_in_fp32_modules_strict = {rf"^{re.escape(name)}$" for name in fp32_parameter_names(self)}
 
     def decoder_layers(self) -> torch.nn.ModuleList:
         module = self
@@ -94,12 +97,18 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
-    def recurrent_layers(self) -> list[int]:
-        return [i for i, kind in enumerate(self.config.layer_kinds()) if kind in RECURRENT_KINDS]
+    def layer_mixer(self, layer_idx: int) -> torch.nn.Module:
+        """The module in layer ``layer_idx``'s attention slot: the teacher's attention or a mixer."""
+        return self.family.mixer_of(self.decoder_layers()[layer_idx])
+
+    def mixer_layers(self) -> dict[int, Mixer]:
+        """``{layer index: mixer}`` for every replaced layer."""
+        return {i: self.layer_mixer(i) for i, kind in enumerate(self.config.layer_kinds()) if kind != ATTENTION}
 
     def make_cache(self) -> HybridMixerCache:
-        """An empty cache for this plan (KV for attention layers, states for recurrent mixers)."""
-        return HybridMixerCache(self.config.teacher_config, self.recurrent_layers())
+        """An empty cache for this plan: KV for attention layers, each mixer's own layer for the others."""
+        layers = {i: mixer.new_cache_layer() for i, mixer in self.mixer_layers().items()}
+        return HybridMixerCache(self.config.teacher_config, layers)
 
     def _prepare_cache_for_generation(self, generation_config, model_kwargs, *args, **kwargs):
         user_cache = model_kwargs.get("past_key_values")

@@ -20,9 +20,10 @@ class PlanError(ValueError):
 
 
 def mixer_registry() -> dict[str, type]:
-    from .mixers import MIXERS
+    """Registered mixer modules by kind name."""
+    from .mixers import registered_kinds
 
-    return MIXERS
+    return {name: kind.module for name, kind in registered_kinds().items()}
 
 
 def mixer_kinds() -> list[str]:

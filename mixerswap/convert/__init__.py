@@ -1,11 +1,10 @@
 """Conversion workflow: teacher adapters, layer selection, mixer initialization, streaming checkpoint IO."""
 
 from .checkpoint_io import CheckpointError, OutputExistsError
-from .pipeline import CONVERTERS, ConversionResult, convert
+from .pipeline import ConversionResult, convert
 from .selection import LayerSelectionError, select_attention_layers
 
 __all__ = [
-    "CONVERTERS",
     "CheckpointError",
     "ConversionResult",
     "LayerSelectionError",

@@ -30,76 +30,63 @@ import torch
 from transformers import PreTrainedConfig
 
 from ..architectures.mixers.mamba2 import Mamba2Mixer, Mamba2Settings
-from .adapters import AttentionShape, AttentionWeights
-
-# Settings a user may change at conversion; the rest are dictated by the teacher's shapes.
-TUNABLE = frozenset(Mamba2Settings.model_fields) - {"n_heads", "n_groups", "head_dim", "d_state", "qkv_bias",
-                                                     "out_bias", "bc_norm"}
+from .adapters import AttentionWeights
+from .converters import AttentionLayout, LayerStats, MixerConverter
 
 
-def mamba2_settings(
-    teacher_config: PreTrainedConfig,
-    *,
-    qkv_bias: bool,
-    out_bias: bool,
-    qk_norm: bool,
-    overrides: dict | None = None,
-) -> Mamba2Settings:
-    """The plan settings of a Mamba-2 mixer that inherits a teacher attention layer's weights."""
-    overrides = dict(overrides or {})
-    fixed = set(overrides) - TUNABLE
-    if fixed:
-        raise ValueError(
-            f"mamba2 settings {sorted(fixed)} follow from the teacher's attention shapes and cannot be set; "
-            f"tunable: {', '.join(sorted(TUNABLE))}"
+class Mamba2Converter(MixerConverter):
+    """Attention → Mamba-2; see the module docstring."""
+
+    # Settings a user may change at conversion; the rest are dictated by the teacher's shapes.
+    tunable = frozenset(Mamba2Settings.model_fields) - {"n_heads", "n_groups", "head_dim", "d_state", "qkv_bias",
+                                                         "out_bias", "bc_norm"}
+
+    def settings(self, teacher_config: PreTrainedConfig, layout: AttentionLayout,
+                 overrides: dict | None = None) -> Mamba2Settings:
+        """The plan settings of a Mamba-2 mixer that inherits a teacher attention layer's weights."""
+        overrides = self.check_overrides(Mamba2Mixer.kind, overrides)
+        overrides.setdefault("norm_eps", getattr(teacher_config, "rms_norm_eps", 1e-6))
+        shape = layout.shape
+        return Mamba2Settings(
+            n_heads=shape.num_heads,
+            n_groups=shape.num_kv_heads,
+            head_dim=shape.head_dim,
+            d_state=shape.head_dim,
+            qkv_bias=layout.qkv_bias,
+            out_bias=layout.out_bias,
+            bc_norm=layout.qk_norm,
+            **overrides,
         )
-    shape = AttentionShape.from_config(teacher_config)
-    overrides.setdefault("norm_eps", getattr(teacher_config, "rms_norm_eps", 1e-6))
-    return Mamba2Settings(
-        n_heads=shape.num_heads,
-        n_groups=shape.num_kv_heads,
-        head_dim=shape.head_dim,
-        d_state=shape.head_dim,
-        qkv_bias=qkv_bias,
-        out_bias=out_bias,
-        bc_norm=qk_norm,
-        **overrides,
-    )
+
+    def from_attention(self, attn: AttentionWeights, settings: Mamba2Settings, teacher_config: PreTrainedConfig, *,
+                       stats: LayerStats | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        """The mixer's state dict (names relative to the mixer) seeded from one attention layer.
+
+        Args:
+            attn: the layer's attention weights (see :func:`~mixerswap.convert.adapters.read_attention`).
+            settings: from :meth:`settings`.
+            teacher_config: the teacher's config (its ``hidden_size``).
+            stats: calibration statistics (not used by this initialization).
+            seed: seeds the random parts (A, dt); conversions are reproducible.
+        """
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            mixer = Mamba2Mixer(settings, teacher_config.hidden_size, layer_idx=0)
+            mixer.init_parameters()
+        state = {name: t.detach() for name, t in mixer.state_dict().items()}
+        copies = {
+            "c_proj.weight": attn.q, "b_proj.weight": attn.k, "x_proj.weight": attn.v, "out_proj.weight": attn.o,
+            "c_proj.bias": attn.q_bias, "b_proj.bias": attn.k_bias, "x_proj.bias": attn.v_bias,
+            "out_proj.bias": attn.o_bias, "c_norm_weight": attn.q_norm, "b_norm_weight": attn.k_norm,
+        }
+        for name, tensor in copies.items():
+            if tensor is None:
+                continue
+            if name not in state:
+                raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
+                                 f"({name}) but the mixer settings have no place for them")
+            state[name] = tensor
+        return {name: t.contiguous() for name, t in state.items()}
 
 
-def mamba2_from_attention(
-    attn: AttentionWeights,
-    settings: Mamba2Settings,
-    hidden_size: int,
-    *,
-    seed: int = 0,
-    dtype: torch.dtype | None = None,
-) -> dict[str, torch.Tensor]:
-    """The mixer's state dict (names relative to the mixer) seeded from one attention layer.
-
-    Args:
-        attn: the layer's attention weights (see :func:`~mixerswap.convert.adapters.read_attention`).
-        settings: from :func:`mamba2_settings`.
-        hidden_size: model width.
-        seed: seeds the random parts (A, dt); conversions are reproducible.
-        dtype: output dtype (default: that of ``attn.q``).
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        mixer = Mamba2Mixer(settings, hidden_size, layer_idx=0)
-        mixer.init_parameters()
-    state = {name: t.detach() for name, t in mixer.state_dict().items()}
-    copies = {
-        "c_proj.weight": attn.q, "b_proj.weight": attn.k, "x_proj.weight": attn.v, "out_proj.weight": attn.o,
-        "c_proj.bias": attn.q_bias, "b_proj.bias": attn.k_bias, "x_proj.bias": attn.v_bias,
-        "out_proj.bias": attn.o_bias, "c_norm_weight": attn.q_norm, "b_norm_weight": attn.k_norm,
-    }
-    for name, tensor in copies.items():
-        if tensor is None:
-            continue
-        if name not in state:
-            raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
-                             f"({name}) but the mixer settings have no place for them")
-        state[name] = tensor
-    dtype = dtype or attn.q.dtype
-    return {name: t.to(dtype).contiguous() for name, t in state.items()}
+CONVERTER = Mamba2Converter()

@@ -12,8 +12,8 @@ from __future__ import annotations
 import logging
 import platform
 import shutil
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
@@ -24,8 +24,9 @@ from transformers import AutoConfig
 
 from .. import __version__
 from ..architectures import MixerSwapConfig, MixerSwapForCausalLM, describe_plan, family_for
+from ..architectures.mixers import mixer_kind, registered_kinds
 from ..architectures.modeling import AUTO_MAP, write_remote_code
-from ..architectures.plan import ATTENTION, parse_layer
+from ..architectures.plan import ATTENTION, PlanError, parse_layer
 from .adapters import AttentionShape, attention_tensor_names, read_attention
 from .checkpoint_io import (
     CheckpointError,
@@ -36,7 +37,8 @@ from .checkpoint_io import (
     parse_size,
     resolve_model_dir,
 )
-from .mamba2 import mamba2_from_attention, mamba2_settings
+from .converters import AttentionLayout, LayerStats
+from .plan_file import read_plan_file, shorthand_plan
 from .selection import select_attention_layers
 
 logger = logging.getLogger(__name__)
@@ -45,17 +47,6 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 COPIED_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
                 "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja",
                 "chat_template.json")
-
-
-@dataclass(frozen=True)
-class MixerConverter:
-    """How to build one mixer kind from a teacher attention layer."""
-
-    settings: Callable  # (teacher_config, *, qkv_bias, out_bias, qk_norm, overrides) -> pydantic Settings
-    from_attention: Callable  # (AttentionWeights, settings, hidden_size, *, seed, dtype) -> state dict
-
-
-CONVERTERS: dict[str, MixerConverter] = {"mamba2": MixerConverter(mamba2_settings, mamba2_from_attention)}
 
 
 @dataclass
@@ -73,6 +64,7 @@ def convert(
     out: str | Path,
     *,
     to: str = "mamba2",
+    plan: str | Path | None = None,
     keep_attention: float | None = None,
     attention_layers: list[int] | None = None,
     mixer_settings: dict | None = None,
@@ -83,21 +75,28 @@ def convert(
     revision: str | None = None,
     progress: bool = True,
     command: str | None = None,
+    calibration: dict[int, LayerStats] | None = None,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
 
     Args:
         teacher: local HF folder or hub id.
         out: output folder (must be absent or empty unless ``overwrite``).
-        to: mixer kind for replaced layers (``mamba2``).
+        to: mixer kind for replaced layers (any registered kind, e.g. ``mamba2``).
+        plan: a plan YAML file (per-layer kinds and settings, see :mod:`.plan_file`); replaces ``to``,
+            ``keep_attention``, ``attention_layers`` and ``mixer_settings``.
         keep_attention / attention_layers: which layers keep attention (see ``select_attention_layers``).
         mixer_settings: tunable mixer settings, e.g. ``{"chunk_size": 128}``.
         dtype: ``auto`` keeps each tensor's stored dtype; else ``float32``, ``bfloat16``, ``float16``.
         seed: seeds the parts of the mixers that attention does not determine.
         max_shard_size: e.g. ``"5GB"``; larger outputs are sharded with an index.
+        calibration: per replaced layer, teacher statistics handed to its converter.
     """
-    if to not in CONVERTERS:
-        raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(CONVERTERS)}")
+    if plan is None and to not in registered_kinds():
+        raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(registered_kinds())}")
+    if plan is not None and (keep_attention is not None or attention_layers is not None or mixer_settings):
+        raise ValueError("--plan gives every layer's kind and settings; drop --keep-attention, --attention-layers "
+                         "and --set")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     out = Path(out)
@@ -111,32 +110,23 @@ def convert(
     shards = [SafetensorsShard(p) for p in list_shards(model_dir)]  # parses and checks every header now
     names = {name for shard in shards for name in shard.entries}
     num_layers = teacher_config.num_hidden_layers
-    kept = select_attention_layers(num_layers, keep_attention=keep_attention, attention_layers=attention_layers)
-
-    converter = CONVERTERS[to]
-    plan, layer_names = [], {}
-    for idx in range(num_layers):
-        if idx in kept:
-            plan.append({"kind": ATTENTION})
-            continue
-        roles = attention_tensor_names(family, idx)
-        present = {role for role, name in roles.items() if name in names}
-        settings = converter.settings(
-            teacher_config,
-            qkv_bias=bool(present & {"q_bias", "qkv_bias"}),
-            out_bias="o_bias" in present,
-            qk_norm="q_norm" in present,
-            overrides=mixer_settings,
-        )
-        plan.append({"kind": to, **settings.model_dump()})
-        layer_names[idx] = {roles[r] for r in present}
+    if plan is not None:
+        requested = read_plan_file(plan, num_layers)
+    else:
+        kept = select_attention_layers(num_layers, keep_attention=keep_attention, attention_layers=attention_layers)
+        requested = shorthand_plan(num_layers, to, kept, mixer_settings)
+    layer_plan, layer_names = _complete_plan(requested, teacher_config, family, names)
+    kept = [i for i, entry in enumerate(layer_plan) if entry["kind"] == ATTENTION]
 
     target_dtype = DTYPES[dtype]
+    kinds = sorted({entry["kind"] for entry in layer_plan} - {ATTENTION})
     provenance = {
-        "teacher": str(teacher), "to": to, "keep_attention": keep_attention, "attention_layers": kept,
-        "mixer_settings": dict(mixer_settings or {}), "dtype": dtype, "seed": seed,
+        "teacher": str(teacher), "to": to if plan is None else "+".join(kinds) or ATTENTION,
+        "plan_file": str(plan) if plan is not None else None, "keep_attention": keep_attention,
+        "attention_layers": kept, "mixer_settings": dict(mixer_settings or {}), "dtype": dtype, "seed": seed,
         "mixerswap_version": __version__, "transformers_version": transformers.__version__,
     }
+    plan = layer_plan
     config = MixerSwapConfig(teacher_config=teacher_config, plan=plan, conversion=provenance)
     config.auto_map = dict(AUTO_MAP)
     config.architectures = ["MixerSwapForCausalLM"]
@@ -159,8 +149,8 @@ def convert(
                         idx = owner[name]
                         pending.setdefault(idx, {})[name] = shard.read(name)
                         if len(pending[idx]) == len(layer_names[idx]):
-                            _write_mixer(writer, converter, family, teacher_config, plan, idx, pending.pop(idx),
-                                         seed, target_dtype)
+                            _write_mixer(writer, family, teacher_config, plan, idx, pending.pop(idx), seed,
+                                         target_dtype, (calibration or {}).get(idx))
                     elif name not in expected:
                         dropped.append(name)
                     elif target_dtype is None or entry.torch_dtype == target_dtype or not entry.torch_dtype.is_floating_point:
@@ -183,13 +173,43 @@ def convert(
     return ConversionResult(out, plan, kept, [p.name for p in written], writer.total_bytes, dropped)
 
 
-def _write_mixer(writer, converter, family, teacher_config, plan, idx, tensors, seed, dtype) -> None:
+def _complete_plan(requested: list[tuple[str, dict]], teacher_config, family, names: set[str]):
+    """Each layer's full plan entry (the converter completes the user's settings from the teacher) and,
+    for replaced layers, the checkpoint names of the attention tensors their converter reads."""
+    plan, layer_names = [], {}
+    for idx, (kind, overrides) in enumerate(requested):
+        if kind == ATTENTION:
+            plan.append({"kind": ATTENTION})
+            continue
+        try:
+            converter = mixer_kind(kind).load_converter()
+        except KeyError as err:
+            raise PlanError(f"layer {idx}: {err.args[0]}") from None
+        roles = attention_tensor_names(family, idx)
+        present = {role for role, name in roles.items() if name in names}
+        layout = AttentionLayout(AttentionShape.from_config(teacher_config),
+                                 qkv_bias=bool(present & {"q_bias", "qkv_bias"}), out_bias="o_bias" in present,
+                                 qk_norm="q_norm" in present)
+        try:
+            settings = converter.settings(teacher_config, layout, overrides)
+        except ValueError as err:  # pydantic's ValidationError is a ValueError
+            raise PlanError(f"layer {idx} ({kind}): {' '.join(str(err).split())}") from None
+        plan.append({"kind": kind, **settings.model_dump()})
+        layer_names[idx] = {roles[r] for r in present}
+    return plan, layer_names
+
+
+def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats) -> None:
     attn = read_attention(family, AttentionShape.from_config(teacher_config), idx, tensors.get)
-    _, settings = parse_layer(plan[idx], idx)
-    state = converter.from_attention(attn, settings, teacher_config.hidden_size, seed=seed + idx, dtype=dtype)
+    kind, settings = parse_layer(plan[idx], idx)
+    module = mixer_kind(kind).module
+    state = mixer_kind(kind).load_converter().from_attention(attn, settings, teacher_config, stats=stats,
+                                                             seed=seed + idx)
+    dtype = dtype or attn.q.dtype  # "auto": the dtype the teacher stores its attention weights in
     prefix = family.attention_prefix(idx)
     for name, tensor in state.items():
-        writer.add(prefix + name, tensor)
+        keep = tensor.is_floating_point() and any(fnmatch(name, p) for p in module.fp32_parameters)
+        writer.add(prefix + name, tensor.float() if keep else tensor.to(dtype) if tensor.is_floating_point() else tensor)
 
 
 def expected_tensors(config: MixerSwapConfig) -> dict[str, tuple[int, ...]]:

@@ -26,8 +26,8 @@ def make_mixer(chunk_size=8, seed=0, **overrides):
     return mixer.double().eval()
 
 
-def fresh_cache():
-    return HybridMixerCache(family_config("llama"), recurrent_layers=[0])
+def fresh_cache(mixer):
+    return HybridMixerCache(family_config("llama"), {0: mixer.new_cache_layer()})
 
 
 def rel_err(a, b):
@@ -42,7 +42,7 @@ def test_parallel_equals_token_by_token(seqlen, chunk_size, bc_norm):
     h = torch.randn(2, seqlen, HIDDEN)
     with torch.no_grad():
         full, _ = mixer(h)
-        cache = fresh_cache()
+        cache = fresh_cache(mixer)
         steps = [mixer(h[:, t : t + 1], past_key_values=cache)[0] for t in range(seqlen)]
     assert rel_err(torch.cat(steps, 1), full) <= 1e-4
 
@@ -53,7 +53,7 @@ def test_prefill_then_decode_and_chunked_prefill(split):
     h = torch.randn(1, 31, HIDDEN, dtype=torch.float64)
     with torch.no_grad():
         full, _ = mixer(h)
-        cache = fresh_cache()
+        cache = fresh_cache(mixer)
         first, _ = mixer(h[:, :split], past_key_values=cache)
         rest, _ = mixer(h[:, split:], past_key_values=cache)  # multi-token continuation from cached states
     torch.testing.assert_close(torch.cat([first, rest], 1), full)
@@ -69,7 +69,7 @@ def test_left_padding_is_invisible():
         alone, _ = mixer(h)
         padded, _ = mixer(torch.cat([pad, h], 1), **{PADDING_MASK_KWARG: mask})
         # the states after the padded prompt continue exactly like the unpadded ones
-        c1, c2 = fresh_cache(), fresh_cache()
+        c1, c2 = fresh_cache(mixer), fresh_cache(mixer)
         mixer(h, past_key_values=c1)
         mixer(torch.cat([pad, h], 1), past_key_values=c2, **{PADDING_MASK_KWARG: mask})
         nxt = torch.randn(1, 1, HIDDEN, dtype=torch.float64)
@@ -105,11 +105,11 @@ def test_gradients_flow_to_all_parameters():
 
 def test_cache_spec_matches_stored_states():
     mixer = make_mixer().float()
-    cache = fresh_cache()
+    cache = fresh_cache(mixer)
     with torch.no_grad():
         mixer(torch.randn(3, 10, HIDDEN), past_key_values=cache)
     spec = mixer.cache_spec(3, torch.float32)
-    assert cache.recurrent_layer(0).nbytes() == spec["conv"] + spec["ssm"]
+    assert cache.mixer_layer(0).nbytes() == spec["conv"] + spec["ssm"]
 
 
 def test_wrong_cache_type_is_a_clear_error():

@@ -112,12 +112,28 @@ def test_random_init_student_is_sane():
     assert torch.isfinite(out.logits).all()
 
 
-def test_bf16_teacher_gives_bf16_student(teacher_dir, tmp_path):
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir("qwen2"), dtype=torch.bfloat16)
+SSM_FP32 = (".A_log", ".D", ".dt_proj.bias")
+
+
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
+def test_bf16_student_keeps_ssm_parameters_fp32(teacher_dir, tmp_path, dtype):
+    """A bf16 student (bf16 teacher, or --dtype bfloat16): everything bf16 but A_log, D and the dt bias,
+    in the checkpoint and after loading in bf16."""
+    from safetensors import safe_open
+
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir("qwen2"), dtype=torch.bfloat16 if dtype == "auto" else None)
     teacher.save_pretrained(tmp_path / "t")
-    convert(tmp_path / "t", tmp_path / "s", keep_attention=0.5, progress=False)
-    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype="auto")
-    assert {p.dtype for p in student.parameters()} == {torch.bfloat16}
+    convert(tmp_path / "t", tmp_path / "s", keep_attention=0.5, dtype=dtype, progress=False)
+    with safe_open(tmp_path / "s" / "model.safetensors", "pt") as f:
+        stored = {name: f.get_slice(name).get_dtype() for name in f.keys()}
+    fp32 = {name for name in stored if name.endswith(SSM_FP32)}
+    assert len(fp32) == 3  # one replaced layer of three
+    assert {stored[n] for n in fp32} == {"F32"} and {d for n, d in stored.items() if n not in fp32} == {"BF16"}
+    for load_dtype in ("auto", torch.bfloat16):
+        student = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=load_dtype)
+        dtypes = {name: p.dtype for name, p in student.named_parameters()}
+        assert {dtypes[n] for n in fp32} == {torch.float32}
+        assert {d for n, d in dtypes.items() if n not in fp32} == {torch.bfloat16}
     with torch.no_grad():
         assert torch.isfinite(student(torch.randint(3, 128, (1, 8))).logits.float()).all()
 

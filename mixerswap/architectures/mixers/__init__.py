@@ -1,14 +1,34 @@
-"""Mixers that replace attention. Each kind is one module with a ``Settings`` model and ``kind`` name.
+"""Mixers that replace attention, and the registry of mixer kinds (see :mod:`.contract`).
 
-Registering a new kind here (plus its converter in ``mixerswap.convert``) plugs it into the plan,
-the cache, save/load and generation.
+Adding a kind is its module, its converter (in :mod:`mixerswap.convert`) and one
+:func:`register_mixer` call, here for the kinds that ship with the package.
 """
 
+from .contract import (
+    Mixer,
+    MixerKind,
+    fp32_parameter_names,
+    is_mixer,
+    keep_fp32,
+    mixer_kind,
+    register_mixer,
+    registered_kinds,
+    unregister_mixer,
+)
 from .mamba2 import Mamba2Mixer, Mamba2Settings
 
-MIXERS: dict[str, type] = {Mamba2Mixer.kind: Mamba2Mixer}
+register_mixer(MixerKind(Mamba2Mixer, "mixerswap.convert.mamba2:CONVERTER"))
 
-# Mixers that keep a RecurrentStateLayer in the hybrid cache.
-RECURRENT_KINDS = frozenset({Mamba2Mixer.kind})
-
-__all__ = ["MIXERS", "RECURRENT_KINDS", "Mamba2Mixer", "Mamba2Settings"]
+__all__ = [
+    "Mamba2Mixer",
+    "Mamba2Settings",
+    "Mixer",
+    "MixerKind",
+    "fp32_parameter_names",
+    "is_mixer",
+    "keep_fp32",
+    "mixer_kind",
+    "register_mixer",
+    "registered_kinds",
+    "unregister_mixer",
+]

@@ -29,8 +29,9 @@ from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
-from ..cache import HybridMixerCache, RecurrentStateLayer
+from ..cache import RecurrentStateLayer
 from .common import mixer_inputs
+from .contract import Mixer
 
 
 class Mamba2Settings(BaseModel):
@@ -64,17 +65,20 @@ class Mamba2Settings(BaseModel):
         return self
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     """Drop-in replacement for a teacher attention module (same call signature and return shape)."""
 
     kind = "mamba2"
     Settings = Mamba2Settings
+    # Mamba keeps A, D and the dt bias in fp32 and never decays them (mamba_ssm's ``_no_weight_decay``).
+    fp32_parameters = ("A_log", "D", "dt_proj.bias")
+    no_weight_decay = ("A_log", "D", "dt_proj.bias")
+    lora_targets = ("x_proj", "b_proj", "c_proj", "z_proj", "out_proj")
+    kernel_ops = ("ssd_chunk_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")
 
     def __init__(self, settings: Mamba2Settings, hidden_size: int, layer_idx: int):
-        super().__init__()
-        self.settings = s = settings
-        self.layer_idx = layer_idx
-        self.hidden_size = hidden_size
+        super().__init__(settings, hidden_size, layer_idx)
+        s = settings
         H, G, P, N = s.n_heads, s.n_groups, s.head_dim, s.d_state
         self.x_dim, self.b_dim, self.c_dim = G * P, G * N, H * N
         self.x_proj = nn.Linear(hidden_size, self.x_dim, bias=s.qkv_bias)
@@ -177,7 +181,9 @@ class Mamba2Mixer(nn.Module):
         writes the state, and its zeroed input leaves the conv window as if it were not there.
         """
         xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
-        dt = F.softplus(self.dt_proj(hidden_states).to(torch.promote_types(hidden_states.dtype, torch.float32)))
+        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        # the dt bias is kept in fp32 (fp32_parameters): add it after the projection, in fp32
+        dt = F.softplus(F.linear(hidden_states, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         if padding is not None:
             xbc = xbc * padding[..., None].to(xbc.dtype)
             dt = dt * padding[..., None]
@@ -188,7 +194,7 @@ class Mamba2Mixer(nn.Module):
         hidden_states: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: HybridMixerCache | None = None,
+        past_key_values=None,
         **kwargs,
     ) -> tuple[torch.Tensor, None]:
         """``hidden_states``: ``[B, T, hidden]`` → ``([B, T, hidden], None)`` like an HF attention module.
@@ -198,14 +204,7 @@ class Mamba2Mixer(nn.Module):
         """
         s = self.settings
         batch, seqlen, _ = hidden_states.shape
-        layer: RecurrentStateLayer | None = None
-        if past_key_values is not None:
-            if not isinstance(past_key_values, HybridMixerCache):
-                raise TypeError(
-                    f"layer {self.layer_idx} is a {self.kind} mixer and needs a HybridMixerCache, got "
-                    f"{type(past_key_values).__name__}; let the model create its cache (model.make_cache())"
-                )
-            layer = past_key_values.recurrent_layer(self.layer_idx)
+        layer: RecurrentStateLayer | None = self.cache_layer(past_key_values)
         has_state = layer is not None and layer.has_state()
         padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
 
@@ -242,7 +241,7 @@ class Mamba2Mixer(nn.Module):
                 seq_idx=seq_idx,
             )
         if layer is not None:
-            layer.set_states(seqlen, conv=conv_state, ssm=ssm_state)
+            layer.store(seqlen, conv=conv_state, ssm=ssm_state)
 
         y = y.reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
         if s.norm != "none":

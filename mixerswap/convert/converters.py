@@ -1,0 +1,68 @@
+"""The converter half of the mixer contract (:mod:`mixerswap.architectures.mixers.contract`).
+
+A converter turns one teacher attention layer into one mixer:
+
+* ``settings(teacher_config, layout, overrides)`` → the mixer's pydantic ``Settings`` (one plan
+  entry): what the teacher's shapes dictate (heads, head size, biases, q/k norms: ``layout``) plus
+  the user's ``overrides``, of which only ``tunable`` names may be given.
+* ``from_attention(attn, settings, teacher_config, *, stats, seed)`` → the mixer's state dict (names
+  relative to the mixer), from the layer's attention weights, the teacher config (RoPE, norms, ...)
+  and optional calibration statistics of the layer. Tensors come back in any floating dtype; the
+  pipeline casts them to the output dtype, except the mixer's declared ``fp32_parameters``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from pydantic import BaseModel
+from transformers import PreTrainedConfig
+
+from .adapters import AttentionShape, AttentionWeights
+
+
+@dataclass(frozen=True)
+class AttentionLayout:
+    """What a teacher's attention layer looks like, as far as a converter's settings care."""
+
+    shape: AttentionShape
+    qkv_bias: bool = False
+    out_bias: bool = False
+    qk_norm: bool = False
+
+
+@dataclass
+class LayerStats:
+    """Calibration statistics of one teacher layer, from a short teacher forward on calibration text.
+
+    Attributes:
+        inputs: ``[N, hidden]`` attention inputs (after the pre-attention norm) at N sampled tokens.
+        outputs: ``[N, hidden]`` the attention outputs at the same tokens.
+    """
+
+    inputs: torch.Tensor
+    outputs: torch.Tensor
+
+
+class MixerConverter:
+    """Base of converters; subclasses set ``tunable`` and implement the two methods."""
+
+    tunable: frozenset[str] = frozenset()
+
+    def check_overrides(self, kind: str, overrides: dict | None) -> dict:
+        overrides = dict(overrides or {})
+        fixed = set(overrides) - self.tunable
+        if fixed:
+            raise ValueError(
+                f"{kind} settings {sorted(fixed)} follow from the teacher's attention and cannot be set; "
+                f"tunable: {', '.join(sorted(self.tunable)) or 'none'}"
+            )
+        return overrides
+
+    def settings(self, teacher_config: PreTrainedConfig, layout: AttentionLayout, overrides: dict | None) -> BaseModel:
+        raise NotImplementedError
+
+    def from_attention(self, attn: AttentionWeights, settings: BaseModel, teacher_config: PreTrainedConfig, *,
+                       stats: LayerStats | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
