@@ -44,12 +44,12 @@ import torch
 
 from .. import __version__, kernels
 from ..architectures.cache import cache_nbytes
+from ..architectures.mixers import registered_kinds
 from .lengths import check_lengths
 from .tables import format_table
 
 SCHEMA = 1
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator")
-KERNEL_OPS = ("ssd_chunk_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")
 
 
 @dataclass
@@ -207,10 +207,15 @@ class _PeakMemory:
         return None
 
 
+def kernel_ops() -> list[str]:
+    """The operators the registered mixer kinds declare they call (``Mixer.kernel_ops``)."""
+    return sorted({op for kind in registered_kinds().values() for op in kind.module.kernel_ops})
+
+
 def kernel_backends(device: torch.device, dtype: torch.dtype) -> dict:
-    """Which backend each mixer operator resolves to for tensors of ``device`` and ``dtype``."""
+    """Which backend each mixer operator resolves to for inference tensors of ``device`` and ``dtype``."""
     probe = torch.empty(1, device=device, dtype=dtype)
-    return {"requested": kernels.requested_backend(), "ops": {op: kernels.resolve(op, probe)[0] for op in KERNEL_OPS}}
+    return {"requested": kernels.requested_backend(), "ops": {op: kernels.resolve(op, probe)[0] for op in kernel_ops()}}
 
 
 def describe_model(model, path: str | None = None) -> dict:
