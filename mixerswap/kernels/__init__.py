@@ -1,96 +1,97 @@
 """Sequence-mixing operators behind one dispatch.
 
-Mixers call only the functions exported here. Each operator has a pure PyTorch reference in
-``<op>/naive.py`` (the specification, always available) and may have faster backends registered
-beside it. ``MIXERSWAP_KERNELS=torch|triton|auto`` (default ``auto``) picks the backend; ``auto``
-takes the fastest registered backend that supports the tensors' device and falls back to torch.
+Mixers call only the operators exported here:
+
+* ``ssd_chunk_scan(x, dt, A, B, C, *, chunk_size, D, initial_state, seq_idx) -> (y, final_state)``
+* ``ssd_step(state, x, dt, A, B, C, D) -> (y, state)``
+* ``causal_conv1d(x, weight, bias, *, initial_state, seq_idx, activation) -> (y, final_state)``
+* ``causal_conv1d_step(x, state, weight, bias, *, activation) -> (y, state)``
+* ``gated_rmsnorm(y, z, weight, *, group_size, eps) -> out``
+
+Each has a pure PyTorch reference in ``<folder>/naive.py`` (``ssd``, ``conv1d``, ``norm``), which is the
+specification: shapes and semantics are documented there and every other backend is tested against it.
+
+Backends. Each folder's ``__init__`` registers what lives in it with
+``register(op, backend, fn, supports=...)``. Known names: ``torch`` (the reference, always
+registered), ``triton`` (ours; none exist yet), and the third-party ``mamba_ssm`` (``ssd_chunk_scan``),
+``causal_conv1d`` (``causal_conv1d``) and ``fla`` (no op yet). Third-party packages are imported in
+``try/except`` and registered only when they import; they need CUDA. ``supports(call)`` receives a
+:class:`Call`: ``device`` (``"cpu"``/``"cuda"``), ``dtype`` of the main input, and ``needs_grad``
+(grad mode on and some tensor argument requires grad), so a forward-only kernel is skipped in training.
+
+Selection. ``auto`` takes the first backend, in the order triton, mamba_ssm, causal_conv1d, fla,
+torch, whose ``supports`` says yes; the reference always can. A named backend that is not registered
+for the op or does not support the call raises :class:`KernelBackendError` naming the op, the backend
+and the backends usable for that call. Precedence: the innermost ``use_backend(backend, op=None)``
+block (for that op or for all), then the per-op part of the environment variable, then its default.
+The choice is cached per (request, op, device type, dtype, needs_grad) and logged once per cache key
+(``logger.info`` on ``mixerswap.kernels``). ``resolve(op, *args, **kwargs)`` returns the backend
+name and callable for a call (a single probe tensor also works); ``requested_backend(op=None)``
+what was asked for.
+
+Environment. ``MIXERSWAP_KERNELS`` is read once, at the first dispatch (``reset()`` forgets it and the
+cached choices): a comma-separated list of one optional default (``auto``, the default when unset,
+or a backend name) and ``op=backend`` items, e.g. ``MIXERSWAP_KERNELS="auto,ssd_chunk_scan=torch"``
+or ``"torch,causal_conv1d=causal_conv1d"``. Unknown backend or operator names raise ``ValueError``.
+
+Autocast. The reference runs with autocast disabled (``torch.autocast(device_type, enabled=False)``
+around the call) so its own fp32 accumulation holds under bf16 autocast; other backends manage their
+precision themselves.
+
+In-place decoding. ``ssd_step`` and ``causal_conv1d_step`` overwrite ``state`` (``[B, H, P, N]`` fp32
+and ``[B, D, K - 1]``) with the state after the token and return that same tensor object, so a cache
+allocates its states once. Every backend of these two ops must keep this contract. The full-sequence
+ops never modify their ``initial_state``.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-from collections.abc import Callable
-
+from . import conv1d, norm, ssd  # noqa: F401  (each folder registers its backends on import)
 from .conv1d.naive import causal_conv1d_ref, causal_conv1d_step_ref
+from .dispatch import (
+    BACKENDS,
+    PRIORITY,
+    Call,
+    KernelBackendError,
+    describe,
+    entry_point,
+    register,
+    requested_backend,
+    reset,
+    resolve,
+    unregister,
+    use_backend,
+)
 from .norm.naive import gated_rmsnorm_ref
 from .ssd.naive import ssd_chunk_scan_ref, ssd_recurrent_ref, ssd_step_ref
 
-logger = logging.getLogger(__name__)
-
-BACKENDS = ("torch", "triton")
-# op name -> backend name -> (implementation, predicate on the first tensor argument)
-_REGISTRY: dict[str, dict[str, tuple[Callable, Callable]]] = {}
-_announced: set[tuple[str, str]] = set()
-
-
-def register(op: str, backend: str, fn: Callable, supports: Callable = lambda tensor: True) -> None:
-    """Register ``fn`` as ``backend`` for ``op``; ``supports(tensor)`` says whether it can run on it."""
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown backend {backend!r}; known: {', '.join(BACKENDS)}")
-    _REGISTRY.setdefault(op, {})[backend] = (fn, supports)
-
-
-def requested_backend() -> str:
-    choice = os.environ.get("MIXERSWAP_KERNELS", "auto").strip().lower()
-    if choice not in (*BACKENDS, "auto"):
-        raise ValueError(f"MIXERSWAP_KERNELS={choice!r} is not one of torch, triton, auto")
-    return choice
-
-
-def resolve(op: str, tensor) -> tuple[str, Callable]:
-    """The backend name and implementation that would run ``op`` on ``tensor`` now."""
-    impls = _REGISTRY[op]
-    choice = requested_backend()
-    if choice != "auto":
-        if choice not in impls:
-            raise RuntimeError(f"MIXERSWAP_KERNELS={choice}: operator {op!r} has no {choice} backend "
-                               f"(available: {', '.join(impls)}); set MIXERSWAP_KERNELS=auto")
-        name = choice
-    else:
-        name = next(b for b in reversed(BACKENDS) if b in impls and impls[b][1](tensor))
-    if (op, name) not in _announced:
-        _announced.add((op, name))
-        logger.info("kernel %s uses backend %s", op, name)
-    return name, impls[name][0]
-
-
-def _dispatch(op: str) -> Callable:
-    def call(*args, **kwargs):
-        return resolve(op, args[0])[1](*args, **kwargs)
-
-    call.__name__ = op
-    call.__doc__ = f"Dispatching entry point for ``{op}``; see the torch reference for the contract."
-    return call
-
-
-for _op, _fn in {
-    "ssd_chunk_scan": ssd_chunk_scan_ref,
-    "ssd_step": ssd_step_ref,
-    "causal_conv1d": causal_conv1d_ref,
-    "causal_conv1d_step": causal_conv1d_step_ref,
-    "gated_rmsnorm": gated_rmsnorm_ref,
-}.items():
-    register(_op, "torch", _fn)
-
-ssd_chunk_scan = _dispatch("ssd_chunk_scan")
-ssd_step = _dispatch("ssd_step")
-causal_conv1d = _dispatch("causal_conv1d")
-causal_conv1d_step = _dispatch("causal_conv1d_step")
-gated_rmsnorm = _dispatch("gated_rmsnorm")
+ssd_chunk_scan = entry_point("ssd_chunk_scan", ssd_chunk_scan_ref)
+ssd_step = entry_point("ssd_step", ssd_step_ref)
+causal_conv1d = entry_point("causal_conv1d", causal_conv1d_ref)
+causal_conv1d_step = entry_point("causal_conv1d_step", causal_conv1d_step_ref)
+gated_rmsnorm = entry_point("gated_rmsnorm", gated_rmsnorm_ref)
 
 __all__ = [
+    "BACKENDS",
+    "PRIORITY",
+    "Call",
+    "KernelBackendError",
     "causal_conv1d",
     "causal_conv1d_ref",
     "causal_conv1d_step",
     "causal_conv1d_step_ref",
+    "describe",
     "gated_rmsnorm",
     "gated_rmsnorm_ref",
     "register",
+    "requested_backend",
+    "reset",
     "resolve",
     "ssd_chunk_scan",
     "ssd_chunk_scan_ref",
     "ssd_recurrent_ref",
     "ssd_step",
     "ssd_step_ref",
+    "unregister",
+    "use_backend",
 ]

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mixerswap.kernels import causal_conv1d, causal_conv1d_step, gated_rmsnorm
+from mixerswap.kernels import causal_conv1d, causal_conv1d_step, causal_conv1d_step_ref, gated_rmsnorm
 
 
 @pytest.mark.parametrize("seqlen", [1, 3, 17])
@@ -13,12 +13,27 @@ def test_full_pass_equals_steps(seqlen, activation):
     b = torch.randn(6, generator=g, dtype=torch.float64)
     init = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
     y, final = causal_conv1d(x, w, b, initial_state=init, activation=activation)
-    state, ys = init, []
+    state, ys = init.clone(), []
     for t in range(seqlen):
         yt, state = causal_conv1d_step(x[:, t], state, w, b, activation=activation)
         ys.append(yt)
     torch.testing.assert_close(y, torch.stack(ys, 1))
     torch.testing.assert_close(final, state)
+
+
+@pytest.mark.parametrize("step", [causal_conv1d_step_ref, causal_conv1d_step], ids=["reference", "dispatched"])
+def test_step_updates_state_in_place(step):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 6, generator=g)
+    state = torch.randn(2, 6, 3, generator=g)
+    w, b = torch.randn(6, 4, generator=g), torch.randn(6, generator=g)
+    window = torch.cat([state, x[:, :, None]], dim=-1)  # the step before it worked in place
+    y_want, state_want = torch.nn.functional.silu((window * w).sum(-1) + b), window[:, :, 1:].clone()
+    ptr = state.data_ptr()
+    y, out_state = step(x, state, w, b, activation="silu")
+    assert out_state is state and state.data_ptr() == ptr
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(state, state_want)
 
 
 def test_matches_torch_conv1d():

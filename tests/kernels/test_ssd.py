@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from mixerswap.kernels import ssd_chunk_scan, ssd_recurrent_ref, ssd_step_ref
+from mixerswap.kernels import ssd_chunk_scan, ssd_recurrent_ref, ssd_step, ssd_step_ref
 
 
 def make_inputs(batch, seqlen, groups=2, rep=3, headdim=5, dstate=4, seed=0, dtype=torch.float64):
@@ -101,3 +101,47 @@ def test_shape_errors_are_clear():
     x, dt, A, B, C, D = make_inputs(1, 4)
     with pytest.raises(ValueError, match="multiple of the number of groups"):
         ssd_chunk_scan(x, dt[..., :5], A[:5], B, C[:, :, :5], D=D)
+
+
+def test_fp32_accumulation_holds_under_bf16_autocast():
+    """The dispatcher turns autocast off around the reference; otherwise its einsums run in bf16 (4e-3)."""
+    x, dt, A, B, C, D = make_inputs(2, 100, headdim=16, dstate=8, dtype=torch.float32)
+    y, state = ssd_chunk_scan(x, dt, A, B, C, chunk_size=16, D=D)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_auto, state_auto = ssd_chunk_scan(x, dt, A, B, C, chunk_size=16, D=D)
+    assert y_auto.dtype == torch.float32
+    assert rel_err(y_auto, y) <= 1e-5
+    assert rel_err(state_auto, state) <= 1e-5
+
+
+def step_out_of_place(state, x, dt, A, B, C, D):
+    """The step as it was before it worked in place: ``S = exp(dt A) S + dt x B^T``, ``y = S C + D x``."""
+    rep = C.shape[1] // x.shape[1]
+    x_h, B_h = x.repeat_interleave(rep, 1), B.repeat_interleave(rep, 1)  # [b, h, p], [b, h, n]
+    new = state * torch.exp(dt * A)[..., None, None] + (dt[..., None] * x_h)[..., None] * B_h[:, :, None]
+    y = torch.einsum("bhpn,bhn->bhp", new, C) + D[:, None] * x_h
+    return y, new
+
+
+@pytest.mark.parametrize("step", [ssd_step_ref, ssd_step], ids=["reference", "dispatched"])
+def test_step_updates_state_in_place(step):
+    x, dt, A, B, C, D = make_inputs(2, 1, dtype=torch.float32)
+    state = torch.randn(2, 6, 5, 4)
+    y_want, state_want = step_out_of_place(state.clone(), x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    ptr = state.data_ptr()
+    y, out_state = step(state, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D)
+    assert out_state is state and state.data_ptr() == ptr
+    torch.testing.assert_close(y, y_want)
+    torch.testing.assert_close(state, state_want)
+
+
+def test_recurrence_leaves_initial_state_alone_and_keeps_gradients():
+    x, dt, A, B, C, D = make_inputs(1, 5)
+    init = torch.randn(1, 6, 5, 4, dtype=torch.float64, requires_grad=True)
+    before = init.detach().clone()
+    y, state = ssd_recurrent_ref(x, dt, A, B, C, D=D, initial_state=init)
+    (y.sum() + state.sum()).backward()
+    torch.testing.assert_close(init.detach(), before)
+    y_chunk, s_chunk = ssd_chunk_scan(x, dt, A, B, C, chunk_size=4, D=D, initial_state=init.detach())
+    torch.testing.assert_close(y, y_chunk)
+    assert init.grad is not None and init.grad.abs().sum() > 0

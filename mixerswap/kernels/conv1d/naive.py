@@ -69,9 +69,18 @@ def causal_conv1d_step_ref(
     *,
     activation: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One decoding step. ``x``: ``[B, D]``; ``state``: ``[B, D, K - 1]``. Returns ``(y [B, D], new_state)``."""
-    window = torch.cat([state.to(x.dtype), x[:, :, None]], dim=-1)  # [b, d, K]
+    """One decoding step, updating ``state`` in place.
+
+    Args:
+        x: ``[B, D]`` the new input; weight: ``[D, K]``; bias: ``[D]`` or ``None``.
+        state: ``[B, D, K - 1]`` the previous ``K - 1`` inputs (oldest first). It is overwritten with
+            the inputs after this token (shifted by one, ``x`` last), so a cache can allocate it once.
+    Returns:
+        ``y`` ``[B, D]`` and ``state`` itself (the same tensor object).
+    """
+    window = torch.cat([state.to(x.dtype), x[:, :, None]], dim=-1)  # [b, d, K], a new tensor
     y = (window * weight.to(x.dtype)).sum(-1)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return _activate(y, activation), window[:, :, 1:].contiguous()
+    state.copy_(window[:, :, 1:])
+    return _activate(y, activation), state

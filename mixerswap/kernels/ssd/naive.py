@@ -163,26 +163,29 @@ def ssd_step_ref(
     C: torch.Tensor,
     D: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """One recurrent step of the SSD recurrence (decoding).
+    """One recurrent step of the SSD recurrence (decoding), updating ``state`` in place.
 
     Args:
-        state: ``[B, H, P, N]`` fp32 state before this token.
+        state: ``[B, H, P, N]`` state before this token (fp32; fp64 in exactness tests). It is
+            overwritten with the state after the token, so a cache can allocate it once.
         x: ``[B, G, P]``; dt: ``[B, H]``; A: ``[H]``; B: ``[B, G, N]``; C: ``[B, H, N]``; D: ``[H]``.
     Returns:
-        ``y`` of shape ``[B, H, P]`` in ``x.dtype`` and the new state ``[B, H, P, N]`` (fp32).
+        ``y`` of shape ``[B, H, P]`` in ``x.dtype`` and ``state`` itself (the same tensor object).
     """
     batch, groups, headdim = x.shape
     heads, dstate = C.shape[1], C.shape[2]
     rep = heads // groups
     out_dtype, acc = x.dtype, _acc_dtype(x)
     xf, dtf, Bf, Cf = x.to(acc), dt.to(acc).view(batch, groups, rep), B.to(acc), C.to(acc)
-    s = state.to(acc).view(batch, groups, rep, headdim, dstate)
+    # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
+    s = state.to(acc, copy=True).view(batch, groups, rep, headdim, dstate)
     decay = torch.exp(dtf * A.to(acc).view(groups, rep))
     s = s * decay[..., None, None] + torch.einsum("bgr,bgp,bgn->bgrpn", dtf, xf, Bf)
     y = torch.einsum("bgrpn,bgrn->bgrp", s, Cf.view(batch, groups, rep, dstate))
     if D is not None:
         y = y + D.to(acc).view(groups, rep, 1) * xf[:, :, None, :]
-    return y.reshape(batch, heads, headdim).to(out_dtype), s.reshape(batch, heads, headdim, dstate)
+    state.copy_(s.view(batch, heads, headdim, dstate))
+    return y.reshape(batch, heads, headdim).to(out_dtype), state
 
 
 def ssd_recurrent_ref(
@@ -196,13 +199,16 @@ def ssd_recurrent_ref(
     initial_state: torch.Tensor | None = None,
     seq_idx: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-by-token recurrence with the same contract as :func:`ssd_chunk_scan_ref` (slow, for tests)."""
+    """Token-by-token recurrence with the same contract as :func:`ssd_chunk_scan_ref` (slow, for tests).
+
+    ``initial_state`` is copied, not updated: only the per-token :func:`ssd_step_ref` works in place.
+    """
     batch, seqlen, groups, rep = _check_shapes(x, dt, A, B, C)
     heads, headdim, dstate = groups * rep, x.shape[-1], B.shape[-1]
     state = (
         torch.zeros(batch, heads, headdim, dstate, device=x.device, dtype=_acc_dtype(x))
         if initial_state is None
-        else initial_state.to(_acc_dtype(x))
+        else initial_state.to(_acc_dtype(x), copy=True)
     )
     ys = []
     for t in range(seqlen):
