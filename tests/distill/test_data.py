@@ -14,8 +14,11 @@ import transformers as T
 
 from mixerswap.demo import build_tokenizer, demo_text
 from mixerswap.distill.data import (
+    Chat,
     Documents,
     PackedLoader,
+    PromptResponse,
+    chat_template_spans,
     check_seq_len,
     check_vocab,
     held_out_split,
@@ -254,10 +257,9 @@ def test_rows_hold_every_token_once_in_order_with_restarting_positions(tokenizer
     assert len(ids) % seq_len == 0 and 0 <= len(stream) - len(ids) < seq_len  # only a tail shorter than a row is left
     assert ids == stream[: len(ids)]
     assert flat(batches, "position_ids") == expected_positions(docs, seq_len)[: len(ids)]
-    assert flat(batches, "labels") == ids
     assert all(b["input_ids"].shape[1] == seq_len and b["input_ids"].dtype == torch.long for b in batches)
     assert [b["input_ids"].shape[0] for b in batches[:-1]] == [batch_size] * (len(batches) - 1)
-    assert set(batches[0]) == {"input_ids", "position_ids", "labels"}
+    assert set(batches[0]) == {"input_ids", "position_ids"}  # plain text: every token is learned, no labels
 
 
 def test_long_documents_continue_in_the_next_row_from_position_zero(tokenizer):
@@ -453,3 +455,202 @@ def test_check_vocab(tokenizer):
 def test_documents_repr(tmp_path):
     docs = read_documents(write_source("txt", tmp_path))
     assert isinstance(docs, Documents) and "d.txt" in repr(docs)
+
+
+PAIRS = [PromptResponse(f"Question {i}: {DOCS[i]}", f" Answer: {DOCS[(i + 7) % len(DOCS)]}") for i in range(len(DOCS))]
+PAIRS[4] = PromptResponse("", "Only a response.")  # an empty prompt is fine; an empty response is skipped
+CHATS = [Chat([{"role": "user", "content": d}, {"role": "assistant", "content": DOCS[(i + 3) % len(DOCS)]},
+               {"role": "user", "content": "And?"}, {"role": "assistant", "content": "The end."}])
+         for i, d in enumerate(DOCS[:10])]
+# ChatML-like templates: the second marks assistant output for transformers' assistant mask. trim_blocks
+# (transformers' Jinja setting) eats a newline after a tag, so newlines are written as expressions.
+PLAIN_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' + m['content'] }}"
+                  "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+                  "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+TAGGED_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ '<|' + m['role'] + '|>\n' }}"
+                   "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] + eos_token + '\n' }}"
+                   "{% endgeneration %}{% else %}{{ m['content'] + '\n' }}{% endif %}{% endfor %}"
+                   "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}")
+# Like Qwen3: only the last assistant turn keeps its reasoning, so a prefix renders differently.
+REWRITING_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|>' }}{% if m['role'] == 'assistant' "
+                      "and loop.last %}{{ '<think></think>' }}{% endif %}{{ m['content'] + '\n' }}{% endfor %}"
+                      "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+@pytest.fixture()
+def chat_tokenizer():
+    tokenizer = build_tokenizer(demo_text())
+    tokenizer.chat_template = PLAIN_TEMPLATE
+    return tokenizer
+
+
+def encode(tokenizer, text) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def labelled_stream(documents, tokenizer) -> tuple[list[int], list[int]]:
+    """What a loader packs, built independently: (ids, labels) of the documents in order."""
+    ids, labels = [], []
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    for doc in documents:
+        if isinstance(doc, PromptResponse):
+            prompt, response = encode(tokenizer, doc.prompt), encode(tokenizer, doc.response)
+            ids += [bos, *prompt, *response, eos]
+            labels += [-100] * (1 + len(prompt)) + [*response, eos]
+        else:
+            tokens = [bos, *encode(tokenizer, doc), eos]
+            ids, labels = ids + tokens, labels + tokens
+    return ids, labels
+
+
+def write_pairs(kind, tmp_path, pairs, prompt="prompt", response="response"):
+    records = [{prompt: p.prompt, response: p.response, "id": i} for i, p in enumerate(pairs)]
+    if kind == "jsonl":
+        (tmp_path / "p.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+        return tmp_path / "p.jsonl"
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(records), tmp_path / "p.parquet", row_group_size=7)
+        return tmp_path / "p.parquet"
+    from datasets import Dataset
+
+    Dataset.from_list(records).save_to_disk(tmp_path / "ds")
+    return tmp_path / "ds"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet", "datasets"])
+def test_prompt_response_records_read_as_pairs(kind, tmp_path):
+    pairs = [*PAIRS[:5], PromptResponse("skipped: nothing to learn", "  ")]
+    docs = read_documents(write_pairs(kind, tmp_path, pairs))
+    assert list(docs) == PAIRS[:5] and docs.formats == {"prompt"}
+    renamed = write_pairs(kind, tmp_path, PAIRS[:3], prompt="question", response="answer")
+    with pytest.raises(ValueError, match="no (field|column) 'text'.*pass text_field=.*'prompt' and 'response'"):
+        read_documents(renamed)
+    assert list(read_documents(renamed, prompt_field="question", response_field="answer")) == PAIRS[:3]
+
+
+def test_chat_records_read_as_conversations(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text("".join(json.dumps({"messages": c.messages}) + "\n" for c in CHATS[:3]) +
+                    json.dumps({"messages": [{"role": "user", "content": "no answer"}]}) + "\n")
+    docs = read_documents(path)
+    assert list(docs) == CHATS[:3] and docs.formats == {"chat"}  # a conversation without an answer is skipped
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"conversation": [c.messages for c in CHATS[:3]]}), tmp_path / "c.parquet")
+    assert list(read_documents(tmp_path / "c.parquet", messages_field="conversation")) == CHATS[:3]
+
+
+def test_formats_are_recognized_per_file_text_first(tmp_path):
+    (tmp_path / "f").mkdir()
+    write_txt(tmp_path / "f" / "a.txt", DOCS[:3])
+    write_pairs("jsonl", tmp_path / "f", PAIRS[:3])
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"text": "a text", "prompt": "p", "response": "r"}) + "\n")
+    docs = read_documents(tmp_path / "f")
+    assert list(docs) == DOCS[:3] + PAIRS[:3] and docs.formats == {"text", "prompt"}
+    assert list(read_documents(both)) == ["a text"]  # plain text wins unless data_format says otherwise
+    assert list(read_documents(both, data_format="prompt")) == [PromptResponse("p", "r")]
+    with pytest.raises(ValueError, match="no field 'messages'.*pass messages_field"):
+        read_documents(both, data_format="chat")
+    with pytest.raises(ValueError, match="a .txt file holds plain text"):
+        read_documents(tmp_path / "f", data_format="prompt")
+    with pytest.raises(ValueError, match="data_format='sft'"):
+        read_documents(both, data_format="sft")
+
+
+RECORD_ERRORS = {
+    "later-record-other-format": (b'{"prompt": "p", "response": "r"}\n{"text": "t"}\n',
+                                  "p.jsonl:2: no field 'prompt'.*fields of its first"),
+    "response-not-text": (b'{"prompt": "p", "response": ["r"]}\n', "p.jsonl:1: field 'response' is list, not text"),
+    "messages-not-a-list": (b'{"messages": "hello"}\n', "p.jsonl:1: field 'messages' must be a non-empty list"),
+    "message-without-role": (b'{"messages": [{"content": "hello"}]}\n', "must be a non-empty list of {role, content}"),
+    "not-an-object": (b'["prompt", "response"]\n', "p.jsonl:1: a list, not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", list(RECORD_ERRORS))
+def test_bad_prompt_and_chat_records_name_file_and_line(case, tmp_path):
+    content, message = RECORD_ERRORS[case]
+    with pytest.raises(ValueError, match=message):
+        list(read_documents(corrupt(tmp_path, "p.jsonl", content)))
+
+
+@pytest.mark.parametrize("seq_len, batch_size", [(16, 3), (7, 1), (64, 2)])
+def test_prompt_tokens_are_labelled_ignore_and_labels_travel_with_their_tokens(tokenizer, seq_len, batch_size):
+    documents = [*PAIRS[:10], *DOCS[:5]]  # text documents among pairs are learned whole
+    batches = list(make_loader(documents, tokenizer, seq_len=seq_len, batch_size=batch_size, shuffle=False))
+    ids, labels = labelled_stream(documents, tokenizer)
+    got = flat(batches)
+    assert got == ids[: len(got)] and flat(batches, "labels") == labels[: len(got)]
+    assert len(ids) - len(got) < seq_len  # every row split kept each token's label
+    assert all(set(b) == {"input_ids", "position_ids", "labels"} and b["labels"].dtype == torch.long for b in batches)
+    prompt = encode(tokenizer, PAIRS[0].prompt)
+    assert flat(batches, "labels")[: 1 + len(prompt) + 1] == [-100] * (1 + len(prompt)) + [ids[1 + len(prompt)]]
+
+
+@pytest.mark.parametrize("max_tokens", [None, 3000], ids=["one-pass", "budget"])
+@pytest.mark.parametrize("stop_after", [1, 5])
+def test_labelled_data_shuffles_and_resumes_exactly(tokenizer, max_tokens, stop_after):
+    options = dict(seq_len=16, batch_size=3, seed=3, shuffle_buffer=6, max_tokens=max_tokens)
+    documents = [*PAIRS, *DOCS[:5]]
+    full = list(make_loader(documents, tokenizer, **options))
+    assert not same_batches(full, list(make_loader(documents, tokenizer, **{**options, "seed": 4})))
+    interrupted = make_loader(documents, tokenizer, **options)
+    seen = list(islice(iter(interrupted), stop_after))
+    resumed = make_loader(documents, tokenizer, **options)
+    resumed.load_state_dict(json.loads(json.dumps(interrupted.state_dict())))
+    assert same_batches(seen + list(resumed), full)
+    # Shuffled, every document still carries its own labels: split the stream at BOS, compare as multisets.
+    if max_tokens is None:
+        ids, labels = flat(full), flat(full, "labels")
+        starts = [i for i, t in enumerate(ids) if t == tokenizer.bos_token_id] + [len(ids)]
+        got = Counter((tuple(ids[a:b]), tuple(labels[a:b])) for a, b in zip(starts[:-1], starts[1:-1]))
+        expected = Counter(tuple(map(tuple, labelled_stream([d], tokenizer))) for d in documents)
+        assert not got - expected and len(got) >= len(documents) - 3
+
+
+def test_held_out_pairs_keep_their_labels(tokenizer, tmp_path):
+    docs = read_documents(write_pairs("jsonl", tmp_path, PAIRS))
+    train, held_out = held_out_split(docs, 3)
+    assert held_out == PAIRS[:3] and list(train) == PAIRS[3:] and train.formats == {"prompt"}
+    batch = next(iter(make_loader(held_out, tokenizer, seq_len=32, batch_size=2, shuffle=False)))
+    assert "labels" in batch and (batch["labels"] == -100).any()
+
+
+def assistant_text(tokenizer, batch) -> str:
+    return tokenizer.decode([t for t in flat([batch], "labels") if t != -100])
+
+
+def test_chat_labels_cover_the_assistant_turns_only(chat_tokenizer):
+    chat = CHATS[0]
+    text = chat_tokenizer.apply_chat_template(chat.messages, tokenize=False)
+    batch = next(iter(make_loader([chat], chat_tokenizer, seq_len=len(encode(chat_tokenizer, text)), batch_size=1,
+                                  max_tokens=1)))
+    assert chat_tokenizer.decode(flat([batch])) == text  # the template's rendering as is: its own BOS, no EOS added
+    reply = chat.messages[1]["content"]
+    assert assistant_text(chat_tokenizer, batch) == f"{reply}</s>\nThe end.</s>\n"
+    assert flat([batch])[0] == chat_tokenizer.bos_token_id and flat([batch], "labels")[0] == -100
+
+
+def test_chat_generation_tags_and_prefix_rendering_agree(chat_tokenizer):
+    options = dict(seq_len=24, batch_size=2, shuffle=False)
+    prefix = list(make_loader(CHATS, chat_tokenizer, **options))
+    chat_tokenizer.chat_template = TAGGED_TEMPLATE
+    tagged = list(make_loader(CHATS, chat_tokenizer, **options))
+    assert same_batches(prefix, tagged)
+    assert flat(prefix, "labels").count(-100) < len(flat(prefix)) - 10
+
+
+def test_chat_needs_a_template_that_keeps_earlier_turns(chat_tokenizer):
+    plain = build_tokenizer(demo_text())
+    with pytest.raises(ValueError, match="chat data .* needs a tokenizer with a chat template"):
+        make_loader(CHATS, plain, seq_len=16, batch_size=1)
+    chat_tokenizer.chat_template = REWRITING_TEMPLATE
+    one_turn = Chat(CHATS[0].messages[:2])
+    assert chat_template_spans(chat_tokenizer, one_turn.messages)[1]  # one assistant turn: the prefix holds
+    with pytest.raises(ValueError, match="renders earlier turns differently.*generation"):
+        next(iter(make_loader(CHATS, chat_tokenizer, seq_len=16, batch_size=1)))
