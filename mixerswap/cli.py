@@ -62,6 +62,9 @@ def main():
 @click.argument("teacher")
 @click.option("--to", "to", default="mamba2", show_default=True, help="Mixer kind for replaced layers.")
 @click.option("--plan", type=click.Path(dir_okay=False), help="Plan YAML: kind and settings per layer (see README).")
+@click.option("--calibration", type=click.Path(dir_okay=False),
+              help="Text file: fit each mixer's output scale to the teacher on it (reported per layer).")
+@click.option("--calibration-tokens", default=2048, show_default=True, help="Tokens of calibration text used.")
 @click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1).")
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
@@ -73,7 +76,8 @@ def main():
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
 @user_errors
-def convert(teacher, to, plan, keep_attention, attention_layers, settings, dtype, seed, max_shard_size, revision, out,
+def convert(teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, settings, dtype,
+            seed, max_shard_size, revision, out,
             overwrite, quiet):
     """Convert TEACHER (local HF folder or hub id) into a hybrid student folder."""
     setup_logging(quiet)
@@ -82,7 +86,8 @@ def convert(teacher, to, plan, keep_attention, attention_layers, settings, dtype
 
     layers = parse_layer_list(attention_layers) if attention_layers is not None else None
     result = run_convert(
-        teacher, out, to=to, plan=plan, keep_attention=keep_attention, attention_layers=layers,
+        teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
+        keep_attention=keep_attention, attention_layers=layers,
         mixer_settings=parse_settings(settings), dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),

@@ -13,7 +13,7 @@ A converter turns one teacher attention layer into one mixer:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel
@@ -34,15 +34,20 @@ class AttentionLayout:
 
 @dataclass
 class LayerStats:
-    """Calibration statistics of one teacher layer, from a short teacher forward on calibration text.
+    """Calibration statistics of one teacher layer (see :mod:`mixerswap.convert.calibration`).
 
     Attributes:
-        inputs: ``[N, hidden]`` attention inputs (after the pre-attention norm) at N sampled tokens.
-        outputs: ``[N, hidden]`` the attention outputs at the same tokens.
+        inputs: ``[B, T, hidden]`` the attention module's input hidden states on calibration text.
+        outputs: ``[B, T, hidden]`` the attention module's output.
+        head_outputs: ``[B, T, heads * head_dim]`` per-head attention outputs (input of ``o_proj``).
+        kwargs: what the attention module was called with besides ``hidden_states``
+            (``position_embeddings`` = RoPE ``(cos, sin)``, ``position_ids``), to replay a mixer.
     """
 
     inputs: torch.Tensor
     outputs: torch.Tensor
+    head_outputs: torch.Tensor | None = None
+    kwargs: dict = field(default_factory=dict)
 
 
 class MixerConverter:

@@ -66,7 +66,8 @@ class Mamba2Converter(MixerConverter):
             attn: the layer's attention weights (see :func:`~mixerswap.convert.adapters.read_attention`).
             settings: from :meth:`settings`.
             teacher_config: the teacher's config (its ``hidden_size``).
-            stats: calibration statistics (not used by this initialization).
+            stats: calibration statistics; when given, per-head output scales are fitted to the teacher
+                (:func:`calibrated_head_scales`).
             seed: seeds the random parts (A, dt); conversions are reproducible.
         """
         with torch.random.fork_rng(devices=[]):
@@ -86,7 +87,34 @@ class Mamba2Converter(MixerConverter):
                 raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
                                  f"({name}) but the mixer settings have no place for them")
             state[name] = tensor
+        if stats is not None and stats.head_outputs is not None:
+            mixer.load_state_dict(state)
+            state.update(calibrated_head_scales(mixer, stats))
         return {name: t.contiguous() for name, t in state.items()}
+
+
+def calibrated_head_scales(mixer: Mamba2Mixer, stats: LayerStats) -> dict[str, torch.Tensor]:
+    """Per-head output scales fitted to the teacher: the least-squares scalar per head.
+
+    The output projection is the teacher's ``W_o``, so the mixer should hand it what attention hands
+    it: the per-head outputs ``a_h`` (``[tokens, P]``). The per-head norm makes every head emit unit
+    RMS whatever the teacher's value scale (on SmolLM2 the converted outputs were 2-23x too large),
+    so each head ``h`` gets one scale ``s_h = <y_h, a_h> / <y_h, y_h>`` on its output ``y_h``, the
+    scalar that minimizes ``||s_h y_h - a_h||``: the right size when ``y_h`` points the teacher's
+    way, shrunk towards zero (a layer that adds little) when it does not. It goes into the norm
+    weight (or, without a norm, the columns of ``out_proj`` that read the head).
+    """
+    from .calibration import replay_mixer
+
+    s = mixer.settings
+    _, y = replay_mixer(mixer, stats, capture="out_proj")
+    y = y.double().reshape(-1, s.n_heads, s.head_dim)
+    a = stats.head_outputs.double().reshape(-1, s.n_heads, s.head_dim)
+    scale = (y * a).sum((0, 2)) / (y * y).sum((0, 2)).clamp_min(1e-30)  # [H]
+    per_channel = scale.repeat_interleave(s.head_dim).float()
+    if s.norm != "none":
+        return {"norm_weight": mixer.norm_weight.detach().float() * per_channel}
+    return {"out_proj.weight": mixer.out_proj.weight.detach().float() * per_channel}
 
 
 CONVERTER = Mamba2Converter()

@@ -37,6 +37,7 @@ from .checkpoint_io import (
     parse_size,
     resolve_model_dir,
 )
+from .calibration import collect_layer_stats, output_match, read_calibration_text, replay_mixer
 from .converters import AttentionLayout, LayerStats
 from .plan_file import read_plan_file, shorthand_plan
 from .selection import select_attention_layers
@@ -75,7 +76,8 @@ def convert(
     revision: str | None = None,
     progress: bool = True,
     command: str | None = None,
-    calibration: dict[int, LayerStats] | None = None,
+    calibration: str | Path | None = None,
+    calibration_tokens: int = 2048,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
 
@@ -90,7 +92,9 @@ def convert(
         dtype: ``auto`` keeps each tensor's stored dtype; else ``float32``, ``bfloat16``, ``float16``.
         seed: seeds the parts of the mixers that attention does not determine.
         max_shard_size: e.g. ``"5GB"``; larger outputs are sharded with an index.
-        calibration: per replaced layer, teacher statistics handed to its converter.
+        calibration: a text file; the teacher runs over its first ``calibration_tokens`` tokens and each
+            converter fits what attention does not determine to the teacher (see :mod:`.calibration`);
+            per-layer output match before/after goes to ``mixerswap.yaml`` and the model card.
     """
     if plan is None and to not in registered_kinds():
         raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(registered_kinds())}")
@@ -118,6 +122,12 @@ def convert(
     layer_plan, layer_names = _complete_plan(requested, teacher_config, family, names)
     kept = [i for i, entry in enumerate(layer_plan) if entry["kind"] == ATTENTION]
 
+    replaced = [i for i, entry in enumerate(layer_plan) if entry["kind"] != ATTENTION]
+    stats: dict[int, LayerStats] = {}
+    if calibration is not None:
+        text = read_calibration_text(calibration)
+        stats = collect_layer_stats(model_dir, replaced, text, tokens=calibration_tokens)
+
     target_dtype = DTYPES[dtype]
     kinds = sorted({entry["kind"] for entry in layer_plan} - {ATTENTION})
     provenance = {
@@ -126,6 +136,9 @@ def convert(
         "attention_layers": kept, "mixer_settings": dict(mixer_settings or {}), "dtype": dtype, "seed": seed,
         "mixerswap_version": __version__, "transformers_version": transformers.__version__,
     }
+    if calibration is not None:
+        provenance["calibration"] = {"text": str(calibration), "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel())
+                                     if stats else 0, "layers": {}}
     plan = layer_plan
     config = MixerSwapConfig(teacher_config=teacher_config, plan=plan, conversion=provenance)
     config.auto_map = dict(AUTO_MAP)
@@ -149,8 +162,10 @@ def convert(
                         idx = owner[name]
                         pending.setdefault(idx, {})[name] = shard.read(name)
                         if len(pending[idx]) == len(layer_names[idx]):
-                            _write_mixer(writer, family, teacher_config, plan, idx, pending.pop(idx), seed,
-                                         target_dtype, (calibration or {}).get(idx))
+                            report = _write_mixer(writer, family, teacher_config, plan, idx, pending.pop(idx),
+                                                  seed, target_dtype, stats.get(idx))
+                            if report:
+                                provenance["calibration"]["layers"][idx] = report
                     elif name not in expected:
                         dropped.append(name)
                     elif target_dtype is None or entry.torch_dtype == target_dtype or not entry.torch_dtype.is_floating_point:
@@ -199,17 +214,31 @@ def _complete_plan(requested: list[tuple[str, dict]], teacher_config, family, na
     return plan, layer_names
 
 
-def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats) -> None:
+def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats) -> dict | None:
+    """Convert and write one layer's mixer; with calibration statistics, returns how well its output
+    matches the teacher's attention output before and after calibration."""
     attn = read_attention(family, AttentionShape.from_config(teacher_config), idx, tensors.get)
     kind, settings = parse_layer(plan[idx], idx)
     module = mixer_kind(kind).module
-    state = mixer_kind(kind).load_converter().from_attention(attn, settings, teacher_config, stats=stats,
-                                                             seed=seed + idx)
+    converter = mixer_kind(kind).load_converter()
+    state = converter.from_attention(attn, settings, teacher_config, stats=stats, seed=seed + idx)
+    report = None
+    if stats is not None:
+        report = {"before": _output_match(module, settings, teacher_config, idx, stats,
+                                          converter.from_attention(attn, settings, teacher_config, seed=seed + idx)),
+                  "after": _output_match(module, settings, teacher_config, idx, stats, state)}
     dtype = dtype or attn.q.dtype  # "auto": the dtype the teacher stores its attention weights in
     prefix = family.attention_prefix(idx)
     for name, tensor in state.items():
         keep = tensor.is_floating_point() and any(fnmatch(name, p) for p in module.fp32_parameters)
         writer.add(prefix + name, tensor.float() if keep else tensor.to(dtype) if tensor.is_floating_point() else tensor)
+    return report
+
+
+def _output_match(module, settings, teacher_config, idx, stats: LayerStats, state: dict) -> dict:
+    mixer = module(settings, teacher_config.hidden_size, idx)
+    mixer.load_state_dict(state)
+    return output_match(replay_mixer(mixer, stats), stats.outputs)
 
 
 def expected_tensors(config: MixerSwapConfig) -> dict[str, tuple[int, ...]]:
@@ -248,9 +277,25 @@ def model_card(teacher, family_name: str, plan: list[dict], provenance: dict, co
         "(`mixerswap distill`) before the model is useful.", "",
         "```python", "import mixerswap  # or pass trust_remote_code=True", "from transformers import AutoModelForCausalLM",
         "model = AutoModelForCausalLM.from_pretrained('<this folder>')", "```", "",
+        *calibration_table(provenance.get("calibration")),
         f"<sub>python {platform.python_version()}, transformers {provenance['transformers_version']}</sub>", "",
     ]
     return "\n".join(lines)
+
+
+def calibration_table(calibration: dict | None) -> list[str]:
+    """Markdown lines: per replaced layer, its output vs the teacher attention output, before/after."""
+    if not calibration or not calibration.get("layers"):
+        return []
+    lines = [f"Calibration on `{calibration['text']}` ({calibration['tokens']} tokens): each mixer's output "
+             "against the attention output it replaces (RMS ratio, cosine, relative error; 1, 1, 0 is exact).", "",
+             "| layer | RMS ratio before | after | cosine before | after | rel. error before | after |",
+             "|---|---|---|---|---|---|---|"]
+    for idx, r in sorted(calibration["layers"].items()):
+        b, a = r["before"], r["after"]
+        lines.append(f"| {idx} | {b['rms_ratio']} | {a['rms_ratio']} | {b['cosine']} | {a['cosine']} | "
+                     f"{b['rel_error']} | {a['rel_error']} |")
+    return [*lines, ""]
 
 
 def load_conversion_settings(folder: str | Path) -> dict:

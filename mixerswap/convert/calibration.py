@@ -1,0 +1,128 @@
+"""Calibration: what the teacher's attention does on real text, recorded once for every replaced layer.
+
+``convert --calibration FILE`` runs the teacher over a little text (a few thousand tokens) and keeps,
+for every layer the plan replaces, the attention module's inputs, the keyword arguments it was called
+with (RoPE ``position_embeddings``, ``position_ids``), the per-head attention outputs (the input of
+the output projection) and the attention output. Converters use these :class:`LayerStats` to set
+what attention has no counterpart for (e.g. Mamba-2's per-head output scale); the pipeline reports,
+per layer, how close each converted mixer's output is to the attention output it replaces.
+
+The teacher is loaded whole for this pass (fp32, then freed before the streaming conversion).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..architectures.families import family_for
+from .converters import LayerStats
+
+logger = logging.getLogger(__name__)
+
+
+def read_calibration_text(path: str | Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"calibration text {path} not found")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"calibration text {path} is not UTF-8 text") from None
+    if not text.strip():
+        raise ValueError(f"calibration text {path} is empty")
+    return text
+
+
+@torch.no_grad()
+def collect_layer_stats(model_dir: str | Path, layers: list[int], text: str, *, tokens: int = 2048,
+                        seq_len: int = 256) -> dict[int, LayerStats]:
+    """Teacher statistics of each layer in ``layers`` on the first ``tokens`` tokens of ``text``.
+
+    The text is cut into rows of ``seq_len`` tokens (fewer when the text is short); every row starts
+    at position 0 like a document of its own.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, TypeError):
+        raise ValueError(f"calibration needs the teacher's tokenizer, and {model_dir} has none") from None
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
+    if len(ids) < 2:
+        raise ValueError("the calibration text has fewer than 2 tokens")
+    seq_len = min(seq_len, len(ids))
+    rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    family = family_for(model.config.model_type)
+    blocks = _layers(model, family.layers_path)
+    records: dict[int, dict] = {i: {} for i in layers}
+    handles = []
+    for i in layers:
+        attention = family.mixer_of(blocks[i])
+        handles.append(attention.register_forward_hook(_attention_hook(records[i]), with_kwargs=True))
+        handles.append(getattr(attention, family.o).register_forward_pre_hook(_o_proj_hook(records[i])))
+    try:
+        model(input_ids=rows, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    logger.info("calibration: %d x %d tokens through the teacher", *rows.shape)
+    return {i: LayerStats(**r) for i, r in records.items()}
+
+
+def _layers(model: nn.Module, path: str) -> nn.ModuleList:
+    for name in path.split("."):
+        model = getattr(model, name)
+    return model
+
+
+def _attention_hook(record: dict):
+    def hook(module, args, kwargs, output):
+        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        record["inputs"] = hidden.detach()
+        record["outputs"] = (output[0] if isinstance(output, tuple) else output).detach()
+        record["kwargs"] = {k: kwargs[k] for k in ("position_embeddings", "position_ids") if kwargs.get(k) is not None}
+
+    return hook
+
+
+def _o_proj_hook(record: dict):
+    def hook(module, args):
+        record["head_outputs"] = args[0].detach()
+
+    return hook
+
+
+def output_match(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """How close a mixer's output is to the teacher attention output it replaces, over all tokens.
+
+    ``rms_ratio`` = RMS(output) / RMS(target) (1 is the right scale) and ``cosine`` between the two
+    flattened outputs (1 is the right direction); ``rel_error`` = ||output - target|| / ||target||.
+    """
+    out, ref = output.double().flatten(), target.double().flatten()
+    ref_norm = ref.norm().clamp_min(1e-30)
+    return {
+        "rms_ratio": round((out.norm() / ref_norm).item(), 4),
+        "cosine": round((out @ ref / (out.norm() * ref_norm).clamp_min(1e-30)).item(), 4),
+        "rel_error": round(((out - ref).norm() / ref_norm).item(), 4),
+    }
+
+
+@torch.no_grad()
+def replay_mixer(mixer: nn.Module, stats: LayerStats, *, capture: str | None = None):
+    """Run ``mixer`` (fp32) on the calibration inputs it replaces; returns its output and, with
+    ``capture`` naming a submodule, that submodule's input too (e.g. ``"out_proj"``)."""
+    seen = {}
+    handle = None
+    if capture is not None:
+        handle = mixer.get_submodule(capture).register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0]))
+    try:
+        output, _ = mixer.float().eval()(stats.inputs.float(), **stats.kwargs)
+    finally:
+        if handle is not None:
+            handle.remove()
+    return (output, seen["x"]) if capture is not None else output
