@@ -1,0 +1,77 @@
+"""Converted students with and without calibration, before any training, on a real trained teacher.
+
+    python benchmarks/calibration.py --teacher ../shared/data/teachers/stories260k [--stories 40] [--keep 0.6,0.4,0]
+
+The teacher samples ``--stories`` stories (seeded, temperature 1; it only knows TinyStories); the
+first half is the calibration text, the second half the held-out text. For each attention fraction,
+the student is converted without and with ``--calibration`` and its held-out perplexity printed
+beside the teacher's. Writes ``benchmarks/results/calibration.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from mixerswap.convert import convert
+
+
+@torch.no_grad()
+def perplexity(model, rows: list[torch.Tensor]) -> float:
+    nll = sum(torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1].float(), ids[1:], reduction="sum")
+              for ids in rows)
+    return math.exp(nll.item() / sum(len(ids) - 1 for ids in rows))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", required=True)
+    parser.add_argument("--stories", type=int, default=40)
+    parser.add_argument("--keep", default="0.6,0.4,0")
+    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
+    args = parser.parse_args()
+
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
+    torch.manual_seed(0)
+    start = torch.full((args.stories, 1), tokenizer.bos_token_id)
+    with torch.no_grad():
+        out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=200,
+                               pad_token_id=tokenizer.eos_token_id)
+    stories = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    half = len(stories) // 2
+    held_out = [torch.tensor(tokenizer(s)["input_ids"]) for s in stories[half:]]
+    rows = [{"model": "teacher", "keep_attention": 1.0, "calibrated": None, "perplexity": perplexity(teacher, held_out)}]
+    with tempfile.TemporaryDirectory() as tmp:
+        calib = Path(tmp) / "calibration.txt"
+        calib.write_text("\n\n".join(stories[:half]))
+        for keep in (float(k) for k in args.keep.split(",")):
+            for calibrated in (False, True):
+                started = time.perf_counter()
+                folder = Path(tmp) / f"student-{keep}-{calibrated}"
+                convert(args.teacher, folder, keep_attention=keep, calibration=calib if calibrated else None,
+                        progress=False)
+                student = AutoModelForCausalLM.from_pretrained(folder).eval()
+                rows.append({"model": "student", "keep_attention": keep, "calibrated": calibrated,
+                             "perplexity": perplexity(student, held_out),
+                             "convert_seconds": round(time.perf_counter() - started, 2)})
+    tokens = sum(len(r) for r in held_out)
+    print(f"held-out: {len(held_out)} teacher-sampled stories, {tokens} tokens; calibration: {half} other stories")
+    print(f"{'model':<10}{'attention kept':>16}{'calibrated':>12}{'perplexity':>12}")
+    for r in rows:
+        print(f"{r['model']:<10}{r['keep_attention']:>16.2f}{str(r['calibrated'] if r['calibrated'] is not None else '-'):>12}"
+              f"{r['perplexity']:>12.2f}")
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"teacher": args.teacher, "held_out_tokens": tokens, "rows": rows}, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
