@@ -257,16 +257,34 @@ class ShardedWriter:
         return final
 
 
-@contextmanager
-def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it is removed.
+def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Path:
+    """The one check of an output folder, run before any work.
 
-    Raises :class:`OutputExistsError` before any work if ``out`` exists, is not empty, and
-    ``overwrite`` is false.
+    Refuses an ``out`` that is one of ``inputs`` (teacher, student, data, ...) or a folder containing
+    one, whatever ``overwrite`` says (replacing it would delete an input), and an ``out`` that
+    exists and is not empty unless ``overwrite``.
     """
     out = Path(out)
+    target = out.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        if source == target or target in source.parents:
+            what = "is" if source == target else "contains"
+            raise ValueError(f"output {out} {what} an input of this run ({item}); choose another --out")
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    return out
+
+
+@contextmanager
+def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Iterator[Path]:
+    """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it is removed.
+
+    Runs :func:`check_output` first (inputs are never replaced; a non-empty ``out`` only with ``overwrite``).
+    """
+    out = check_output(out, overwrite=overwrite, inputs=inputs)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     umask = os.umask(0)

@@ -33,6 +33,7 @@ from .checkpoint_io import (
     SafetensorsShard,
     ShardedWriter,
     atomic_output_dir,
+    check_output,
     list_shards,
     parse_size,
     resolve_model_dir,
@@ -103,10 +104,10 @@ def convert(
                          "and --set")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
-    out = Path(out)
-    if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    out = check_output(out, overwrite=overwrite)  # before a hub download; inputs are known after it
     model_dir = resolve_model_dir(teacher, revision)
+    inputs = (model_dir, plan, calibration)
+    check_output(out, overwrite=overwrite, inputs=inputs)
     if not (model_dir / "config.json").exists():
         raise CheckpointError(f"no config.json in {model_dir}")
     teacher_config = AutoConfig.from_pretrained(model_dir)
@@ -151,7 +152,7 @@ def convert(
     owner = {name: idx for idx, group in layer_names.items() for name in group}
     pending: dict[int, dict[str, torch.Tensor]] = {}
     dropped = []
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ShardedWriter(tmp, parse_size(max_shard_size))
         total = sum(e.end - e.begin for s in shards for e in s.entries.values())
         with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:

@@ -77,3 +77,20 @@ def test_parse_size(text, value):
 def test_parse_size_rejects_garbage():
     with pytest.raises(ValueError, match="cannot read size"):
         parse_size("lots")
+
+
+def test_overwrite_never_replaces_an_input(teacher_dir, tmp_path):
+    """--overwrite with --out = the teacher, or a folder holding it, is refused and the teacher survives."""
+    import shutil
+
+    from mixerswap.convert import convert
+
+    parent = tmp_path / "models"
+    teacher = parent / "teacher"
+    shutil.copytree(teacher_dir("llama"), teacher)
+    before = sorted(p.name for p in teacher.iterdir())
+    for out, word in ((teacher, "is"), (parent, "contains")):
+        with pytest.raises(ValueError, match=f"output {out} {word} an input of this run"):
+            convert(teacher, out, overwrite=True, progress=False)
+    assert sorted(p.name for p in teacher.iterdir()) == before
+    convert(teacher, parent / "student", progress=False)  # a sibling is fine
