@@ -50,7 +50,10 @@ class MixerSwapConfig(PreTrainedConfig):
                 raise ValueError("teacher_config needs a 'model_type'")
             self.teacher_config = CONFIG_MAPPING[self.teacher_config["model_type"]](**self.teacher_config)
         elif self.teacher_config is None:
-            self.teacher_config = CONFIG_MAPPING["llama"]()
+            # A bare config (transformers builds one to find default values): no teacher, no model.
+            # MixerSwapForCausalLM refuses it rather than silently building some default architecture.
+            super().__post_init__(**kwargs)
+            return
         teacher = self.teacher_config
         if self.plan is None:
             self.plan = [{"kind": "attention"} for _ in range(teacher.num_hidden_layers)]
@@ -64,6 +67,13 @@ class MixerSwapConfig(PreTrainedConfig):
             if hasattr(teacher, name):
                 kwargs.setdefault(name, getattr(teacher, name))
         super().__post_init__(**kwargs)
+
+    def require_teacher(self) -> PreTrainedConfig:
+        """The teacher config, or a clear error for a config that is not a student's."""
+        if self.teacher_config is None:
+            raise ValueError("this config has no teacher_config, so it does not describe a mixerswap student; "
+                             "`mixerswap convert TEACHER --out DIR` makes students")
+        return self.teacher_config
 
     def layer_kinds(self) -> list[str]:
         return [entry["kind"] for entry in self.plan]

@@ -61,8 +61,8 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
 
     def __init__(self, config: MixerSwapConfig):
+        teacher_config = config.require_teacher()
         super().__init__(config)
-        teacher_config = config.teacher_config
         self.family = family_for(teacher_config.model_type)
         teacher_cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(teacher_config)]
         teacher = teacher_cls(teacher_config)

@@ -163,3 +163,11 @@ def test_packed_documents_equal_separate_runs(hybrid):
             alone = hybrid(doc[None], use_cache=False).logits
             torch.testing.assert_close(packed[:, start : start + len(doc)], alone)
             start += len(doc)
+
+
+def test_a_plain_teacher_folder_is_not_a_student(teacher_dir):
+    """Loading a plain HF folder as a student fails at once instead of building some default model."""
+    from mixerswap import MixerSwapForCausalLM
+
+    with pytest.raises(ValueError, match="does not describe a mixerswap student"):
+        MixerSwapForCausalLM.from_pretrained(teacher_dir("llama"))
