@@ -56,7 +56,15 @@ class MixerConverter:
     tunable: frozenset[str] = frozenset()
 
     def check_overrides(self, kind: str, overrides: dict | None) -> dict:
+        """The user's settings for ``kind``, refused (one line) if unknown or not tunable."""
+        from ..architectures.mixers import mixer_kind
+
         overrides = dict(overrides or {})
+        known = set(mixer_kind(kind).module.Settings.model_fields)
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))}; "
+                             f"tunable: {', '.join(sorted(self.tunable)) or 'none'}")
         fixed = set(overrides) - self.tunable
         if fixed:
             raise ValueError(

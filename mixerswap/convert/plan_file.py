@@ -10,7 +10,8 @@ Schema (every key but ``layers`` optional)::
 
 ``layers`` takes an index, a list of indices, or a string of comma-separated indices and inclusive
 ranges (``"0-3,8,-2--1"``). Each entry's other keys are the kind's tunable settings, completed from
-the teacher by the kind's converter. Errors name the entry or the layer and nothing is written.
+the teacher by the kind's converter; an entry's settings are its own (those of ``default`` apply
+only to the layers no entry names). Errors name the entry or the layer and nothing is written.
 """
 
 from __future__ import annotations
