@@ -3,7 +3,8 @@
 ``convert --calibration FILE`` runs the teacher over a little text (a few thousand tokens) and keeps,
 for every layer the plan replaces, the attention module's inputs, the keyword arguments it was called
 with (RoPE ``position_embeddings``, ``position_ids``), the per-head attention outputs (the input of
-the output projection) and the attention output. Converters use these :class:`LayerStats` to set
+the output projection), the attention output, and how far back each head attends (from the
+attention probabilities). Converters use these :class:`LayerStats` to set
 what attention has no counterpart for (e.g. Mamba-2's per-head output scale); the pipeline reports,
 per layer, how close each converted mixer's output is to the attention output it replaces.
 
@@ -56,7 +57,8 @@ def collect_layer_stats(model_dir: str | Path, layers: list[int], text: str, *, 
         raise ValueError("the calibration text has fewer than 2 tokens")
     seq_len = min(seq_len, len(ids))
     rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    # eager attention returns its probabilities, from which each head's reach is measured
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
     family = family_for(model.config.model_type)
     blocks = _layers(model, family.layers_path)
     records: dict[int, dict] = {i: {} for i in layers}
@@ -86,6 +88,8 @@ def _attention_hook(record: dict):
         record["inputs"] = hidden.detach()
         record["outputs"] = (output[0] if isinstance(output, tuple) else output).detach()
         record["kwargs"] = {k: kwargs[k] for k in ("position_embeddings", "position_ids") if kwargs.get(k) is not None}
+        if isinstance(output, tuple) and len(output) > 1 and isinstance(output[1], torch.Tensor):
+            record["attention_reach"] = attention_reach(output[1].detach())
 
     return hook
 
@@ -95,6 +99,22 @@ def _o_proj_hook(record: dict):
         record["head_outputs"] = args[0].detach()
 
     return hook
+
+
+def attention_reach(probs: torch.Tensor) -> torch.Tensor:
+    """Per head, how far back attention looks: ``[B, H, T, T]`` probabilities → ``[H]`` distances.
+
+    For each query, the weighted *median* distance ``i - j`` of its attention (the mean would be
+    dominated by the mass many heads park on the first token, an attention sink); then the median
+    over queries and rows.
+    """
+    batch, heads, length, _ = probs.shape
+    distance = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).clamp_min(0)  # [i, j]
+    order = distance.argsort(dim=-1)  # per query, keys from nearest to farthest (future keys: weight 0)
+    mass = probs.gather(-1, order.expand(batch, heads, length, length)).cumsum(-1)
+    crossing = (mass < 0.5).sum(-1).clamp_max(length - 1)  # [B, H, i]: where the mass reaches one half
+    per_query = distance.gather(-1, order).expand(batch, heads, length, length).gather(-1, crossing[..., None])
+    return per_query[..., 0].transpose(0, 1).flatten(1).float().median(dim=-1).values
 
 
 def output_match(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:

@@ -42,12 +42,15 @@ class LayerStats:
         head_outputs: ``[B, T, heads * head_dim]`` per-head attention outputs (input of ``o_proj``).
         kwargs: what the attention module was called with besides ``hidden_states``
             (``position_embeddings`` = RoPE ``(cos, sin)``, ``position_ids``), to replay a mixer.
+        attention_reach: ``[heads]`` how far back each head attends (median attention-weighted
+            distance, see :func:`~mixerswap.convert.calibration.attention_reach`).
     """
 
     inputs: torch.Tensor
     outputs: torch.Tensor
     head_outputs: torch.Tensor | None = None
     kwargs: dict = field(default_factory=dict)
+    attention_reach: torch.Tensor | None = None
 
 
 class MixerConverter:

@@ -26,6 +26,8 @@ global scale of ``C``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedConfig
 
@@ -87,10 +89,27 @@ class Mamba2Converter(MixerConverter):
                 raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
                                  f"({name}) but the mixer settings have no place for them")
             state[name] = tensor
+        if stats is not None and stats.attention_reach is not None:
+            state["dt_proj.bias"] = dt_bias_from_reach(stats.attention_reach, state["A_log"])
         if stats is not None and stats.head_outputs is not None:
             mixer.load_state_dict(state)
             state.update(calibrated_head_scales(mixer, stats))
         return {name: t.contiguous() for name, t in state.items()}
+
+
+def dt_bias_from_reach(reach: torch.Tensor, A_log: torch.Tensor) -> torch.Tensor:
+    """dt per head such that the head's memory reaches as far back as the teacher head's attention.
+
+    With ``dt`` constant the SSD weighs the token ``k`` steps back by ``exp(-lambda k)``,
+    ``lambda = dt |A|``; half of that weight lies within the last ``m + 1`` tokens when
+    ``lambda = ln 2 / (m + 1)``. Setting ``m`` to the teacher head's median attention distance
+    (:func:`~mixerswap.convert.calibration.attention_reach`) gives heads that attend locally a fast
+    decay and heads that look far back a slow one, instead of random log-uniform ``dt``. ``A`` keeps
+    its initialization; the result is the inverse softplus of ``dt`` (``dt_proj`` weight stays 0).
+    """
+    lam = math.log(2.0) / (reach.double() + 1.0)
+    dt = (lam / torch.exp(A_log.double())).clamp(1e-4, 10.0)
+    return (dt + torch.log(-torch.expm1(-dt))).float()
 
 
 def calibrated_head_scales(mixer: Mamba2Mixer, stats: LayerStats) -> dict[str, torch.Tensor]:

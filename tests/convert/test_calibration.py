@@ -63,3 +63,23 @@ def test_calibrated_student_starts_near_a_real_teacher(stories_dir, tmp_path):
         ppl[calibration is not None] = perplexity(AutoModelForCausalLM.from_pretrained(out))
     teacher_ppl = perplexity(teacher)
     assert ppl[True] < 4 * teacher_ppl < ppl[False]
+
+
+def test_attention_reach_and_the_dt_it_implies():
+    """A head that attends to the current token gets a fast decay, one that looks 2 back a slower one, and
+    the decay puts half its weight within reach + 1 tokens."""
+    from mixerswap.convert.calibration import attention_reach
+    from mixerswap.convert.mamba2 import dt_bias_from_reach
+
+    length = 8
+    probs = torch.zeros(2, 2, length, length)
+    for i in range(length):
+        probs[:, 0, i, i] = 1.0
+        probs[:, 1, i, max(0, i - 2)] = 0.6
+        probs[:, 1, i, 0] += 0.4  # an attention sink does not drag the reach to the first token
+    reach = attention_reach(probs)
+    assert reach.tolist() == [0.0, 2.0]
+    A_log = torch.log(torch.tensor([4.0, 4.0]))
+    dt = torch.nn.functional.softplus(dt_bias_from_reach(reach, A_log))
+    decay = torch.exp(-dt * 4.0)  # per-token decay exp(dt A)
+    torch.testing.assert_close(decay ** (reach + 1), torch.tensor([0.5, 0.5]))
