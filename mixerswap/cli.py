@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import shlex
 import sys
 
@@ -52,13 +53,31 @@ def parse_settings(pairs: tuple[str, ...]) -> dict:
     return settings
 
 
+def parse_extra_settings(args: list[str]) -> dict:
+    """``--window 512 --sinks=4 --gate`` → ``{"window": 512, "sinks": 4, "gate": True}`` (YAML-typed values)."""
+    settings, i = {}, 0
+    while i < len(args):
+        token = args[i]
+        if not token.startswith("--") or len(token) == 2:
+            raise click.UsageError(f"unexpected argument {token!r}")
+        name, sep, value = token[2:].partition("=")
+        if not sep:
+            if i + 1 < len(args) and not args[i + 1].startswith("--"):
+                value, i = args[i + 1], i + 1
+            else:
+                value = "true"
+        settings[name.replace("-", "_")] = yaml.safe_load(value)
+        i += 1
+    return settings
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="mixerswap")
 def main():
     """Turn a pretrained Hugging Face Transformer into a cheaper hybrid student."""
 
 
-@main.command()
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("teacher")
 @click.option("--to", "to", default="mamba2", show_default=True, help="Mixer kind for replaced layers.")
 @click.option("--plan", type=click.Path(dir_okay=False), help="Plan YAML: kind and settings per layer (see README).")
@@ -75,11 +94,15 @@ def main():
 @click.option("--out", required=True, help="Output folder (a normal HF checkpoint).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
+@click.pass_context
 @user_errors
-def convert(teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, settings, dtype,
-            seed, max_shard_size, revision, out,
-            overwrite, quiet):
-    """Convert TEACHER (local HF folder or hub id) into a hybrid student folder."""
+def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, settings,
+            dtype, seed, max_shard_size, revision, out, overwrite, quiet):
+    """Convert TEACHER (local HF folder or hub id) into a hybrid student folder.
+
+    Any other --NAME VALUE is a setting of the mixer kind (same as --set NAME=VALUE), e.g.
+    --to swa --window 512, or --chunk-size 128 for mamba2.
+    """
     setup_logging(quiet)
     from .convert import convert as run_convert
     from .convert.selection import parse_layer_list
@@ -88,7 +111,7 @@ def convert(teacher, to, plan, calibration, calibration_tokens, keep_attention, 
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
         keep_attention=keep_attention, attention_layers=layers,
-        mixer_settings=parse_settings(settings), dtype=dtype, seed=seed, max_shard_size=max_shard_size,
+        mixer_settings={**parse_settings(settings), **parse_extra_settings(ctx.args)}, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),
     )
@@ -107,7 +130,12 @@ def convert(teacher, to, plan, calibration, calibration_tokens, keep_attention, 
 @click.option("--batch-size", type=int)
 @click.option("--grad-accum", type=int)
 @click.option("--seed", type=int)
-@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]))
+@click.option("--mixed-precision", type=click.Choice(["no", "bf16", "fp16"]),
+              help="Autocast precision; weights train in fp32. fp16: CUDA with ddp only.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+              help="Dtype of the saved student (default auto: the teacher's).")
+@click.option("--distributed", type=click.Choice(["ddp", "fsdp"]),
+              help="Engine under torchrun/accelerate launch: data parallel (ddp, default) or FSDP2 sharding.")
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between checkpoints.")
 @click.option("--text-field", help="Field/column holding the text in jsonl/parquet/datasets.")
 @click.option("--held-out-docs", type=int, help="Documents kept out of training for perplexity (default 32).")
@@ -115,10 +143,12 @@ def convert(teacher, to, plan, calibration, calibration_tokens, keep_attention, 
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of this --out.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep OUT.work/ (checkpoints, metrics) after success.")
+@click.option("--fail-after-step", type=int, hidden=True, help="Tests: crash after this many optimizer steps.")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision,
-            checkpoint_every, text_field, held_out_docs, out, resume, overwrite, keep_checkpoints, quiet):
+def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision, dtype,
+            distributed, checkpoint_every, text_field, held_out_docs, out, resume, overwrite, keep_checkpoints,
+            fail_after_step, quiet):
     """Distill STUDENT (a converted folder) from its teacher: align -> hidden -> kd."""
     setup_logging(quiet)
     from .distill.recipe import DistillRecipe, parse_stages
@@ -126,16 +156,18 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
 
     options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
                "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
-               "checkpoint_every": checkpoint_every, "text_field": text_field, "held_out_docs": held_out_docs,
+               "dtype": dtype, "distributed": distributed, "checkpoint_every": checkpoint_every,
+               "text_field": text_field, "held_out_docs": held_out_docs,
                "stages": parse_stages(stages) if stages else None}
     if recipe:
         settings = DistillRecipe.from_yaml(recipe, **options)
     else:
         settings = DistillRecipe.validated({k: v for k, v in options.items() if v is not None})
     result = run_distill(settings, resume=resume, overwrite=overwrite, progress=not quiet,
-                         keep_checkpoints=keep_checkpoints)
-    click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)} -> "
-               f"{_fmt(result.perplexity_after)}")
+                         keep_checkpoints=keep_checkpoints, _fail_after_step=fail_after_step)
+    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+        click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)} -> "
+                   f"{_fmt(result.perplexity_after)}")
 
 
 def _fmt(value) -> str:

@@ -38,6 +38,22 @@ def test_convert_command(teacher_dir, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
+def test_mixed_plan_and_extra_setting_options(teacher_dir, tmp_path):
+    """--plan with attention and mamba2 layers; --NAME VALUE options are mixer settings."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("default: {kind: mamba2, chunk_size: 8}\nlayers:\n  - {layers: -1, kind: attention}\n"
+                    "  - {layers: 0, kind: mamba2, conv_kernel: 2}\n")
+    result = run("convert", teacher_dir("qwen3"), "--plan", plan, "--out", tmp_path / "mixed", "-q")
+    assert result.exit_code == 0, result.output
+    entries = json.loads((tmp_path / "mixed" / "config.json").read_text())["plan"]
+    assert [(e["kind"], e.get("conv_kernel"), e.get("chunk_size")) for e in entries] == [
+        ("mamba2", 2, 64), ("mamba2", 4, 8), ("attention", None, None)]  # entries do not inherit the default's settings
+    result = run("convert", teacher_dir("qwen3"), "--chunk-size", "16", "--norm=rms", "--out", tmp_path / "x", "-q")
+    assert result.exit_code == 0, result.output
+    entry = json.loads((tmp_path / "x" / "config.json").read_text())["plan"][0]
+    assert (entry["chunk_size"], entry["norm"]) == (16, "rms")
+
+
 def test_generate_command(stories_dir, tmp_path):
     out = tmp_path / "student"
     assert run("convert", stories_dir, "--keep-attention", "1", "--out", out, "-q").exit_code == 0
@@ -66,11 +82,24 @@ def test_unknown_family(tmp_path):
         (["--to", "rwkv"], "unknown target mixer 'rwkv'"),
         (["--set", "n_heads=2"], "cannot be set"),
         (["--set", "chunk_size=0"], "chunk_size"),
+        (["--chunk-sise", "8"], "mamba2 has no setting 'chunk_sise'"),
+        (["--plan", "MISSING"], "plan file"),
+        (["--plan", "BADKIND"], "layer 1: unknown mixer kind 'rwkv'"),
+        (["--plan", "OVERLAP"], "layer 2 is in plan entries 1 and 2"),
+        (["--plan", "NOTFIT"], "layer 0 (mamba2): mamba2 settings ['d_state'] follow from the teacher"),
     ],
-    ids=["index", "not-int", "ratio-high", "ratio-low", "both", "kind", "fixed-setting", "bad-setting"],
+    ids=["index", "not-int", "ratio-high", "ratio-low", "both", "kind", "fixed-setting", "bad-setting", "typo-option",
+         "plan-missing", "plan-kind", "plan-overlap", "plan-misfit"],
 )
 def test_bad_plan_options(teacher_dir, tmp_path, args, message):
     out = tmp_path / "out"
+    plans = {"BADKIND": "default: attention\nlayers: [{layers: 1, kind: rwkv}]",
+             "OVERLAP": "layers: [{layers: 0-2, kind: mamba2}, {layers: 2, kind: attention}]",
+             "NOTFIT": "default: {kind: mamba2, d_state: 4}\nlayers: []"}
+    if args[0] == "--plan":
+        args = ["--plan", tmp_path / f"{args[1]}.yaml"]
+        if args[1].stem in plans:
+            args[1].write_text(plans[args[1].stem])
     assert_clean_failure(run("convert", teacher_dir("llama"), *args, "--out", out), out, message)
 
 

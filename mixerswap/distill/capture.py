@@ -49,20 +49,29 @@ def capture(modules: dict[int, torch.nn.Module]):
             handle.remove()
 
 
+def model_family(model):
+    """The teacher family of a student or of a plain HF teacher of a supported family."""
+    if hasattr(model, "family"):
+        return model.family
+    from ..architectures.families import family_for
+
+    return family_for(model.config.model_type)
+
+
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The decoder layer list of a student or of a plain HF teacher of a supported family."""
     if hasattr(model, "decoder_layers"):
         return model.decoder_layers()
-    from ..architectures.families import family_for
-
     module = model
-    for name in family_for(model.config.model_type).layers_path.split("."):
+    for name in model_family(model).layers_path.split("."):
         module = getattr(module, name)
     return module
 
 
 def attention_modules(model, layers: list[int]) -> dict[int, torch.nn.Module]:
-    return {i: decoder_layers(model)[i].self_attn for i in layers}
+    """The module in each layer's attention slot (the teacher's attention, or a student's mixer)."""
+    family, blocks = model_family(model), decoder_layers(model)
+    return {i: family.mixer_of(blocks[i]) for i in layers}
 
 
 def block_modules(model, layers: list[int]) -> dict[int, torch.nn.Module]:

@@ -1,6 +1,8 @@
-"""LoRA adapters (peft) on the kept attention layers during distillation, merged back before saving.
+"""LoRA adapters (peft) during distillation, merged back before saving.
 
-Only attention layers the plan keeps get adapters (mixers train in full). After training the
+What gets adapters is ``LoraOptions.layers``: ``attention`` (default) = the ``target_modules``
+projections of the attention layers the plan keeps; ``mixers`` = the ``nn.Linear`` submodules each
+mixer declares in its ``lora_targets`` (see the mixer contract); ``all`` = both. After training the
 adapters are merged into the base weights and the wrappers removed, so the saved student is an
 ordinary mixerswap checkpoint with the teacher's parameter names.
 """
@@ -9,26 +11,38 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..architectures.plan import ATTENTION
 from .capture import decoder_layers
 from .recipe import LoraOptions
 
 
-def add_lora(student, options: LoraOptions) -> list[nn.Parameter]:
-    """Inject adapters into the projections ``options.target_modules`` of kept attention layers.
+def lora_targets(student, options: LoraOptions) -> list[str]:
+    """Full module names that get adapters (see the module docstring)."""
+    mixers = student.mixer_layers()
+    prefix = student.family.layers_path
+    attr = student.family.attention_attr
+    targets = []
+    if options.layers in ("attention", "all"):
+        kept = [i for i in range(len(decoder_layers(student))) if i not in mixers]
+        if not kept and options.layers == "attention":
+            raise ValueError("lora: the student keeps no attention layer to adapt (try lora.layers: mixers)")
+        targets += [f"{prefix}.{i}.{attr}.{name}" for i in kept for name in options.target_modules]
+    if options.layers in ("mixers", "all"):
+        for i, mixer in mixers.items():
+            names = [n for n in mixer.lora_targets if isinstance(getattr(mixer, n, None), nn.Linear)]
+            targets += [f"{prefix}.{i}.{attr}.{name}" for name in names]
+        if options.layers == "mixers" and not targets:
+            raise ValueError("lora: no mixer of the student declares lora_targets")
+    return targets
 
-    Returns the adapter parameters (the only trainable ones among those layers' attention weights).
-    """
+
+def add_lora(student, options: LoraOptions) -> list[nn.Parameter]:
+    """Inject adapters into :func:`lora_targets`; returns the adapter parameters."""
     try:
         from peft import LoraConfig, inject_adapter_in_model
     except ImportError:
         raise ImportError("LoRA needs peft: pip install 'mixerswap[lora]'") from None
-    kept = [i for i, kind in enumerate(student.config.layer_kinds()) if kind == ATTENTION]
-    if not kept:
-        raise ValueError("lora: the student keeps no attention layer to adapt")
-    prefix = student.family.attention_prefix(0).split(".0.")[0]  # e.g. "model.layers"
-    targets = [f"{prefix}.{i}.{student.family.attention_attr}.{name}" for i in kept for name in options.target_modules]
-    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout, target_modules=targets)
+    config = LoraConfig(r=options.r, lora_alpha=options.alpha, lora_dropout=options.dropout,
+                        target_modules=lora_targets(student, options))
     inject_adapter_in_model(config, student)
     return [p for n, p in student.named_parameters() if "lora_" in n]
 

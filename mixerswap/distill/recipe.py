@@ -92,14 +92,21 @@ class StageConfig(BaseModel):
 
 
 class LoraOptions(BaseModel):
-    """LoRA adapters (peft) on the kept attention layers' projections during ``kd``; merged at the end."""
+    """LoRA adapters (peft) during ``kd``, merged at the end.
+
+    ``layers`` picks what gets adapters: ``attention`` = the ``target_modules`` projections of the
+    kept attention layers; ``mixers`` = the ``lora_targets`` each mixer declares (its ``nn.Linear``
+    submodules); ``all`` = both. Whatever gets adapters trains only through them.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
     r: int = Field(8, gt=0)
     alpha: int = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: list[str] = ["q_proj", "k_proj", "v_proj", "o_proj"]
+    layers: Literal["attention", "mixers", "all"] = "attention"
+    target_modules: list[str] = Field(["q_proj", "k_proj", "v_proj", "o_proj"],
+                                      description="projections of kept attention layers that get adapters")
 
 
 class DistillRecipe(BaseModel):
@@ -113,13 +120,24 @@ class DistillRecipe(BaseModel):
     out: str
     stages: list[StageConfig] = Field(min_length=1)
     text_field: str = "text"
+    data_format: Literal["auto", "text", "prompt", "chat"] = Field(
+        "auto", description="auto: per file from its first record (text, prompt/response or chat messages)")
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
     seq_len: int = Field(2048, gt=1)
     batch_size: int = Field(8, gt=0)
     grad_accum: int = Field(1, gt=0)
     seed: int = 0
     weight_decay: float = Field(0.0, ge=0)
     max_grad_norm: float | None = Field(1.0, gt=0)
-    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    mixed_precision: Literal["no", "bf16", "fp16"] = Field(
+        "no", description="autocast precision of the forward; master weights stay fp32 (fp16: CUDA with ddp only)")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="dtype of the saved student ('auto' = the teacher's); mixers' fp32 parameters stay fp32")
+    distributed: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="engine under torchrun/accelerate: data parallel (ddp) or FSDP2 sharding (fsdp)")
+    teacher_offload: bool = Field(False, description="fsdp: keep the teacher's shards in CPU memory (GPUs)")
     checkpoint_every: int = Field(200, gt=0, description="optimizer steps between checkpoints")
     held_out_docs: int = Field(32, ge=0, description="documents kept out of training for perplexity")
     lora: LoraOptions | None = None
@@ -130,6 +148,17 @@ class DistillRecipe(BaseModel):
     def _cache_needs_topk(self):
         if self.teacher_cache and any(s.name == "kd" and s.teacher_topk is None for s in self.stages):
             raise ValueError("teacher_cache stores top-k teacher logits: set teacher_topk on every kd stage")
+        return self
+
+    @model_validator(mode="after")
+    def _engine_options(self):
+        if self.distributed == "fsdp" and self.mixed_precision == "fp16":
+            raise ValueError("mixed_precision 'fp16' needs loss scaling, which the fsdp engine does not do; "
+                             "use 'bf16' or distributed 'ddp'")
+        if self.distributed == "fsdp" and self.lora is not None:
+            raise ValueError("lora is not supported with distributed 'fsdp' (adapters are merged in place); use 'ddp'")
+        if self.teacher_offload and self.distributed != "fsdp":
+            raise ValueError("teacher_offload offloads the teacher's FSDP shards: it needs distributed 'fsdp'")
         return self
 
     @classmethod

@@ -20,23 +20,16 @@ import functools
 import torch
 from torch import nn
 
+from ..architectures.mixers import is_mixer
 from ..architectures.mixers.common import PADDING_MASK_KWARG
 from ..architectures.modeling import lm_logits
 from ..architectures.plan import ATTENTION
-from .capture import attention_modules, block_modules, capture, decoder_layers
+from .capture import Captured, decoder_layers
 from .losses import chunked_kd_loss, mse_loss
+from .masks import next_token_labels, prediction_mask, token_mask
 from .recipe import StageConfig
-from .teacher_cache import TeacherCache, topk_head, topk_pack
-
-
-def token_mask(batch: dict) -> torch.Tensor:
-    """``[B, T]`` float mask of the tokens that count: not padding, and not labelled -100."""
-    ids = batch["input_ids"]
-    mask = batch.get("attention_mask")
-    mask = torch.ones_like(ids, dtype=torch.float32) if mask is None else mask.float()
-    if batch.get("labels") is not None:
-        mask = mask * (batch["labels"] != -100).float()
-    return mask
+from .teacher import as_teacher_model
+from .teacher_cache import TeacherCache, topk_head
 
 
 def model_inputs(batch: dict) -> dict:
@@ -47,77 +40,131 @@ def replaced_layers(student) -> list[int]:
     return [i for i, kind in enumerate(student.config.layer_kinds()) if kind != ATTENTION]
 
 
-class Stage:
-    """Base: picks trainable parameters, computes the loss of one batch."""
+class Stage(nn.Module):
+    """Base: a module objective ``forward(batch) -> loss`` over the student, which it holds as its only
+    submodule; the frozen teacher is held beside it, unregistered, and read through
+    :class:`~.teacher.TeacherModel`'s forward only. The last batch's per-part values (floats, for the
+    log) are kept on the side in ``self.metrics``.
+    """
 
     def __init__(self, config: StageConfig, student, teacher):
-        self.config, self.student, self.teacher = config, student, teacher.requires_grad_(False)
+        super().__init__()
+        self.config, self.student = config, student
+        object.__setattr__(self, "teacher", as_teacher_model(teacher))  # not a submodule: never wrapped, never saved
         self.layers = replaced_layers(student)
+        self.metrics: dict = {}
 
     @property
     def name(self) -> str:
         return self.config.name
 
+    def forward(self, batch: dict, key: str | None = None) -> torch.Tensor:
+        loss, self.metrics = self.loss(batch, key)
+        return loss
+
+    def loss(self, batch: dict, key: str | None = None) -> tuple[torch.Tensor, dict]:
+        """``(loss, parts)`` of one batch; ``key`` names the micro-batch (for caches of teacher outputs)."""
+        raise NotImplementedError
+
+    def mixers(self) -> dict[int, nn.Module]:
+        """``{layer index: mixer}`` of the replaced layers (the student's own view, see the mixer contract)."""
+        return {i: self.student.layer_mixer(i) for i in self.layers}
+
+    def trainable_parameters(self) -> dict[str, nn.Parameter]:
+        """What this stage trains, by full parameter name (the contract's parameter groups, not names)."""
+        which = self.config.trainable_set
+        named = dict(self.student.named_parameters())
+        adapted = any("lora_" in n for n in named)
+        if which == "all":
+            return {n: p for n, p in named.items() if "lora_" in n or not (adapted and ".base_layer." in n)}
+        chosen: set[int] = set()
+        blocks = decoder_layers(self.student)
+        for i, mixer in self.mixers().items():
+            params = mixer.align_parameters() if self.name == "align" else mixer.parameters()
+            chosen |= {id(p) for p in params}
+            if which == "mixers+mlp":
+                chosen |= {id(p) for p in self.student.family.mlp_of(blocks[i]).parameters()}
+        return {n: p for n, p in named.items() if id(p) in chosen or "lora_" in n}
+
     def select_trainable(self) -> list[nn.Parameter]:
         """Freeze everything, unfreeze what this stage trains; returns those parameters (in order).
 
-        LoRA adapters, if the student carries them, always train; with ``trainable: all`` the
-        weights they adapt stay frozen (that is the point of LoRA).
+        ``align`` trains each replaced layer's ``mixer.align_parameters()``, ``hidden`` its mixers
+        (and MLPs with ``unfreeze_mlp``), ``kd`` everything. LoRA adapters, if the student carries
+        them, always train; the weights they adapt stay frozen (that is the point of LoRA).
         """
-        which = self.config.trainable_set
-        has_lora = any("lora_" in n for n, _ in self.student.named_parameters())
-        for name, p in self.student.named_parameters():
-            adapted = has_lora and ".base_layer." in name
-            p.requires_grad_("lora_" in name or (which == "all" and not adapted))
-        if which != "all":
-            blocks = decoder_layers(self.student)
-            for i in self.layers:
-                blocks[i].self_attn.requires_grad_(True)
-                if which == "mixers+mlp":
-                    blocks[i].mlp.requires_grad_(True)
-        params = [p for p in self.student.parameters() if p.requires_grad]
-        if not params:
+        chosen = self.trainable_parameters()
+        if not chosen:
             raise ValueError(f"stage {self.name} has nothing to train: the student has no replaced layers")
-        return params
+        ids = {id(p) for p in chosen.values()}
+        for p in self.student.parameters():
+            p.requires_grad_(id(p) in ids)
+        return [p for p in self.student.parameters() if p.requires_grad]
 
-    def loss(self, batch: dict, key: str | None = None) -> tuple[torch.Tensor, dict]:
-        """Loss of one batch; ``key`` names the micro-batch (for caches of teacher outputs)."""
-        raise NotImplementedError
+    def no_decay_names(self) -> set[str]:
+        """Full names of the parameters that get no weight decay: inside a mixer, what the mixer says
+        (``no_decay_parameter_names``: its declared ones, biases, norm weights); elsewhere every bias
+        and every norm weight."""
+        names, in_mixers = set(), set()
+        for prefix, module in self.student.named_modules():
+            if is_mixer(module):
+                names |= {f"{prefix}.{n}" for n in module.no_decay_parameter_names()}
+                in_mixers |= {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+        for prefix, module in self.student.named_modules():
+            norm = "norm" in type(module).__name__.lower() or "norm" in prefix.rsplit(".", 1)[-1]
+            for name, _ in module.named_parameters(recurse=False):
+                full = f"{prefix}.{name}" if prefix else name
+                if full not in in_mixers and (norm or name.endswith("bias")):
+                    names.add(full)
+        return names
+
+    def param_groups(self, weight_decay: float) -> list[dict]:
+        """Two AdamW groups of the trainable parameters: decayed, and not (see :meth:`no_decay_names`).
+
+        Call after :meth:`select_trainable`.
+        """
+        no_decay = self.no_decay_names()
+        decay, keep = [], []
+        for name, p in self.student.named_parameters():
+            if p.requires_grad:
+                (keep if name in no_decay else decay).append((name, p))
+        return [{"params": [p for _, p in group], "weight_decay": wd}
+                for group, wd in ((decay, weight_decay), (keep, 0.0))]
 
 
 class AlignStage(Stage):
+    def __init__(self, config, student, teacher):
+        super().__init__(config, student, teacher)
+        if config.mode == "matrix":
+            for i, mixer in self.mixers().items():
+                if not hasattr(mixer, "mixing_matrix"):
+                    raise ValueError(f"align mode 'matrix' needs mixers that materialize their mixing matrix; the "
+                                     f"{getattr(mixer, 'kind', type(mixer).__name__)} mixer of layer {i} has no "
+                                     "mixing_matrix (use mode 'output')")
+
     def loss(self, batch, key=None):
         if self.config.mode == "matrix":
             return self._matrix_loss(batch)
         mask = token_mask(batch)
-        extra = _padding_kwargs(batch)
-        with torch.no_grad(), capture(attention_modules(self.teacher, self.layers)) as seen:
-            self.teacher(**model_inputs(batch), use_cache=False)
-        blocks = decoder_layers(self.student)
+        seen = self.teacher("attention", model_inputs(batch), layers=self.layers)
         losses = {}
-        for i in self.layers:
-            mixer = blocks[i].self_attn
-            inputs = seen[i].inputs.to(_dtype(mixer))
-            out, _ = mixer(inputs, position_ids=batch.get("position_ids"), **extra)
+        for i, mixer in self.mixers().items():
+            out, _ = mixer(seen[i].inputs.to(_dtype(mixer)), **_replay_kwargs(seen[i], batch))
             losses[i] = mse_loss(out.float(), seen[i].output.float(), mask)
         return _mean(losses)
 
     def _matrix_loss(self, batch):
         n = self.config.matrix_len
         short = {k: v[:, :n] for k, v in model_inputs(batch).items()}
-        mask = token_mask({**batch, **short, "labels": None})
-        with torch.no_grad(), capture(attention_modules(self.teacher, self.layers)) as seen:
-            attn = self.teacher(**short, use_cache=False, output_attentions=True).attentions
+        mask = token_mask({**batch, **short})
+        seen, attn = self.teacher("attention_probs", short, layers=self.layers)
         if attn is None or attn[self.layers[0]] is None:
             raise ValueError("matrix alignment needs the teacher's attention probabilities: load it with "
                              "attn_implementation='eager'")
-        blocks = decoder_layers(self.student)
         pair = mask[:, None, :, None] * mask[:, None, None, :]  # [B, 1, T, T]: real query and key
         losses = {}
-        for i in self.layers:
-            mixer = blocks[i].self_attn
-            inputs = seen[i].inputs.to(_dtype(mixer))
-            matrix = mixer.mixing_matrix(inputs, position_ids=short.get("position_ids"), **_padding_kwargs(short))
+        for i, mixer in self.mixers().items():
+            matrix = mixer.mixing_matrix(seen[i].inputs.to(_dtype(mixer)), **_replay_kwargs(seen[i], short))
             diff = (matrix.float() - attn[i].float()).square() * pair
             losses[i] = diff.sum() / (pair.sum() * matrix.shape[1]).clamp_min(1)
         return _mean(losses)
@@ -127,8 +174,7 @@ class HiddenStage(Stage):
     def loss(self, batch, key=None):
         mask = token_mask(batch)
         extra = _padding_kwargs(batch)
-        with torch.no_grad(), capture(block_modules(self.teacher, self.layers)) as seen:
-            self.teacher(**model_inputs(batch), use_cache=False)
+        seen = self.teacher("blocks", model_inputs(batch), layers=self.layers)
         blocks = decoder_layers(self.student)
         losses = {}
         for i in self.layers:
@@ -148,21 +194,17 @@ class KDStage(Stage):
         """``(teacher tensor, teacher head)`` for ``chunked_kd_loss``: hidden states + lm head, or packed top-k."""
         k = self.config.teacher_topk
         if k is None:
-            with torch.no_grad():
-                return self.teacher.model(**inputs, use_cache=False).last_hidden_state, _head(self.teacher)
+            return self.teacher("hidden", inputs), functools.partial(self.teacher, "head")
         packed = self.cache.get(key) if self.cache is not None and key is not None else None
         if packed is None:
-            with torch.no_grad():
-                hidden = self.teacher.model(**inputs, use_cache=False).last_hidden_state
-                packed = torch.cat([topk_pack(lm_logits(self.teacher, h), k)
-                                    for h in hidden.split(max(1, self.config.chunk_tokens // hidden.shape[1]))])
+            packed = self.teacher("topk", inputs, topk=k, chunk_tokens=self.config.chunk_tokens)
             if self.cache is not None and key is not None:
                 self.cache.put(key, packed)
         return packed.to(inputs["input_ids"].device), topk_head(self.student.config.vocab_size)
 
     def loss(self, batch, key: str | None = None):
         c = self.config
-        mask = token_mask(batch)
+        mask = prediction_mask(batch)  # the positions that predict a labelled token, as CE counts them
         inputs = model_inputs(batch)
         teacher, teacher_head = self._teacher(inputs, key)
         student_hidden = self.student.model(**inputs, use_cache=False, **_padding_kwargs(batch)).last_hidden_state
@@ -176,7 +218,7 @@ class KDStage(Stage):
             mix=c.kd_mix,
             temperature=c.temperature,
             ce_weight=c.ce_weight,
-            labels=_next_token_labels(batch) if c.ce_weight else None,
+            labels=next_token_labels(batch) if c.ce_weight else None,
             chunk_tokens=c.chunk_tokens,
         )
         return loss, {"kd": loss.item()}
@@ -194,17 +236,14 @@ def _head(model):
     return functools.partial(lm_logits, model)
 
 
-def _next_token_labels(batch: dict) -> torch.Tensor:
-    """Labels for CE aligned with positions: position t predicts token t+1 (last position ignored)."""
-    labels = batch.get("labels", batch["input_ids"])
-    shifted = torch.full_like(labels, -100)
-    shifted[:, :-1] = labels[:, 1:]
-    if batch.get("position_ids") is not None:  # do not predict across a packed document boundary
-        starts = batch["position_ids"][:, 1:] == 0
-        shifted[:, :-1][starts] = -100
-    if batch.get("attention_mask") is not None:
-        shifted[batch["attention_mask"] == 0] = -100
-    return shifted
+def _replay_kwargs(seen: Captured, batch: dict) -> dict:
+    """What the teacher's attention was called with (RoPE ``position_embeddings``, ``position_ids``, its
+    mask), for the mixer in its place, plus the 2-D padding mask; mixers take what they need of it."""
+    kwargs = {"position_ids": batch.get("position_ids"), **seen.kwargs, **_padding_kwargs(batch)}
+    rope = kwargs.get("position_embeddings")
+    if isinstance(rope, tuple):  # the teacher may run in bf16; the mixer reads RoPE in its input dtype
+        kwargs["position_embeddings"] = tuple(t.to(seen.inputs.dtype) for t in rope)
+    return kwargs
 
 
 def _padding_kwargs(batch: dict) -> dict:

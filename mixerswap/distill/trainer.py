@@ -1,17 +1,19 @@
-"""``run_distill``: stages in order on one student, with accelerate, checkpoints and resume.
+"""``run_distill``: stages in order on one student, through an engine, with checkpoints and resume.
 
-Per stage: a fresh AdamW over the parameters the stage trains, warm-up then cosine / WSD /
-constant learning rate, gradient accumulation, gradient clipping, and a data loader seeded by
-``(seed, stage)`` with its own token budget. Every ``checkpoint_every`` optimizer steps and at the
-end of each stage the whole state is checkpointed atomically; ``resume=True`` continues from the
-latest checkpoint and reproduces an uninterrupted run exactly. A non-finite loss stops training
-with a clear message and leaves the last good checkpoint in place. The result is an ordinary HF
-folder, written atomically like ``convert``'s.
+Per stage: the stage objective (:mod:`.stages`), a fresh AdamW over the parameters it trains in two
+groups (weight decay, and none for what the mixers declare plus every bias and norm weight),
+warm-up then cosine / WSD / constant learning rate, gradient accumulation, gradient clipping, and a
+data loader seeded by ``(seed, stage)`` with its own token budget. The engine (:mod:`.engine`: DDP
+through accelerate, or FSDP2) owns devices, wrapping, backward, clipping and precision. Every
+``checkpoint_every`` optimizer steps and at the end of each stage the whole state is checkpointed
+atomically, with no pickle (:mod:`.checkpoint`); ``resume=True`` continues from the latest
+checkpoint and reproduces an uninterrupted run exactly. A non-finite loss stops training with a
+clear message and leaves the last good checkpoint in place. The student trains in fp32 and is saved
+in the teacher's dtype (or ``dtype``), the mixers' fp32 parameters kept fp32, as an ordinary HF
+folder written atomically like ``convert``'s.
 
-Distributed: run under ``accelerate launch``; each process takes its share of every batch and
-gradients are averaged across processes before each optimizer step (data-parallel). Stages call
-submodules (mixers, blocks) directly, so the averaging is explicit rather than left to a DDP
-wrapper's forward hooks.
+Distributed: under ``torchrun`` / ``accelerate launch`` each process takes its share of every batch
+(``rows[rank::world]``), so N processes with batch size b match one process with batch size N*b.
 """
 
 from __future__ import annotations
@@ -22,16 +24,27 @@ import math
 import shutil
 import time
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import yaml
+from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
 from ..convert.checkpoint_io import atomic_output_dir
-from .checkpoint import Progress, latest_checkpoint, load_checkpoint, load_progress, save_checkpoint
+from .checkpoint import (
+    Progress,
+    full_model_state,
+    latest_checkpoint,
+    load_checkpoint,
+    load_progress,
+    save_checkpoint,
+)
 from .data import PackedLoader, check_seq_len, check_vocab, held_out_split, read_documents
+from .engine import check_precision, make_engine
 from .lora import add_lora, merge_lora
 from .recipe import DistillRecipe, StageConfig
 from .stages import build_stage
@@ -73,10 +86,23 @@ def work_dir(out: str | Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
+def saved_dtype(recipe: DistillRecipe) -> torch.dtype:
+    """The dtype the distilled student is saved in: ``recipe.dtype``, or the teacher's for ``auto``."""
+    if recipe.dtype != "auto":
+        return getattr(torch, recipe.dtype)
+    from transformers import AutoConfig
+
+    dtype = getattr(AutoConfig.from_pretrained(recipe.teacher), "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
+
+
 def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
                 keep_checkpoints: bool = False, _fail_after_step: int | None = None) -> DistillResult:
     """Distill ``recipe.student`` from ``recipe.teacher``; see the module docstring."""
-    from accelerate import Accelerator
+    check_precision(recipe)
+    from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import AutoModelForCausalLM
 
     from ..architectures import MixerSwapForCausalLM
@@ -88,24 +114,34 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         raise FileExistsError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it "
                               "or delete that folder to start over")
 
+    matrix = any(s.name == "align" and s.mode == "matrix" for s in recipe.stages)
+    _forget_other_precision(recipe.mixed_precision)
     accelerator = Accelerator(mixed_precision=recipe.mixed_precision, log_with=recipe.log_with,
                               project_dir=str(work) if recipe.log_with else None,
-                              cpu=not torch.cuda.is_available())  # lets `torchrun` start CPU data parallelism
-    device = accelerator.device
+                              cpu=not torch.cuda.is_available(),  # lets `torchrun` start CPU data parallelism
+                              step_scheduler_with_optimizer=False,  # one schedule step per optimizer step
+                              # a mixing matrix leaves the mixer's output path without gradient
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=matrix)])
+    engine = make_engine(recipe, accelerator)
+    device = engine.device
+    out_dtype = saved_dtype(recipe)
     student = MixerSwapForCausalLM.from_pretrained(recipe.student, dtype=torch.float32).to(device)
     teacher_dtype = torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32
-    eager = any(s.name == "align" and s.mode == "matrix" for s in recipe.stages)
     teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=teacher_dtype,
-                                                   **({"attn_implementation": "eager"} if eager else {}))
-    teacher = teacher.to(device).eval().requires_grad_(False)
+                                                   **({"attn_implementation": "eager"} if matrix else {}))
+    teacher = teacher.eval().requires_grad_(False)
     check_vocab(teacher.config, student.config)
     tokenizer = _load_tokenizer(recipe.student, recipe.teacher)
     check_seq_len(recipe.seq_len, teacher.config)
 
-    documents = read_documents(recipe.data, text_field=recipe.text_field)
+    documents = read_documents(recipe.data, text_field=recipe.text_field, prompt_field=recipe.prompt_field,
+                               response_field=recipe.response_field, messages_field=recipe.messages_field,
+                               data_format=recipe.data_format)
     train_docs, held_out = held_out_split(documents, recipe.held_out_docs)
     eval_rows = _eval_rows(held_out, tokenizer, recipe.seq_len)
-    ppl_before = _perplexity(student, eval_rows, device) if eval_rows is not None else None
+    ppl_before = _perplexity(lambda o, b: o(b), HeldOutNLL(student), eval_rows, device)
+    student = engine.setup_student(student)
+    teacher = engine.setup_teacher(teacher)
 
     state = Progress()
     ckpt_root = work / "checkpoints"
@@ -120,7 +156,7 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     metrics_path = work / "metrics.jsonl"
     work.mkdir(parents=True, exist_ok=True)
 
-    world, rank = accelerator.num_processes, accelerator.process_index
+    world, rank, main = engine.world, engine.rank, accelerator.is_main_process
     lora_added = False
     for stage_index in range(state.stage_index, len(recipe.stages)):
         config = recipe.stages[stage_index]
@@ -136,50 +172,41 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         params = stage.select_trainable()
         rows_per_step = recipe.batch_size * recipe.grad_accum * world
         total_steps = max(1, math.ceil(config.tokens / (rows_per_step * recipe.seq_len)))
-        optimizer = torch.optim.AdamW(params, lr=config.peak_lr, weight_decay=recipe.weight_decay)
+        groups = [g for g in stage.param_groups(recipe.weight_decay) if g["params"]]
+        optimizer = torch.optim.AdamW(groups, lr=config.peak_lr)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s, c=config, n=total_steps: lr_factor(s, n, c))
+        model, optimizer, scheduler = engine.prepare(stage, optimizer, scheduler)
         loader = PackedLoader(train_docs, tokenizer, seq_len=recipe.seq_len, batch_size=recipe.batch_size * world,
                               seed=recipe.seed + stage_index, max_tokens=total_steps * rows_per_step * recipe.seq_len)
         start = state.stage_step if resuming else 0
         if start:  # mid-stage: weights, optimizer, schedule, data position and random generators continue
-            load_checkpoint(latest_checkpoint(ckpt_root), student, optimizer, scheduler)
+            load_checkpoint(latest_checkpoint(ckpt_root), student, _unwrap(optimizer), _unwrap(scheduler))
             loader.load_state_dict(state.loader_state)
         batches = iter(loader)
         student.train()
-        bar = tqdm(total=total_steps, initial=start, desc=f"{config.name}", disable=not (progress and accelerator.is_main_process))
+        bar = tqdm(total=total_steps, initial=start, desc=f"{config.name}", disable=not (progress and main))
         started, tokens_at_start = time.perf_counter(), state.tokens_seen
         for step in range(start, total_steps):
-            optimizer.zero_grad(set_to_none=True)
-            step_loss, parts, exhausted = 0.0, {}, False
-            for micro in range(recipe.grad_accum):
-                batch = next(batches, None)
-                if batch is None:
-                    exhausted = True
-                    break
-                batch = {k: v[rank::world].to(device) for k, v in batch.items()}
-                with accelerator.autocast():
-                    loss, parts = stage.loss(batch, key=f"stage{stage_index}-step{step:08d}-micro{micro}-rank{rank}")
-                if not torch.isfinite(loss):
-                    last = latest_checkpoint(ckpt_root)
-                    raise DistillError(
-                        f"loss became {loss.item()} at step {step + 1} of stage {config.name}; stopping. "
-                        f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate for this stage "
-                        "or mixed_precision 'no'."
-                    )
-                (loss / recipe.grad_accum).backward()
-                step_loss += loss.item() / recipe.grad_accum
-                state.tokens_seen += batch["input_ids"].numel() * world
-            if exhausted and step_loss == 0.0:
+            micros = list(islice(batches, recipe.grad_accum))
+            if not micros:
                 logger.warning("stage %s: data exhausted after %d steps", config.name, step)
                 break
-            if world > 1:
-                for p in params:
-                    if p.grad is not None:
-                        p.grad = accelerator.reduce(p.grad, reduction="mean")
+            exhausted = len(micros) < recipe.grad_accum
+            optimizer.zero_grad(set_to_none=True)
+            step_loss, parts = 0.0, {}
+            for micro, batch in enumerate(micros):
+                batch = {k: v[rank::world].to(device) for k, v in batch.items()}
+                with engine.sync(model, micro == len(micros) - 1):
+                    with engine.autocast():
+                        loss = model(batch, key=f"stage{stage_index}-step{step:08d}-micro{micro}-rank{rank}")
+                    _check_finite(loss, step, config, ckpt_root)
+                    engine.backward(loss / recipe.grad_accum)
+                parts = stage.metrics
+                step_loss += loss.item() / recipe.grad_accum
+                state.tokens_seen += batch["input_ids"].numel() * world
             if recipe.max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(params, recipe.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
+                engine.clip_grad_norm_(model, params, recipe.max_grad_norm)
+            engine.step(optimizer, scheduler)
             state.stage_step, state.global_step = step + 1, state.global_step + 1
             elapsed = max(time.perf_counter() - started, 1e-9)
             record = {"stage": config.name, "step": step + 1, "global_step": state.global_step, "loss": step_loss,
@@ -188,41 +215,79 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
             state.history.append({"stage": config.name, "step": step + 1, "loss": step_loss})
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")
             bar.update(1)
-            if accelerator.is_main_process:
+            if main:
                 with open(metrics_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if recipe.log_with:
                     accelerator.log({f"{config.name}/loss": step_loss, "lr": record["lr"]}, step=state.global_step)
             last_step = step + 1 == total_steps or exhausted
-            if (state.global_step % recipe.checkpoint_every == 0 or last_step) and accelerator.is_main_process:
-                state.stage_index = stage_index + 1 if last_step else stage_index
-                state.stage_step = 0 if last_step else step + 1
-                state.loader_state = None if last_step else loader.state_dict()
-                save_checkpoint(ckpt_root, student, optimizer, scheduler, state)
-                state.stage_index = stage_index
+            if state.global_step % recipe.checkpoint_every == 0 or last_step:
+                saved = Progress(**{**state.__dict__, "stage_index": stage_index + 1 if last_step else stage_index,
+                                    "stage_step": 0 if last_step else step + 1,
+                                    "loader_state": None if last_step else loader.state_dict()})
+                save_checkpoint(ckpt_root, student, _unwrap(optimizer), _unwrap(scheduler), saved)
             if _fail_after_step is not None and state.global_step >= _fail_after_step:
                 raise RuntimeError(f"simulated crash after step {state.global_step}")
             if exhausted:
                 break
         bar.close()
+        engine.end_stage()
+        del model, optimizer, scheduler
         state.stage_index, state.stage_step = stage_index + 1, 0
 
     if lora_added:
         merge_lora(student)
     student.eval()
-    ppl_after = _perplexity(student, eval_rows, device) if eval_rows is not None else None
-    if accelerator.is_main_process:
-        _write_output(student, tokenizer, recipe, out, overwrite, metrics_path, ppl_before, ppl_after)
+    ppl_after = _perplexity(engine.evaluate, HeldOutNLL(student), eval_rows, device)
+    weights = full_model_state(student)
+    if main:
+        _write_output(student.config, weights, out_dtype, tokenizer, recipe, out, overwrite, metrics_path,
+                      ppl_before, ppl_after)
         if not keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
+    if dist.is_initialized():
+        dist.barrier()
     accelerator.end_training()
     logger.info("wrote %s; held-out perplexity %s -> %s", out, ppl_before, ppl_after)
     return DistillResult(out, ppl_before, ppl_after, state.history)
 
 
+def _forget_other_precision(mixed_precision: str) -> None:
+    """accelerate keeps one precision per process; a later run in the same process may ask for another
+    (the process group, if any, is kept)."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_mixed_precision") != mixed_precision:
+        AcceleratorState._reset_state()
+
+
+def _unwrap(obj):
+    """The torch optimizer / scheduler inside accelerate's wrappers."""
+    from accelerate.optimizer import AcceleratedOptimizer
+    from accelerate.scheduler import AcceleratedScheduler
+
+    if isinstance(obj, AcceleratedOptimizer):
+        return obj.optimizer
+    return obj.scheduler if isinstance(obj, AcceleratedScheduler) else obj
+
+
+def _check_finite(loss: torch.Tensor, step: int, config: StageConfig, ckpt_root: Path) -> None:
+    """Stop on a NaN/inf loss, on every rank together when one of them sees it."""
+    bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=loss.device)
+    if dist.is_initialized():
+        dist.all_reduce(bad)
+    if bad.item():
+        last = latest_checkpoint(ckpt_root)
+        raise DistillError(
+            f"loss became {loss.item()} at step {step + 1} of stage {config.name}; stopping. "
+            f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate for this stage "
+            "or mixed_precision 'no'."
+        )
+
+
 def _cache_fingerprint(recipe: DistillRecipe, world: int) -> dict:
     """What cached teacher logits depend on: teacher, data, batching and the stages' budgets."""
-    keys = ("teacher", "data", "text_field", "seq_len", "batch_size", "grad_accum", "seed", "held_out_docs")
+    keys = ("teacher", "data", "text_field", "prompt_field", "response_field", "messages_field", "data_format", "seq_len", "batch_size", "grad_accum", "seed", "held_out_docs")
     stages = [{"name": s.name, "tokens": s.tokens, "teacher_topk": s.teacher_topk} for s in recipe.stages]
     return {**{k: getattr(recipe, k) for k in keys}, "world": world, "stages": stages}
 
@@ -240,37 +305,54 @@ def _load_tokenizer(*folders):
                             "into the student folder")
 
 
-def _eval_rows(held_out: list[str], tokenizer, seq_len: int, max_rows: int = 8) -> torch.Tensor | None:
+def _eval_rows(held_out: list, tokenizer, seq_len: int, max_rows: int = 8) -> torch.Tensor | None:
     if not held_out:
         return None
     loader = PackedLoader(held_out, tokenizer, seq_len=seq_len, batch_size=max_rows, shuffle=False)
     return next(iter(loader), None)
 
 
+class HeldOutNLL(nn.Module):
+    """Objective for evaluation: ``batch -> [summed next-token NLL, number of predicted tokens]``."""
+
+    def __init__(self, student: nn.Module):
+        super().__init__()
+        self.student = student
+
+    def forward(self, batch: dict, key: str | None = None) -> torch.Tensor:
+        from .masks import next_token_labels
+
+        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
+        labels = next_token_labels({**inputs, "labels": batch.get("labels")})  # responses only for chat data
+        logits = self.student(**inputs, use_cache=False).logits.float()
+        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
+                                                reduction="sum")
+        return torch.stack([nll, (labels != -100).sum().to(nll.dtype)])
+
+
 @torch.no_grad()
-def _perplexity(model, batch: dict, device) -> float:
-    """Token-weighted perplexity of next-token prediction over the held-out rows (documents kept apart)."""
-    from .stages import _next_token_labels
-
-    was_training = model.training
-    model.eval()
-    inputs = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "position_ids")}
-    labels = _next_token_labels(inputs)
-    logits = model(**inputs, use_cache=False).logits.float()
-    nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                            reduction="sum")
-    model.train(was_training)
-    return math.exp(nll.item() / max(1, int((labels != -100).sum())))
+def _perplexity(run, objective: HeldOutNLL, batch: dict | None, device) -> float | None:
+    """Token-weighted perplexity of next-token prediction over the held-out rows (documents kept apart);
+    ``run(objective, batch)`` evaluates the objective (through the engine once the student is wrapped)."""
+    if batch is None:
+        return None
+    student = objective.student
+    was_training = student.training
+    student.eval()
+    nll, count = run(objective, {k: v.to(device) for k, v in batch.items()}).tolist()
+    student.train(was_training)
+    return math.exp(nll / max(1.0, count))
 
 
-def _write_output(student, tokenizer, recipe, out, overwrite, metrics_path, ppl_before, ppl_after) -> None:
+def _write_output(config, weights: dict, dtype: torch.dtype, tokenizer, recipe, out, overwrite, metrics_path,
+                  ppl_before, ppl_after) -> None:
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        student.save_pretrained(tmp)
+        save_student(config, weights, dtype, tmp)
         tokenizer.save_pretrained(tmp)
         if metrics_path.exists():
             shutil.copy2(metrics_path, tmp / "metrics.jsonl")
         settings = {"mixerswap_version": __version__, "distill": json.loads(recipe.model_dump_json()),
-                    "conversion": student.config.conversion,
+                    "conversion": config.conversion, "dtype": str(dtype).removeprefix("torch."),
                     "held_out_perplexity": {"before": ppl_before, "after": ppl_after}}
         (tmp / "mixerswap.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         stages = ", ".join(f"{s.name}:{s.tokens}" for s in recipe.stages)
@@ -280,3 +362,22 @@ def _write_output(student, tokenizer, recipe, out, overwrite, metrics_path, ppl_
             f"Held-out perplexity: {ppl_before} before, {ppl_after} after. Settings: `mixerswap.yaml`; "
             "per-step metrics: `metrics.jsonl`.\n"
         )
+
+
+def save_student(config, weights: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:
+    """Save full ``weights`` (fp32 training weights) as a student folder in ``dtype``, keeping the
+    parameters the mixers declare fp32 in fp32 (the model is built on the meta device: no copy)."""
+    from ..architectures import MixerSwapForCausalLM
+    from ..architectures.mixers import fp32_parameter_names
+
+    with torch.device("meta"):
+        model = MixerSwapForCausalLM(config)
+    keep = fp32_parameter_names(model)
+    cast = {k: (v if k in keep or not v.is_floating_point() else v.to(dtype)) for k, v in weights.items()}
+    model.load_state_dict(cast, strict=False, assign=True)
+    model.tie_weights()
+    missing = [n for n, p in model.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"distilled weights lack {missing[:3]}")
+    model.config.dtype = dtype
+    model.save_pretrained(folder)
