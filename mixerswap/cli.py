@@ -166,8 +166,9 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
     result = run_distill(settings, resume=resume, overwrite=overwrite, progress=not quiet,
                          keep_checkpoints=keep_checkpoints, _fail_after_step=fail_after_step)
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
-        click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)} -> "
-                   f"{_fmt(result.perplexity_after)}")
+        stages = "".join(f" -> {_fmt(s['perplexity'])} ({s['stage']})" for s in result.stage_perplexity)
+        click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)}{stages}; "
+                   f"teacher {_fmt(result.perplexity_teacher)}")
 
 
 def _fmt(value) -> str:

@@ -57,6 +57,7 @@ class Progress:
     tokens_seen: int = 0
     loader_state: dict | None = None
     history: list = field(default_factory=list)
+    stage_perplexity: list = field(default_factory=list)  # [{"stage": name, "perplexity": float}] per finished stage
 
 
 def is_main() -> bool:

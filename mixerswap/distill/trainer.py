@@ -23,7 +23,7 @@ import logging
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -63,6 +63,8 @@ class DistillResult:
     perplexity_before: float | None
     perplexity_after: float | None
     history: list
+    perplexity_teacher: float | None = None
+    stage_perplexity: list = field(default_factory=list)  # [{"stage", "perplexity"}] after each stage
 
 
 def lr_factor(step: int, total: int, config: StageConfig) -> float:
@@ -140,6 +142,7 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     train_docs, held_out = held_out_split(documents, recipe.held_out_docs)
     eval_rows = _eval_rows(held_out, tokenizer, recipe.seq_len)
     ppl_before = _perplexity(lambda o, b: o(b), HeldOutNLL(student), eval_rows, device)
+    ppl_teacher = _perplexity(lambda o, b: o(b), HeldOutNLL(teacher), eval_rows, device)
     student = engine.setup_student(student)
     teacher = engine.setup_teacher(teacher)
 
@@ -234,6 +237,15 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
         engine.end_stage()
         del model, optimizer, scheduler
         state.stage_index, state.stage_step = stage_index + 1, 0
+        if eval_rows is not None:  # every stage should bring the student closer to the teacher end to end
+            ppl = _perplexity(engine.evaluate, HeldOutNLL(student), eval_rows, device)
+            state.stage_perplexity.append({"stage": config.name, "perplexity": ppl})
+            logger.info("after %s: held-out perplexity %.3f (teacher %.3f, before distillation %.3f)",
+                        config.name, ppl, ppl_teacher, ppl_before)
+            if main:
+                with open(metrics_path, "a") as f:
+                    f.write(json.dumps({"stage": config.name, "event": "stage_end", "held_out_perplexity": ppl,
+                                        "teacher_perplexity": ppl_teacher}) + "\n")
 
     if lora_added:
         merge_lora(student)
@@ -242,14 +254,15 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
     weights = full_model_state(student)
     if main:
         _write_output(student.config, weights, out_dtype, tokenizer, recipe, out, overwrite, metrics_path,
-                      ppl_before, ppl_after)
+                      {"teacher": ppl_teacher, "before": ppl_before, "stages": state.stage_perplexity,
+                       "after": ppl_after})
         if not keep_checkpoints:
             shutil.rmtree(work, ignore_errors=True)
     if dist.is_initialized():
         dist.barrier()
     accelerator.end_training()
-    logger.info("wrote %s; held-out perplexity %s -> %s", out, ppl_before, ppl_after)
-    return DistillResult(out, ppl_before, ppl_after, state.history)
+    logger.info("wrote %s; held-out perplexity %s -> %s (teacher %s)", out, ppl_before, ppl_after, ppl_teacher)
+    return DistillResult(out, ppl_before, ppl_after, state.history, ppl_teacher, state.stage_perplexity)
 
 
 def _forget_other_precision(mixed_precision: str) -> None:
@@ -345,7 +358,7 @@ def _perplexity(run, objective: HeldOutNLL, batch: dict | None, device) -> float
 
 
 def _write_output(config, weights: dict, dtype: torch.dtype, tokenizer, recipe, out, overwrite, metrics_path,
-                  ppl_before, ppl_after) -> None:
+                  perplexity: dict) -> None:
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
         save_student(config, weights, dtype, tmp)
         tokenizer.save_pretrained(tmp)
@@ -353,15 +366,22 @@ def _write_output(config, weights: dict, dtype: torch.dtype, tokenizer, recipe, 
             shutil.copy2(metrics_path, tmp / "metrics.jsonl")
         settings = {"mixerswap_version": __version__, "distill": json.loads(recipe.model_dump_json()),
                     "conversion": config.conversion, "dtype": str(dtype).removeprefix("torch."),
-                    "held_out_perplexity": {"before": ppl_before, "after": ppl_after}}
+                    "held_out_perplexity": perplexity}
         (tmp / "mixerswap.yaml").write_text(yaml.safe_dump(settings, sort_keys=False))
         stages = ", ".join(f"{s.name}:{s.tokens}" for s in recipe.stages)
         (tmp / "README.md").write_text(
             f"# Distilled mixerswap student\n\nStudent `{recipe.student}` distilled from `{recipe.teacher}` "
             f"on `{recipe.data}` (stages {stages}, seq_len {recipe.seq_len}).\n\n"
-            f"Held-out perplexity: {ppl_before} before, {ppl_after} after. Settings: `mixerswap.yaml`; "
-            "per-step metrics: `metrics.jsonl`.\n"
+            f"Held-out perplexity (next-token, {recipe.held_out_docs} held-out documents of the data, rows of "
+            f"{recipe.seq_len} tokens): teacher {_fmt(perplexity['teacher'])}; student {_fmt(perplexity['before'])} "
+            "before, " + "".join(f"{_fmt(s['perplexity'])} after {s['stage']}, " for s in perplexity["stages"])
+            + f"{_fmt(perplexity['after'])} at the end. Settings: `mixerswap.yaml`; per-step metrics: "
+            "`metrics.jsonl`.\n"
         )
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
 
 
 def save_student(config, weights: dict[str, torch.Tensor], dtype: torch.dtype, folder: Path) -> None:

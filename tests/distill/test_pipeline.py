@@ -2,6 +2,8 @@
 
 import json
 
+import yaml
+
 import pytest
 import torch
 from click.testing import CliRunner
@@ -61,10 +63,16 @@ def test_pipeline_lowers_held_out_perplexity(setup, tmp_path):
     stages = parse_stages("align:2k,hidden:2k,kd:4k")
     result = run_distill(recipe(setup, tmp_path / "out", stages), progress=False)
     assert result.perplexity_after < result.perplexity_before
+    assert [s["stage"] for s in result.stage_perplexity] == ["align", "hidden", "kd"]
+    assert result.stage_perplexity[-1]["perplexity"] == pytest.approx(result.perplexity_after, rel=1e-4)
+    assert result.perplexity_teacher < result.perplexity_after
     out = tmp_path / "out"
     assert {"config.json", "tokenizer.json", "metrics.jsonl", "mixerswap.yaml"} <= {p.name for p in out.iterdir()}
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [s for s in dict.fromkeys(line["stage"] for line in lines)] == ["align", "hidden", "kd"]
+    assert [line["stage"] for line in lines if line.get("event") == "stage_end"] == ["align", "hidden", "kd"]
+    recorded = yaml.safe_load((out / "mixerswap.yaml").read_text())["held_out_perplexity"]
+    assert set(recorded) == {"teacher", "before", "stages", "after"}
     assert not (tmp_path / "out.work").exists()
     AutoModelForCausalLM.from_pretrained(out)
 
