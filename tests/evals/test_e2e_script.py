@@ -21,5 +21,5 @@ def test_e2e_speed_tiny(tmp_path, monkeypatch, capsys):
     assert list(report["models"]) == ["teacher", "mamba2-50%", "mamba2-25%", "mamba2-0%"]
     assert [m["plan"].count("attention") for m in report["models"].values()] == [4, 2, 1, 0]
     assert {r["status"] for r in report["runs"]} == {"ok"} and len(report["ratios"]) == 6
-    assert "ssd_chunk_scan=torch" in output and "targets: not checked with --tiny" in output
+    assert "ssd_chunk_scan=" in output and "targets: not checked with --tiny" in output
     assert module.check_targets([])[0][1] == "n/a"

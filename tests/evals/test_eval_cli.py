@@ -33,7 +33,8 @@ def test_bench_command_writes_table_json_and_plot(pico_student, teacher_dir, tmp
     result = run("bench", pico_student, "--vs", teacher_dir("llama"), "--context", "16,32", "--batch", "1,2",
                  "--decode-tokens", "2", "--plot", tmp_path / "b.png", "--json", tmp_path / "b.json", "-q")
     assert result.exit_code == 0, result.output
-    assert "| pico-student" in result.output and "kernels: auto -> ssd_chunk_scan=torch" in result.output
+    assert "| pico-student" in result.output and "kernels: auto -> " in result.output
+    assert "ssd_chunk_scan=" in result.output  # every op the registered kinds call, with its backend
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["reference"] == teacher_dir("llama").name
     assert len(report["runs"]) == 8 and len(report["ratios"]) == 4
