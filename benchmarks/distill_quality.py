@@ -1,12 +1,14 @@
 """Quality of the whole job on a real trained teacher: convert, distill, measure (CPU, a few minutes).
 
     python benchmarks/distill_quality.py --teacher ../shared/data/teachers/stories260k \
-        [--keep-attention 0.4] [--stories 400] [--tokens 400k] [--workdir DIR]
+        [--to mamba2] [--set window=64 ...] [--keep-attention 0.4] [--stories 400] [--tokens 400k] [--workdir DIR]
 
 The teacher writes its own corpus (it only knows TinyStories): ``--stories`` samples at temperature
 1. The last 10% are held out. The converted student is distilled with align → hidden → kd on the rest
 (``--tokens`` split 1:1:2), then teacher, converted and distilled student are scored on the held-out
 stories: perplexity (sliding window) and next-token agreement with the teacher. Prints a table.
+``--to`` picks the mixer kind of the replaced layers and each ``--set KEY=VALUE`` one of its tunable
+settings (the value read as YAML: ``--set window=64 --set feature_map=hedgehog``).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixerswap.convert import convert
@@ -55,9 +58,19 @@ def score(model, teacher, tokenizer, texts: list[str], context: int = 256) -> tu
     return math.exp(nll / tokens), same / total
 
 
+def parse_setting(item: str) -> tuple[str, object]:
+    key, sep, value = item.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--set takes KEY=VALUE, got {item!r}")
+    return key.strip().replace("-", "_"), yaml.safe_load(value)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", required=True)
+    parser.add_argument("--to", default="mamba2", help="mixer kind of the replaced layers")
+    parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
+                        help="a tunable setting of the kind (repeatable)")
     parser.add_argument("--keep-attention", type=float, default=0.4)
     parser.add_argument("--stories", type=int, default=400)
     parser.add_argument("--tokens", default="400k")
@@ -75,7 +88,8 @@ def main() -> None:
     corpus = work / "stories.jsonl"
     # held-out stories first: distillation holds out the first `held_out_docs` documents
     corpus.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
-    convert(args.teacher, work / "student", keep_attention=args.keep_attention, overwrite=True, progress=False)
+    convert(args.teacher, work / "student", to=args.to, keep_attention=args.keep_attention,
+            mixer_settings=dict(args.set), overwrite=True, progress=False)
     quarter = parse_tokens(args.tokens) // 4
     recipe = DistillRecipe.validated({
         "student": str(work / "student"), "teacher": args.teacher, "data": str(corpus),
@@ -91,7 +105,8 @@ def main() -> None:
         ppl, agree = score(model, teacher, tokenizer, held_out)
         rows.append((name, ppl, agree))
     plan = AutoModelForCausalLM.from_pretrained(work / "student").config.conversion["attention_layers"]
-    print(f"teacher {args.teacher}; attention kept in layers {plan}; {len(stories) - held} training stories, "
+    print(f"teacher {args.teacher}; {args.to} {dict(args.set) or ''} elsewhere; attention kept in layers {plan}; "
+          f"{len(stories) - held} training stories, "
           f"{held} held out; distillation {args.tokens} tokens (align/hidden/kd = 1/1/2), seq_len {args.seq_len}")
     print(f"{'model':<10}  {'held-out ppl':>12}  {'top-1 agreement':>15}")
     for name, ppl, agree in rows:

@@ -14,6 +14,8 @@ read and write their own layer. Every mixer layer
 :class:`RecurrentStateLayer` holds fixed-size named states (e.g. Mamba-2's ``conv`` and ``ssm``):
 allocated once at the first forward and updated in place afterwards, so decoding allocates no new
 state tensors and the states keep their addresses (what CUDA graphs need).
+:class:`WindowKVLayer` holds the keys and values of a bounded window (plus attention sinks) in a ring
+buffer allocated once, and optional fixed-size running states beside it (linear attention's sums).
 """
 
 from __future__ import annotations
@@ -138,6 +140,148 @@ class RecurrentStateLayer(MixerCacheLayer):
     def offload(self):
         for name, t in self.states.items():
             self.states[name] = t.to("cpu", non_blocking=True)
+
+
+class WindowKVLayer(MixerCacheLayer):
+    """Keys and values of the last ``window`` tokens and the first ``sinks`` tokens of each row, bounded.
+
+    Slots ``[0, sinks)`` hold each row's first ``sinks`` real tokens (attention sinks, filled per row,
+    so left padding does not take them); slots ``sinks + (i % window)`` form a ring buffer holding the
+    token at absolute index ``i`` (its position in the row, padding included) while ``i`` is among the
+    last ``window``. All tensors are allocated at the first write and written in place afterwards, so
+    the bytes held do not depend on the sequence length.
+
+    Tensors (``S`` = sinks, ``W`` = window, ``G`` key/value heads, ``D`` head size):
+
+    * ``keys``, ``values``: ``[B, G, S + W, D]`` (keys after RoPE, as attention sees them);
+    * ``valid``: ``[B, S + W]`` bool, whether a slot holds a real token; a sink token is valid in its
+      sink slot only, never also in the ring, so no token is attended twice;
+    * ``slot_index``: ``[S + W]`` long, the absolute index of the token in each ring slot (-1 when
+      empty; sink slots keep -1 and are always in reach);
+    * ``real_count``: ``[B]`` long, real tokens seen per row (the rank of the next real token);
+    * ``states``: optional named fixed-size states of the mixer (e.g. linear attention's running
+      state and normalizer), kept like :class:`RecurrentStateLayer`'s.
+    """
+
+    def __init__(self, window: int, sinks: int = 0, **kwargs):
+        super().__init__()
+        if window < 1 or sinks < 0:
+            raise ValueError(f"a window cache needs window >= 1 and sinks >= 0, got window={window}, sinks={sinks}")
+        self.window, self.sinks = window, sinks
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+        self.valid: torch.Tensor | None = None
+        self.slot_index: torch.Tensor | None = None
+        self.real_count: torch.Tensor | None = None
+        self.states: dict[str, torch.Tensor] = {}
+
+    def __repr__(self):
+        return (f"WindowKVLayer(window={self.window}, sinks={self.sinks}, seen_tokens={self.seen_tokens}, "
+                f"keys={None if self.keys is None else tuple(self.keys.shape)})")
+
+    def tensors(self) -> list[torch.Tensor]:
+        held = [self.keys, self.values, self.valid, self.slot_index, self.real_count, *self.states.values()]
+        return [t for t in held if t is not None]
+
+    def has_state(self) -> bool:
+        return self.keys is not None and self.seen_tokens > 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.keys.shape[0] if self.keys is not None else -1
+
+    def _allocate(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        batch, heads, _, head_dim = keys.shape
+        slots = self.sinks + self.window
+        self.keys = keys.new_zeros(batch, heads, slots, head_dim)
+        self.values = values.new_zeros(batch, heads, slots, values.shape[-1])
+        self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=keys.device)
+        self.slot_index = torch.full((slots,), -1, dtype=torch.long, device=keys.device)
+        self.real_count = torch.zeros(batch, dtype=torch.long, device=keys.device)
+
+    def visible(self, query_index: torch.Tensor) -> torch.Tensor | None:
+        """``[B, T, S + W]`` which held slots the queries at absolute indices ``query_index [T]`` see
+        (a ring slot while its token is within ``window`` of the query, a sink always), or ``None``."""
+        if not self.has_state():
+            return None
+        in_reach = query_index[:, None] - self.slot_index[None, :] < self.window
+        in_reach[:, : self.sinks] = True
+        return self.valid[:, None, :] & in_reach[None]
+
+    def leaving(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The held ring entries the next ``new_tokens`` tokens overwrite: keys, values ``[B, G, n, D]``
+        and ``valid [B, n]`` (``None`` before the first write)."""
+        if not self.has_state():
+            return None
+        n = min(new_tokens, self.window)
+        slots = self.sinks + (torch.arange(self.seen_tokens, self.seen_tokens + n, device=self.keys.device) % self.window)
+        return self.keys[:, :, slots], self.values[:, :, slots], self.valid[:, slots]
+
+    def write(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor, rank: torch.Tensor) -> None:
+        """Record ``T`` new tokens in place: ``keys``/``values`` ``[B, G, T, D]``, ``real [B, T]`` bool
+        (false at padding and for tokens of a document that ended in this call) and ``rank [B, T]``
+        each token's rank among its row's real tokens (sinks are the ranks below ``sinks``)."""
+        if self.keys is None or self.keys.shape[0] != keys.shape[0]:
+            self._allocate(keys, values)
+        seqlen = keys.shape[2]
+        if self.sinks:
+            rows, steps = torch.nonzero(real & (rank < self.sinks), as_tuple=True)
+            slots = rank[rows, steps]
+            self.keys[rows, :, slots] = keys[rows, :, steps].to(self.keys.dtype)
+            self.values[rows, :, slots] = values[rows, :, steps].to(self.values.dtype)
+            self.valid[rows, slots] = True
+        n = min(seqlen, self.window)
+        index = torch.arange(self.seen_tokens + seqlen - n, self.seen_tokens + seqlen, device=self.keys.device)
+        slots = self.sinks + index % self.window
+        self.keys[:, :, slots] = keys[:, :, -n:].to(self.keys.dtype)
+        self.values[:, :, slots] = values[:, :, -n:].to(self.values.dtype)
+        self.valid[:, slots] = real[:, -n:] & (rank[:, -n:] >= self.sinks)
+        self.slot_index[slots] = index
+        self.real_count += real.sum(1)
+        self.seen_tokens += seqlen
+        self.is_initialized = True
+
+    def store(self, **states: torch.Tensor) -> None:
+        """Keep the mixer's named fixed-size states (copied into the held tensors after the first call)."""
+        for name, value in states.items():
+            held = self.states.get(name)
+            if held is None or held.shape != value.shape or held.dtype != value.dtype or held.device != value.device:
+                self.states[name] = value.detach().clone(memory_format=torch.contiguous_format)
+            elif held is not value:
+                held.copy_(value)
+
+    def reset(self) -> None:
+        for t in self.tensors():
+            t.zero_()
+        if self.slot_index is not None:
+            self.slot_index.fill_(-1)
+        self.seen_tokens = 0
+
+    def _per_row(self) -> list[str]:
+        return ["keys", "values", "valid", "real_count"]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        for t in [getattr(self, name) for name in self._per_row()] + list(self.states.values()):
+            if t is not None:
+                t.copy_(t.index_select(0, beam_idx.to(t.device)))
+
+    def _reallocate(self, fn) -> None:  # the batch size changes: new tensors are unavoidable
+        for name in self._per_row():
+            if getattr(self, name) is not None:
+                setattr(self, name, fn(getattr(self, name)).contiguous())
+        self.states = {name: fn(t).contiguous() for name, t in self.states.items()}
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._reallocate(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._reallocate(lambda t: t[indices, ...])
+
+    def offload(self):
+        for name in (*self._per_row(), "slot_index"):
+            if getattr(self, name) is not None:
+                setattr(self, name, getattr(self, name).to("cpu", non_blocking=True))
+        self.states = {name: t.to("cpu", non_blocking=True) for name, t in self.states.items()}
 
 
 class HybridMixerCache(DynamicCache):

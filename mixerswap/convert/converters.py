@@ -27,6 +27,7 @@ class AttentionLayout:
     """What a teacher's attention layer looks like, as far as a converter's settings care."""
 
     shape: AttentionShape
+    layer_idx: int = 0  # which teacher layer (e.g. to read ``config.layer_types[layer_idx]``)
     qkv_bias: bool = False
     out_bias: bool = False
     qk_norm: bool = False

@@ -203,7 +203,7 @@ def _complete_plan(requested: list[tuple[str, dict]], teacher_config, family, na
             raise PlanError(f"layer {idx}: {err.args[0]}") from None
         roles = attention_tensor_names(family, idx)
         present = {role for role, name in roles.items() if name in names}
-        layout = AttentionLayout(AttentionShape.from_config(teacher_config),
+        layout = AttentionLayout(AttentionShape.from_config(teacher_config), layer_idx=idx,
                                  qkv_bias=bool(present & {"q_bias", "qkv_bias"}), out_bias="o_bias" in present,
                                  qk_norm="q_norm" in present)
         try:

@@ -7,6 +7,10 @@ Mixers call only the operators exported here:
 * ``causal_conv1d(x, weight, bias, *, initial_state, seq_idx, activation) -> (y, final_state)``
 * ``causal_conv1d_step(x, state, weight, bias, *, activation) -> (y, state)``
 * ``gated_rmsnorm(y, z, weight, *, group_size, eps) -> out``
+* ``gla_chunk(q, k, v, g, *, scale, chunk_size, initial_state, seq_idx) -> (o, final_state)``
+* ``gla_step(state, q, k, v, g, scale) -> (o, state)``
+* ``delta_rule_chunk(q, k, v, g, beta, *, chunk_size, initial_state, seq_idx, scale) -> (o, final_state)``
+* ``delta_rule_step(state, q, k, v, g, beta, scale) -> (o, state)``
 
 Each has a pure PyTorch reference in ``<folder>/naive.py`` (``ssd``, ``conv1d``, ``norm``), which is the
 specification: shapes and semantics are documented there and every other backend is tested against it.
@@ -40,14 +44,17 @@ precision themselves.
 
 In-place decoding. ``ssd_step`` and ``causal_conv1d_step`` overwrite ``state`` (``[B, H, P, N]`` fp32
 and ``[B, D, K - 1]``) with the state after the token and return that same tensor object, so a cache
-allocates its states once. Every backend of these two ops must keep this contract. The full-sequence
+allocates its states once. Every backend of these two ops must keep this contract, and so must
+``delta_rule_step`` and ``gla_step`` (``[B, H, K, V]`` fp32). The full-sequence
 ops never modify their ``initial_state``.
 """
 
 from __future__ import annotations
 
-from . import conv1d, norm, ssd  # noqa: F401  (each folder registers its backends on import)
+from . import conv1d, delta_rule, norm, ssd  # noqa: F401  (each folder registers its backends on import)
+from . import gla  # noqa: F401  (registers gla_chunk, gla_step)
 from .conv1d.naive import causal_conv1d_ref, causal_conv1d_step_ref
+from .delta_rule.naive import delta_rule_chunk_ref, delta_rule_recurrent_ref, delta_rule_step_ref
 from .dispatch import (
     BACKENDS,
     PRIORITY,
@@ -62,6 +69,7 @@ from .dispatch import (
     unregister,
     use_backend,
 )
+from .gla.naive import gla_chunk_ref, gla_recurrent_ref, gla_step_ref
 from .norm.naive import gated_rmsnorm_ref
 from .ssd.naive import ssd_chunk_scan_ref, ssd_recurrent_ref, ssd_step_ref
 
@@ -70,6 +78,10 @@ ssd_step = entry_point("ssd_step", ssd_step_ref)
 causal_conv1d = entry_point("causal_conv1d", causal_conv1d_ref)
 causal_conv1d_step = entry_point("causal_conv1d_step", causal_conv1d_step_ref)
 gated_rmsnorm = entry_point("gated_rmsnorm", gated_rmsnorm_ref)
+gla_chunk = entry_point("gla_chunk", gla_chunk_ref)
+gla_step = entry_point("gla_step", gla_step_ref)
+delta_rule_chunk = entry_point("delta_rule_chunk", delta_rule_chunk_ref)
+delta_rule_step = entry_point("delta_rule_step", delta_rule_step_ref)
 
 __all__ = [
     "BACKENDS",
@@ -80,9 +92,19 @@ __all__ = [
     "causal_conv1d_ref",
     "causal_conv1d_step",
     "causal_conv1d_step_ref",
+    "delta_rule_chunk",
+    "delta_rule_chunk_ref",
+    "delta_rule_recurrent_ref",
+    "delta_rule_step",
+    "delta_rule_step_ref",
     "describe",
     "gated_rmsnorm",
     "gated_rmsnorm_ref",
+    "gla_chunk",
+    "gla_chunk_ref",
+    "gla_recurrent_ref",
+    "gla_step",
+    "gla_step_ref",
     "register",
     "requested_backend",
     "reset",

@@ -15,13 +15,27 @@ from .contract import (
     registered_kinds,
     unregister_mixer,
 )
+from .gdn import GDNMixer, GDNSettings
+from .gla import GLAMixer, GLASettings
+from .linear import LinearAttentionMixer, LinearSettings
 from .mamba2 import Mamba2Mixer, Mamba2Settings
+from .mla import MLAMixer, MLASettings
+from .swa import SlidingWindowMixer, SWASettings
 
 register_mixer(MixerKind(Mamba2Mixer, "mixerswap.convert.mamba2:CONVERTER"))
+register_mixer(MixerKind(MLAMixer, "mixerswap.convert.mla:CONVERTER"))
+register_mixer(MixerKind(GDNMixer, "mixerswap.convert.gdn:CONVERTER"))
+register_mixer(MixerKind(SlidingWindowMixer, "mixerswap.convert.swa:CONVERTER"))
+register_mixer(MixerKind(GLAMixer, "mixerswap.convert.gla:CONVERTER"))
+register_mixer(MixerKind(LinearAttentionMixer, "mixerswap.convert.linear:CONVERTER"))
 
 __all__ = [
+    "GDNMixer",
+    "GDNSettings",
     "Mamba2Mixer",
     "Mamba2Settings",
+    "MLAMixer",
+    "MLASettings",
     "Mixer",
     "MixerKind",
     "fp32_parameter_names",

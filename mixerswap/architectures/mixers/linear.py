@@ -1,0 +1,188 @@
+"""LoLCATs linear attention (``linear``): softmax over a local window, linear attention for the rest.
+
+Zhang et al., "LoLCATs: On Low-Rank Linearizing of Large Language Models" (2024), built on Hedgehog
+(Zhang et al. 2024). Each query ``i`` of head ``h`` mixes two kinds of weights with one normalizer::
+
+    a_ij = w_h exp(s_ij - c_i)          j in (i - window, i]      s = softcap(scale q . k), c_i = max_j s_ij
+    a_ij = (1 - w_h) phi(q_i) . phi(k_j)  j <= i - window         w_h = sigmoid(window_factors[h])
+    out_i = W_o sum_j a_ij v_j / sum_j a_ij
+
+with the teacher's q/k/v/o, q/k norms, RoPE, scale and softcap (shared with ``swa``), and a learnable
+per-head feature map ``phi``: ``hedgehog`` (``softmax([xW, -xW])``), ``t2r`` (``relu(xW)``) or ``elu``
+(``elu(xW) + 1``), ``W`` identity-initialized. Keys and values of a key/value head are shared by its
+query heads (grouped-query attention); ``phi(k)`` has its own map per key/value head, ``phi(q)`` per
+query head. Unlike LoLCATs, ``phi`` reads q and k *before* RoPE: a rotation by the absolute position
+inside a non-linear map would make the far part depend on where a sequence starts (left padding, a
+shifted prompt give other outputs), and the far tokens have no useful relative phase anyway.
+
+Recurrent form: a :class:`~mixerswap.architectures.cache.WindowKVLayer` keeps the window's keys and
+values (ring buffer; the values slot holds ``[v, unrotated k]``) and, beside them, the running state ``S = sum phi(k_j) v_j^T`` ``[B, G, F, D]``
+and normalizer ``z = sum phi(k_j)`` ``[B, G, F]`` of every token that has left the window; a token
+joins them when the ring overwrites it. Prefill and training use the same masks over the call's own
+tokens (quadratic in the call's length, like the LoLCATs reference). Padding and packed documents
+never leak; with ``window_factors`` at +inf and a window covering the sequence it is the teacher.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from torch import nn
+from transformers import initialization as init
+
+from ..cache import WindowKVLayer
+from .common import mixer_inputs
+from .swa import WindowAttentionMixer, WindowAttentionSettings
+
+
+class LinearSettings(WindowAttentionSettings):
+    """One LoLCATs mixer: the teacher's attention shape, the window and the feature map."""
+
+    window: int = Field(64, ge=1, description="keys each query sees through softmax, itself included")
+    feature_map: Literal["hedgehog", "t2r", "elu"] = "hedgehog"
+    feature_dim: int | None = Field(None, gt=0, description="F: output of the learned map; None: head_dim")
+    mix_init: float = Field(0.0, description="initial logit of the softmax share w_h of every head")
+
+
+class LinearAttentionMixer(WindowAttentionMixer):
+    """Sliding-window softmax + linear attention (LoLCATs); see the module docstring."""
+
+    kind = "linear"
+    Settings = LinearSettings
+    fp32_parameters = ("window_factors",)
+    no_weight_decay = ("window_factors",)
+
+    def __init__(self, settings: LinearSettings, hidden_size: int, layer_idx: int):
+        super().__init__(settings, hidden_size, layer_idx)
+        s = settings
+        self.feature_dim = s.feature_dim or s.head_dim
+        self.feature_map_q = nn.Parameter(torch.empty(s.n_heads, s.head_dim, self.feature_dim))
+        self.feature_map_k = nn.Parameter(torch.empty(s.n_kv_heads, s.head_dim, self.feature_dim))
+        self.window_factors = nn.Parameter(torch.empty(s.n_heads))
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        super().init_parameters(std)
+        self.init_new_parameters()
+
+    @torch.no_grad()
+    def init_new_parameters(self) -> None:
+        """Feature maps start as the identity (``phi`` sees the teacher's q and k, as in LoLCATs),
+        the softmax share at ``sigmoid(mix_init)`` in every head."""
+        s = self.settings
+        init.copy_(self.feature_map_q, torch.eye(s.head_dim, self.feature_dim).expand(s.n_heads, -1, -1))
+        init.copy_(self.feature_map_k, torch.eye(s.head_dim, self.feature_dim).expand(s.n_kv_heads, -1, -1))
+        init.constant_(self.window_factors, s.mix_init)
+
+    def align_parameters(self):
+        """The new parts only (LoLCATs' attention transfer): feature maps and mixing factors."""
+        return [self.feature_map_q, self.feature_map_k, self.window_factors]
+
+    def new_cache_layer(self) -> WindowKVLayer:
+        return WindowKVLayer(self.settings.window, 0)
+
+    def features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """``x [B, heads, T, D]`` → ``phi(x) [B, heads, T, F']`` (``F' = 2F`` for hedgehog)."""
+        x = torch.einsum("bhtd,hdf->bhtf", x, weight.to(x.dtype))
+        kind = self.settings.feature_map
+        if kind == "hedgehog":
+            return torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)
+        if kind == "t2r":
+            return F.relu(x)
+        return F.elu(x) + 1
+
+    def _grouped(self, t: torch.Tensor) -> torch.Tensor:
+        """``[B, H, ...]`` → ``[B, G, H / G, ...]`` (the query heads of each key/value head)."""
+        return t.unflatten(1, (self.settings.n_kv_heads, -1))
+
+    def _mix(self, hidden_states, position_ids, past_key_values, kwargs, *, matrix_only=False):
+        s = self.settings
+        batch, seqlen, _ = hidden_states.shape
+        layer: WindowKVLayer | None = None if matrix_only else self.cache_layer(past_key_values)
+        has_state = layer is not None and layer.has_state()
+        padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
+        real = padding.bool() if padding is not None else torch.ones(batch, seqlen, dtype=torch.bool,
+                                                                     device=hidden_states.device)
+        q_raw, k_raw, v = self.project_unrotated(hidden_states)
+        q, k = self.rotate(q_raw, k_raw, kwargs.get("position_embeddings"))
+        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        q, k, v, q_raw, k_raw = (t.transpose(1, 2).to(acc) for t in (q, k, v, q_raw, k_raw))  # [B, heads, T, D]
+        start = layer.seen_tokens if has_state else 0
+        cached, new, rank = self.window_masks(real, seq_idx, start, layer)
+        i = torch.arange(seqlen, device=real.device)
+        older = (i[:, None] - i[None, :] >= s.window)[None] & real[:, None, :]
+        if seq_idx is not None:
+            older = older & (seq_idx[:, :, None] == seq_idx[:, None, :])
+        keys, values, keys_raw, soft, lin = k, v, k_raw, new, older
+        if cached is not None:  # the ring holds [v, unrotated k] as its values (see _update_cache)
+            held_v, held_k_raw = layer.values.to(acc).split(s.head_dim, dim=-1)
+            keys, values = torch.cat([layer.keys.to(acc), k], 2), torch.cat([held_v, v], 2)
+            keys_raw = torch.cat([held_k_raw, k_raw], 2)
+            soft = torch.cat([cached, new], 2)
+            lin = torch.cat([layer.valid[:, None, :] & ~cached, older], 2)
+
+        share = torch.sigmoid(self.window_factors.to(acc))[None, :, None, None]
+        rest = torch.sigmoid(-self.window_factors.to(acc))[None, :, None, None]  # 1 - share, exactly 0 at +inf
+        scores = self.scores(q, keys).masked_fill(~soft[:, None], torch.finfo(acc).min)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * soft[:, None] * share
+        phi_q = self.features(q_raw, self.feature_map_q)
+        phi_k = self.features(keys_raw, self.feature_map_k)
+        rep = s.n_heads // s.n_kv_heads
+        linear = torch.matmul(phi_q, phi_k.repeat_interleave(rep, dim=1).transpose(-1, -2))
+        weights = weights + linear * lin[:, None] * rest  # [B, H, T, keys]
+        numerator = torch.matmul(weights, values.repeat_interleave(rep, dim=1))
+        denominator = weights.sum(-1, keepdim=True)
+        if has_state:  # everything that left the window before this call
+            phi_q_grouped = self._grouped(phi_q)  # [B, G, H / G, T, F']
+            kv, k_sum = layer.states["kv"].to(acc), layer.states["k_sum"].to(acc)
+            numerator = numerator + rest * torch.einsum("bgrtf,bgfd->bgrtd", phi_q_grouped, kv).flatten(1, 2)
+            denominator = denominator + rest * torch.einsum("bgrtf,bgf->bgrt", phi_q_grouped, k_sum).flatten(1, 2)[..., None]
+        if matrix_only:
+            return weights / denominator.clamp_min(torch.finfo(acc).tiny)
+        out = numerator / denominator.clamp_min(torch.finfo(acc).tiny)  # a padded query: 0 / 0 → 0
+        if layer is not None:
+            self._update_cache(layer, k, v, k_raw, self.kept(real, seq_idx), rank, hidden_states.dtype)
+        out = out.transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
+        return self.o_proj(out)
+
+    def _update_cache(self, layer: WindowKVLayer, k, v, k_raw, kept, rank, dtype) -> None:
+        """Fold the tokens that leave the window into the running state (in the accumulation dtype of
+        ``k``), then write the new ones (in ``dtype``): rotated keys, and ``[v, unrotated k]`` as values,
+        since the feature map reads unrotated keys when a token joins the state."""
+        s = self.settings
+        seqlen = k.shape[2]
+        passed = max(seqlen - s.window, 0)  # new tokens already out of the window when the call ends
+        gone_k, gone_v, gone = k_raw[:, :, :passed], v[:, :, :passed], kept[:, :passed]
+        leaving = layer.leaving(seqlen)
+        if leaving is not None:
+            _, old_values, old_valid = leaving
+            old_v, old_k = old_values.to(v.dtype).split(s.head_dim, dim=-1)
+            gone_k, gone_v = torch.cat([old_k, gone_k], 2), torch.cat([old_v, gone_v], 2)
+            gone = torch.cat([old_valid, gone], 1)
+        phi_k = self.features(gone_k, self.feature_map_k) * gone[:, None, :, None]
+        kv = torch.einsum("bgtf,bgtd->bgfd", phi_k, gone_v)
+        k_sum = phi_k.sum(2)
+        if layer.has_state():
+            kv, k_sum = kv + layer.states["kv"], k_sum + layer.states["k_sum"]
+        layer.store(kv=kv, k_sum=k_sum)
+        layer.write(k.to(dtype), torch.cat([v, k_raw], -1).to(dtype), kept, rank)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+        """``hidden_states [B, T, hidden]`` → ``([B, T, hidden], None)``; weights, state and normalizer in
+        fp32 (fp64 for fp64 inputs). The teacher's 4-D ``attention_mask`` is not used."""
+        return self._mix(hidden_states, position_ids, past_key_values, kwargs), None
+
+    def mixing_matrix(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None = None,
+                      **kwargs) -> torch.Tensor:
+        """The normalized weights ``a_ij / sum_j a_ij`` ``[B, H, T, T]`` (rows sum to 1, like attention)."""
+        return self._mix(hidden_states, position_ids, None, kwargs, matrix_only=True)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (f"layer_idx={self.layer_idx}, heads={s.n_heads}, kv_heads={s.n_kv_heads}, head_dim={s.head_dim}, "
+                f"window={s.window}, feature_map={s.feature_map}, feature_dim={self.feature_dim}")

@@ -1,0 +1,237 @@
+"""Sliding-window attention (``swa``): the teacher's own softmax attention over a bounded window.
+
+Each query sees the last ``window`` tokens (itself included, as ``transformers``' ``sliding_window``)
+and the first ``sinks`` tokens of its document (StreamingLLM's attention sinks, Xiao et al. 2023)::
+
+    out_i = W_o softmax_j( softcap(scale * q_i . k_j) )  v_j      j in sinks ∪ (i - window, i]
+
+with the teacher's q/k/v/o, its per-head q/k norms (Qwen3, Gemma-3), its RoPE (the ``(cos, sin)`` its
+decoder layer passes, partial rotary included), its score scale (``query_pre_attn_scalar`` of Gemma)
+and its logit softcap (Gemma-2). With ``window`` >= the sequence length it *is* the teacher's
+attention; for a sliding-window teacher (Mistral, Gemma-2/3 local layers) it is the teacher's layer
+with the teacher's window. The cache is a :class:`~mixerswap.architectures.cache.WindowKVLayer`
+(ring buffer of ``sinks + window`` slots), so memory is bounded whatever the length.
+
+Padding keys (the 2-D mask) and other packed documents (restarting ``position_ids``) are never seen;
+sinks are the first *real* tokens of a row or document, so left padding does not take them.
+:class:`WindowAttentionMixer` holds what ``linear`` (LoLCATs) shares: projections, norms, RoPE,
+and the window masks.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from torch import nn
+from transformers import initialization as init
+
+from ..cache import WindowKVLayer
+from .common import mixer_inputs
+from .contract import Mixer
+
+
+class WindowAttentionSettings(BaseModel):
+    """What the teacher's attention dictates, shared by ``swa`` and ``linear``, plus the window."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_heads: int = Field(gt=0, description="H: query heads (= teacher)")
+    n_kv_heads: int = Field(gt=0, description="G: key/value heads (= teacher), shared by H / G query heads")
+    head_dim: int = Field(gt=0, description="D: channels per head (= teacher)")
+    window: int = Field(512, ge=1, description="keys each query sees, itself included")
+    scaling: float | None = Field(None, gt=0, description="score scale; None: head_dim ** -0.5")
+    softcap: float | None = Field(None, gt=0, description="logit softcap (Gemma-2 attn_logit_softcapping)")
+    qk_norm: bool = Field(False, description="per-head RMSNorm on q and k before RoPE (Qwen3, Gemma-3)")
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False
+    out_bias: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        return self
+
+
+class SWASettings(WindowAttentionSettings):
+    """One sliding-window attention mixer."""
+
+    sinks: int = Field(0, ge=0, description="first tokens every query also sees (attention sinks)")
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE as ``transformers`` applies it, on the first ``cos.shape[-1]`` channels (partial rotary, Phi-3).
+
+    ``x``: ``[B, T, heads, D]``; ``cos``, ``sin``: ``[B, T, rotary_dim]`` (the decoder layer's
+    ``position_embeddings``, attention scaling of llama3/yarn RoPE already folded in).
+    """
+    cos, sin = cos[:, :, None].to(x.dtype), sin[:, :, None].to(x.dtype)
+    rot = cos.shape[-1]
+    x_rot, x_pass = x[..., :rot], x[..., rot:]
+    return torch.cat([x_rot * cos + rotate_half(x_rot) * sin, x_pass], dim=-1)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-head RMSNorm over the last dimension in fp32 (as Qwen3's and Gemma-3's q/k norms);
+    ``weight`` is the effective multiplier (Gemma's ``1 + w`` already folded in by the converter)."""
+    xf = x.float() if x.dtype != torch.float64 else x
+    out = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.to(xf.dtype)
+    return out.to(x.dtype)
+
+
+def document_rank(real: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+    """``[B, T]`` rank of each token among the real tokens of its document before it (0 for the first)."""
+    count = real.long().cumsum(1)
+    rank = count - real.long()
+    if seq_idx is None:
+        return rank
+    steps = torch.arange(real.shape[1], device=real.device).expand_as(seq_idx)
+    starts = seq_idx != F.pad(seq_idx, (1, 0), value=-1)[:, :-1]
+    first = torch.where(starts, steps, 0).cummax(1).values  # index of each token's document start
+    return rank - rank.gather(1, first)
+
+
+class WindowAttentionMixer(Mixer):
+    """The teacher's projections, norms and RoPE, and the masks of a windowed attention (shared base)."""
+
+    lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    kernel_ops = ()
+
+    def __init__(self, settings: WindowAttentionSettings, hidden_size: int, layer_idx: int):
+        super().__init__(settings, hidden_size, layer_idx)
+        s = settings
+        self.q_proj = nn.Linear(hidden_size, s.n_heads * s.head_dim, bias=s.qkv_bias)
+        self.k_proj = nn.Linear(hidden_size, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.v_proj = nn.Linear(hidden_size, s.n_kv_heads * s.head_dim, bias=s.qkv_bias)
+        self.o_proj = nn.Linear(s.n_heads * s.head_dim, hidden_size, bias=s.out_bias)
+        if s.qk_norm:
+            self.q_norm_weight = nn.Parameter(torch.empty(s.head_dim))
+            self.k_norm_weight = nn.Parameter(torch.empty(s.head_dim))
+        self.scale = s.scaling if s.scaling is not None else s.head_dim**-0.5
+
+    @torch.no_grad()
+    def init_parameters(self, std: float = 0.02) -> None:
+        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
+            init.normal_(proj.weight, std=std)
+            if proj.bias is not None:
+                init.zeros_(proj.bias)
+        if self.settings.qk_norm:
+            init.ones_(self.q_norm_weight)
+            init.ones_(self.k_norm_weight)
+
+    def new_cache_layer(self) -> WindowKVLayer:
+        return WindowKVLayer(self.settings.window, getattr(self.settings, "sinks", 0))
+
+    def project_unrotated(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``q [B, T, H, D]``, ``k``, ``v`` ``[B, T, G, D]`` as the teacher computes them, before RoPE."""
+        s = self.settings
+        batch, seqlen, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, seqlen, s.n_heads, s.head_dim)
+        k = self.k_proj(hidden_states).view(batch, seqlen, s.n_kv_heads, s.head_dim)
+        v = self.v_proj(hidden_states).view(batch, seqlen, s.n_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = rms_norm(q, self.q_norm_weight, s.norm_eps), rms_norm(k, self.k_norm_weight, s.norm_eps)
+        return q, k, v
+
+    def project(self, hidden_states: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, ...]:
+        """``q [B, T, H, D]``, ``k``, ``v`` ``[B, T, G, D]`` as the teacher computes them (norms, then RoPE)."""
+        q, k, v = self.project_unrotated(hidden_states)
+        return (*self.rotate(q, k, position_embeddings), v)
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The teacher's RoPE on ``q`` and ``k`` ``[B, T, heads, D]``."""
+        if position_embeddings is None:
+            raise ValueError(f"layer {self.layer_idx} ({self.kind}) reuses the teacher's RoPE and needs the "
+                             "position_embeddings (cos, sin) its decoder layer passes")
+        cos, sin = position_embeddings
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``q [B, H, T, D]`` · ``k [B, G, S, D]`` → scaled, softcapped scores ``[B, H, T, S]``."""
+        rep = self.settings.n_heads // self.settings.n_kv_heads
+        scores = torch.matmul(q, k.repeat_interleave(rep, dim=1).transpose(-1, -2)) * self.scale
+        softcap = self.settings.softcap
+        return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
+
+    def window_masks(self, real: torch.Tensor, seq_idx: torch.Tensor | None, start: int,
+                     layer: WindowKVLayer | None, sinks: int = 0):
+        """Which keys each query sees, split as (cached slots ``[B, T, S + W]`` or ``None``, this call's
+        tokens ``[B, T, T]``), and each token's rank among its document's real tokens ``[B, T]``."""
+        seqlen = real.shape[1]
+        rank = document_rank(real, seq_idx)
+        cached = None
+        if layer is not None and layer.has_state():
+            rank = rank + layer.real_count[:, None]
+            cached = layer.visible(torch.arange(start, start + seqlen, device=real.device))
+        i = torch.arange(seqlen, device=real.device)
+        causal = (i[:, None] >= i[None, :])[None]
+        in_window = (i[:, None] - i[None, :] < self.settings.window)[None] | (rank < sinks)[:, None, :]
+        new = causal & in_window & real[:, None, :]
+        if seq_idx is not None:
+            new = new & (seq_idx[:, :, None] == seq_idx[:, None, :])
+        return cached, new, rank
+
+    @staticmethod
+    def kept(real: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
+        """The tokens a cache keeps after this call: real ones of the row's last document."""
+        return real if seq_idx is None else real & (seq_idx == seq_idx[:, -1:])
+
+
+class SlidingWindowMixer(WindowAttentionMixer):
+    """Softmax attention over ``sinks`` + the last ``window`` tokens; see the module docstring."""
+
+    kind = "swa"
+    Settings = SWASettings
+
+    def _attend(self, hidden_states, position_ids, past_key_values, kwargs, *, probs_only=False):
+        s = self.settings
+        batch, seqlen, _ = hidden_states.shape
+        layer: WindowKVLayer | None = None if probs_only else self.cache_layer(past_key_values)
+        has_state = layer is not None and layer.has_state()
+        padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
+        real = padding.bool() if padding is not None else torch.ones(batch, seqlen, dtype=torch.bool,
+                                                                     device=hidden_states.device)
+        q, k, v = self.project(hidden_states, kwargs.get("position_embeddings"))
+        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        q, k, v = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # [B, heads, T, D]
+        start = layer.seen_tokens if has_state else 0
+        cached, new, rank = self.window_masks(real, seq_idx, start, layer, s.sinks)
+        keys, values, mask = k, v, new
+        if cached is not None:
+            keys = torch.cat([layer.keys.to(acc), k], 2)
+            values = torch.cat([layer.values.to(acc), v], 2)
+            mask = torch.cat([cached, new], 2)
+        scores = self.scores(q, keys).masked_fill(~mask[:, None], torch.finfo(acc).min)
+        probs = torch.softmax(scores, dim=-1) * mask[:, None].any(-1, keepdim=True)  # a query that sees nothing gets 0
+        if probs_only:
+            return probs
+        if layer is not None:
+            layer.write(k.to(hidden_states.dtype), v.to(hidden_states.dtype), self.kept(real, seq_idx), rank)
+        rep = s.n_heads // s.n_kv_heads
+        out = torch.matmul(probs, values.repeat_interleave(rep, dim=1))  # [B, H, T, D]
+        out = out.transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
+        return self.o_proj(out)
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.LongTensor | None = None, past_key_values=None,
+                **kwargs) -> tuple[torch.Tensor, None]:
+        """``hidden_states [B, T, hidden]`` → ``([B, T, hidden], None)``; scores and softmax in fp32 (fp64
+        for fp64). ``attention_mask`` (the teacher's 4-D mask) is not used: the window, sinks, padding
+        and documents make the mask here, the same at prefill and at every decode step."""
+        return self._attend(hidden_states, position_ids, past_key_values, kwargs), None
+
+    def mixing_matrix(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None = None,
+                      **kwargs) -> torch.Tensor:
+        """The attention probabilities ``[B, H, T, T]`` (0 outside the window, sinks and document)."""
+        return self._attend(hidden_states, position_ids, None, kwargs, probs_only=True)
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        return (f"layer_idx={self.layer_idx}, heads={s.n_heads}, kv_heads={s.n_kv_heads}, head_dim={s.head_dim}, "
+                f"window={s.window}, sinks={s.sinks}")
