@@ -47,8 +47,12 @@ def parse_layer(entry: dict, layer_idx: int) -> tuple[str, BaseModel | None]:
     try:
         return kind, registry[kind].Settings(**settings)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
-        raise PlanError(f"layer {layer_idx} ({kind}): {problems}") from None
+        raise PlanError(f"layer {layer_idx} ({kind}): {describe_validation_error(err)}") from None
+
+
+def describe_validation_error(err: ValidationError) -> str:
+    """pydantic's errors as one short line: ``field: message; ...``."""
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in err.errors())
 
 
 def validate_plan(plan: Sequence[dict], num_layers: int) -> list[tuple[str, BaseModel | None]]:

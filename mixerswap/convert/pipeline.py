@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 import yaml
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 from transformers import AutoConfig
 
@@ -26,7 +27,7 @@ from .. import __version__
 from ..architectures import MixerSwapConfig, MixerSwapForCausalLM, describe_plan, family_for
 from ..architectures.mixers import mixer_kind, registered_kinds
 from ..architectures.modeling import AUTO_MAP, write_remote_code
-from ..architectures.plan import ATTENTION, PlanError, parse_layer
+from ..architectures.plan import ATTENTION, PlanError, describe_validation_error, parse_layer
 from .adapters import AttentionShape, attention_tensor_names, read_attention
 from .checkpoint_io import (
     CheckpointError,
@@ -208,7 +209,9 @@ def _complete_plan(requested: list[tuple[str, dict]], teacher_config, family, na
                                  qk_norm="q_norm" in present)
         try:
             settings = converter.settings(teacher_config, layout, overrides)
-        except ValueError as err:  # pydantic's ValidationError is a ValueError
+        except ValidationError as err:
+            raise PlanError(f"layer {idx} ({kind}): {describe_validation_error(err)}") from None
+        except ValueError as err:
             raise PlanError(f"layer {idx} ({kind}): {' '.join(str(err).split())}") from None
         plan.append({"kind": kind, **settings.model_dump()})
         layer_names[idx] = {roles[r] for r in present}
