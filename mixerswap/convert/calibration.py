@@ -117,6 +117,23 @@ def attention_reach(probs: torch.Tensor) -> torch.Tensor:
     return per_query[..., 0].transpose(0, 1).flatten(1).float().median(dim=-1).values
 
 
+@torch.no_grad()
+def head_output_scales(mixer: nn.Module, stats: LayerStats, *, heads: int, capture: str) -> torch.Tensor:
+    """Per head, the least-squares scale that brings the mixer's output closest to the teacher's.
+
+    The mixer's output projection (``capture``, the teacher's ``W_o``) should receive what attention
+    gives it: the per-head outputs ``a_h`` (``stats.head_outputs``). Each head ``h`` gets
+    ``s_h = <y_h, a_h> / <y_h, y_h>`` on its output ``y_h`` (the projection's input), the scalar
+    minimizing ``||s_h y_h - a_h||``: the teacher's size where ``y_h`` points the teacher's way,
+    shrunk towards zero (a head that adds little) where it does not. Returns ``[heads]`` fp32, to be
+    folded into whatever scales each head's output (a norm weight, the projection's columns).
+    """
+    _, y = replay_mixer(mixer, stats, capture=capture)
+    y = y.double().reshape(-1, heads, y.shape[-1] // heads)
+    a = stats.head_outputs.double().reshape(-1, heads, y.shape[-1])
+    return ((y * a).sum((0, 2)) / (y * y).sum((0, 2)).clamp_min(1e-30)).float()
+
+
 def output_match(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
     """How close a mixer's output is to the teacher attention output it replaces, over all tokens.
 

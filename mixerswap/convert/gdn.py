@@ -160,21 +160,13 @@ def fitted_write_strengths(mixer: GDNMixer, stats: LayerStats) -> dict[str, torc
 
 
 def calibrated_head_scales(mixer: GDNMixer, stats: LayerStats) -> dict[str, torch.Tensor]:
-    """Per-head output scales fitted to the teacher: the least-squares scalar per head.
-
-    ``out_proj`` is the teacher's ``W_o``, so the mixer should hand it what attention hands it, the
-    per-head outputs ``a_h``. Each head ``h`` gets ``s_h = <y_h, a_h> / <y_h, y_h>`` on its output
-    ``y_h`` (normed and gated), the scalar minimizing ``||s_h y_h - a_h||``: the teacher's size where
-    ``y_h`` points the teacher's way, shrunk towards zero where it does not; folded into the norm weight.
-    """
-    from .calibration import replay_mixer
+    """Per-head output scales fitted to the teacher (:func:`~.calibration.head_output_scales`), folded
+    into the output norm's weight."""
+    from .calibration import head_output_scales
 
     s = mixer.settings
-    _, y = replay_mixer(mixer, stats, capture="out_proj")
-    y = y.double().reshape(-1, s.n_heads, s.head_dim)
-    a = stats.head_outputs.double().reshape(-1, s.n_heads, s.head_dim)
-    scale = (y * a).sum((0, 2)) / (y * y).sum((0, 2)).clamp_min(1e-30)  # [H]
-    return {"norm_weight": mixer.norm_weight.detach().float() * scale.repeat_interleave(s.head_dim).float()}
+    scale = head_output_scales(mixer, stats, heads=s.n_heads, capture="out_proj").repeat_interleave(s.head_dim)
+    return {"norm_weight": mixer.norm_weight.detach().float() * scale}
 
 
 CONVERTER = GDNConverter()

@@ -57,17 +57,13 @@ class GLAConverter(MixerConverter):
 
 
 def calibrated_head_scales(mixer: GLAMixer, stats: LayerStats) -> dict[str, torch.Tensor]:
-    """``o_proj`` with each head's columns scaled by ``s_h = <y_h, a_h> / <y_h, y_h>``: the scalar that
-    makes the mixer's per-head output ``y_h`` closest to the teacher's ``a_h`` (least squares), as
-    :func:`mixerswap.convert.mamba2.calibrated_head_scales`."""
-    from .calibration import replay_mixer
+    """``o_proj`` with each head's columns scaled by its fitted output scale
+    (:func:`~.calibration.head_output_scales`)."""
+    from .calibration import head_output_scales
 
     s = mixer.settings
-    _, y = replay_mixer(mixer, stats, capture="o_proj")
-    y = y.double().reshape(-1, s.n_heads, s.head_dim)
-    a = stats.head_outputs.double().reshape(-1, s.n_heads, s.head_dim)
-    scale = (y * a).sum((0, 2)) / (y * y).sum((0, 2)).clamp_min(1e-30)
-    return {"o_proj.weight": mixer.o_proj.weight.detach().float() * scale.repeat_interleave(s.head_dim).float()}
+    scale = head_output_scales(mixer, stats, heads=s.n_heads, capture="o_proj").repeat_interleave(s.head_dim)
+    return {"o_proj.weight": mixer.o_proj.weight.detach().float() * scale}
 
 
 CONVERTER = GLAConverter()

@@ -113,27 +113,19 @@ def dt_bias_from_reach(reach: torch.Tensor, A_log: torch.Tensor) -> torch.Tensor
 
 
 def calibrated_head_scales(mixer: Mamba2Mixer, stats: LayerStats) -> dict[str, torch.Tensor]:
-    """Per-head output scales fitted to the teacher: the least-squares scalar per head.
+    """Per-head output scales fitted to the teacher (:func:`~.calibration.head_output_scales`).
 
-    The output projection is the teacher's ``W_o``, so the mixer should hand it what attention hands
-    it: the per-head outputs ``a_h`` (``[tokens, P]``). The per-head norm makes every head emit unit
-    RMS whatever the teacher's value scale (on SmolLM2 the converted outputs were 2-23x too large),
-    so each head ``h`` gets one scale ``s_h = <y_h, a_h> / <y_h, y_h>`` on its output ``y_h``, the
-    scalar that minimizes ``||s_h y_h - a_h||``: the right size when ``y_h`` points the teacher's
-    way, shrunk towards zero (a layer that adds little) when it does not. It goes into the norm
-    weight (or, without a norm, the columns of ``out_proj`` that read the head).
+    The per-head norm makes every head emit unit RMS whatever the teacher's value scale (on SmolLM2
+    the converted outputs were 2-23x too large); the fitted scale goes into the norm weight (or,
+    without a norm, the columns of ``out_proj`` that read the head).
     """
-    from .calibration import replay_mixer
+    from .calibration import head_output_scales
 
     s = mixer.settings
-    _, y = replay_mixer(mixer, stats, capture="out_proj")
-    y = y.double().reshape(-1, s.n_heads, s.head_dim)
-    a = stats.head_outputs.double().reshape(-1, s.n_heads, s.head_dim)
-    scale = (y * a).sum((0, 2)) / (y * y).sum((0, 2)).clamp_min(1e-30)  # [H]
-    per_channel = scale.repeat_interleave(s.head_dim).float()
+    scale = head_output_scales(mixer, stats, heads=s.n_heads, capture="out_proj").repeat_interleave(s.head_dim)
     if s.norm != "none":
-        return {"norm_weight": mixer.norm_weight.detach().float() * per_channel}
-    return {"out_proj.weight": mixer.out_proj.weight.detach().float() * per_channel}
+        return {"norm_weight": mixer.norm_weight.detach().float() * scale}
+    return {"out_proj.weight": mixer.out_proj.weight.detach().float() * scale}
 
 
 CONVERTER = Mamba2Converter()
