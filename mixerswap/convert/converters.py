@@ -54,6 +54,30 @@ class LayerStats:
     attention_reach: torch.Tensor | None = None
 
 
+def place_attention(state: dict[str, torch.Tensor], attn: AttentionWeights,
+                    names: dict[str, str]) -> dict[str, torch.Tensor]:
+    """``state`` (a mixer's own initialization) with the teacher's attention tensors put in place.
+
+    ``names`` maps the roles ``q``, ``k``, ``v``, ``o`` to the mixer's linear layers (weight and
+    bias go to ``<layer>.weight`` / ``<layer>.bias``) and ``q_norm`` / ``k_norm`` to the mixer's norm
+    weights. A teacher tensor the mixer has no place for is an error (its settings do not fit the
+    teacher); a bias the mixer has but the teacher lacks for that projection becomes zero.
+    """
+    state = dict(state)
+    for role, target in names.items():
+        pairs = [(role, target)] if role.endswith("norm") else [(role, f"{target}.weight"), (f"{role}_bias", f"{target}.bias")]
+        for field_name, name in pairs:
+            tensor = getattr(attn, field_name)
+            if tensor is not None:
+                if name not in state:
+                    raise ValueError(f"the teacher has {field_name} weights but the mixer settings have no place for "
+                                     f"them ({name})")
+                state[name] = tensor
+            elif field_name.endswith("_bias") and name in state:
+                state[name] = torch.zeros_like(state[name])
+    return state
+
+
 class MixerConverter:
     """Base of converters; subclasses set ``tunable`` and implement the two methods."""
 

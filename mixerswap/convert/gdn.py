@@ -52,7 +52,7 @@ from transformers import PreTrainedConfig
 
 from ..architectures.mixers.gdn import GDNMixer, GDNSettings
 from .adapters import AttentionWeights
-from .converters import AttentionLayout, LayerStats, MixerConverter
+from .converters import AttentionLayout, LayerStats, MixerConverter, place_attention
 
 
 class GDNConverter(MixerConverter):
@@ -95,18 +95,8 @@ class GDNConverter(MixerConverter):
             mixer = GDNMixer(settings, teacher_config.hidden_size, layer_idx=0)
             mixer.init_parameters()
         state = {name: t.detach() for name, t in mixer.state_dict().items()}
-        copies = {
-            "q_proj.weight": attn.q, "k_proj.weight": attn.k, "v_proj.weight": attn.v, "out_proj.weight": attn.o,
-            "q_proj.bias": attn.q_bias, "k_proj.bias": attn.k_bias, "v_proj.bias": attn.v_bias,
-            "out_proj.bias": attn.o_bias, "q_norm_weight": attn.q_norm, "k_norm_weight": attn.k_norm,
-        }
-        for name, tensor in copies.items():
-            if tensor is None:
-                continue
-            if name not in state:
-                raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
-                                 f"({name}) but the mixer settings have no place for them")
-            state[name] = tensor
+        state = place_attention(state, attn, {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj",
+                                              "q_norm": "q_norm_weight", "k_norm": "k_norm_weight"})
         if stats is not None:
             if stats.attention_reach is not None:
                 state["A_log"] = decay_from_reach(state["dt_bias"], stats.attention_reach)

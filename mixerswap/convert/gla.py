@@ -25,8 +25,8 @@ from transformers import PreTrainedConfig
 
 from ..architectures.mixers.gla import GLAMixer, GLASettings
 from .adapters import AttentionWeights
-from .converters import AttentionLayout, LayerStats, MixerConverter
-from .swa import copy_attention
+from .converters import AttentionLayout, LayerStats, MixerConverter, place_attention
+from .swa import QKVO_NAMES
 
 
 class GLAConverter(MixerConverter):
@@ -49,7 +49,7 @@ class GLAConverter(MixerConverter):
         ``stats``, per-head output scales fitted to the teacher. Nothing is random (``seed`` unused)."""
         mixer = GLAMixer(settings, teacher_config.hidden_size, layer_idx=0)
         mixer.init_parameters()
-        state = copy_attention({n: t.detach() for n, t in mixer.state_dict().items()}, attn, settings)
+        state = place_attention({n: t.detach() for n, t in mixer.state_dict().items()}, attn, QKVO_NAMES)
         if stats is not None and stats.head_outputs is not None:
             mixer.load_state_dict(state)
             state.update(calibrated_head_scales(mixer, stats))

@@ -25,8 +25,8 @@ from transformers import PreTrainedConfig
 
 from ..architectures.mixers.linear import LinearAttentionMixer, LinearSettings
 from .adapters import AttentionWeights
-from .converters import AttentionLayout, LayerStats, MixerConverter
-from .swa import copy_attention, teacher_attention_settings
+from .converters import AttentionLayout, LayerStats, MixerConverter, place_attention
+from .swa import QKVO_NAMES, teacher_attention_settings
 
 
 class LinearConverter(MixerConverter):
@@ -45,7 +45,7 @@ class LinearConverter(MixerConverter):
         (nothing random; ``stats`` and ``seed`` are unused)."""
         mixer = LinearAttentionMixer(settings, teacher_config.hidden_size, layer_idx=0)
         mixer.init_parameters()
-        state = copy_attention({n: t.detach() for n, t in mixer.state_dict().items()}, attn, settings)
+        state = place_attention({n: t.detach() for n, t in mixer.state_dict().items()}, attn, QKVO_NAMES)
         return {name: t.contiguous() for name, t in state.items()}
 
 

@@ -33,7 +33,7 @@ from transformers import PreTrainedConfig
 
 from ..architectures.mixers.mamba2 import Mamba2Mixer, Mamba2Settings
 from .adapters import AttentionWeights
-from .converters import AttentionLayout, LayerStats, MixerConverter
+from .converters import AttentionLayout, LayerStats, MixerConverter, place_attention
 
 
 class Mamba2Converter(MixerConverter):
@@ -77,18 +77,8 @@ class Mamba2Converter(MixerConverter):
             mixer = Mamba2Mixer(settings, teacher_config.hidden_size, layer_idx=0)
             mixer.init_parameters()
         state = {name: t.detach() for name, t in mixer.state_dict().items()}
-        copies = {
-            "c_proj.weight": attn.q, "b_proj.weight": attn.k, "x_proj.weight": attn.v, "out_proj.weight": attn.o,
-            "c_proj.bias": attn.q_bias, "b_proj.bias": attn.k_bias, "x_proj.bias": attn.v_bias,
-            "out_proj.bias": attn.o_bias, "c_norm_weight": attn.q_norm, "b_norm_weight": attn.k_norm,
-        }
-        for name, tensor in copies.items():
-            if tensor is None:
-                continue
-            if name not in state:
-                raise ValueError(f"the teacher has {name.split('.')[0].replace('_proj', '')} weights "
-                                 f"({name}) but the mixer settings have no place for them")
-            state[name] = tensor
+        state = place_attention(state, attn, {"q": "c_proj", "k": "b_proj", "v": "x_proj", "o": "out_proj",
+                                              "q_norm": "c_norm_weight", "k_norm": "b_norm_weight"})
         if stats is not None and stats.attention_reach is not None:
             state["dt_proj.bias"] = dt_bias_from_reach(stats.attention_reach, state["A_log"])
         if stats is not None and stats.head_outputs is not None:

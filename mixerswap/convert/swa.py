@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedConfig
 
-from ..architectures.mixers.swa import SlidingWindowMixer, SWASettings, WindowAttentionSettings
+from ..architectures.mixers.swa import SlidingWindowMixer, SWASettings
 from .adapters import AttentionWeights
-from .converters import AttentionLayout, LayerStats, MixerConverter
+from .converters import AttentionLayout, LayerStats, MixerConverter, place_attention
 
 DEFAULT_WINDOW = 512
 DEFAULT_SINKS = 4
@@ -59,24 +59,9 @@ def teacher_window(teacher_config: PreTrainedConfig, layer_idx: int) -> int | No
     return int(window) if window else None
 
 
-def copy_attention(state: dict[str, torch.Tensor], attn: AttentionWeights,
-                   settings: WindowAttentionSettings) -> dict[str, torch.Tensor]:
-    """``state`` with the teacher's projections, biases and q/k norms copied in (names of
-    :class:`~mixerswap.architectures.mixers.swa.WindowAttentionMixer`)."""
-    copies = {
-        "q_proj.weight": attn.q, "k_proj.weight": attn.k, "v_proj.weight": attn.v, "o_proj.weight": attn.o,
-        "q_proj.bias": attn.q_bias, "k_proj.bias": attn.k_bias, "v_proj.bias": attn.v_bias,
-        "o_proj.bias": attn.o_bias, "q_norm_weight": attn.q_norm, "k_norm_weight": attn.k_norm,
-    }
-    state = dict(state)
-    for name, tensor in copies.items():
-        if name in state and tensor is not None:
-            state[name] = tensor
-        elif tensor is not None:
-            raise ValueError(f"the teacher has {name} but the mixer settings have no place for it")
-        elif name.endswith(".bias") and name in state:  # a bias the teacher lacks for this projection only
-            state[name] = torch.zeros_like(state[name])
-    return state
+# The teacher's projections keep their names in the window / linear-attention mixers.
+QKVO_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "q_norm": "q_norm_weight",
+              "k_norm": "k_norm_weight"}
 
 
 class SWAConverter(MixerConverter):
@@ -99,7 +84,7 @@ class SWAConverter(MixerConverter):
         with torch.device("meta"):
             mixer = SlidingWindowMixer(settings, teacher_config.hidden_size, layer_idx=0)
         state = {name: torch.empty(t.shape) for name, t in mixer.state_dict().items()}
-        state = copy_attention(state, attn, settings)
+        state = place_attention(state, attn, QKVO_NAMES)
         return {name: t.contiguous() for name, t in state.items()}
 
 
