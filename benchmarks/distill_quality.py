@@ -1,10 +1,10 @@
 """Quality of the whole job on a real trained teacher: convert, distill, measure (CPU, a few minutes).
 
     python benchmarks/distill_quality.py --teacher ../shared/data/teachers/stories260k \
-        [--to mamba2] [--set window=64 ...] [--keep-attention 0.4] [--stories 400] [--tokens 400k] [--workdir DIR]
+        [--to mamba2] [--set window=64 ...] [--keep-attention 0.4] [--calibration] [--stories 400] [--tokens 400k] [--workdir DIR]
 
 The teacher writes its own corpus (it only knows TinyStories): ``--stories`` samples at temperature
-1. The last 10% are held out. The converted student is distilled with align → hidden → kd on the rest
+1. The first 10% are held out (``--calibration``: the next 40 calibrate the conversion). The converted student is distilled with align → hidden → kd on the rest
 (``--tokens`` split 1:1:2), then teacher, converted and distilled student are scored on the held-out
 stories: perplexity (sliding window) and next-token agreement with the teacher. Prints a table.
 ``--to`` picks the mixer kind of the replaced layers and each ``--set KEY=VALUE`` one of its tunable
@@ -72,6 +72,8 @@ def main() -> None:
     parser.add_argument("--set", type=parse_setting, action="append", default=[], metavar="KEY=VALUE",
                         help="a tunable setting of the kind (repeatable)")
     parser.add_argument("--keep-attention", type=float, default=0.4)
+    parser.add_argument("--calibration", action="store_true",
+                        help="convert with --calibration on 40 training stories (never the held-out ones)")
     parser.add_argument("--stories", type=int, default=400)
     parser.add_argument("--tokens", default="400k")
     parser.add_argument("--seq-len", type=int, default=256)
@@ -88,15 +90,19 @@ def main() -> None:
     corpus = work / "stories.jsonl"
     # held-out stories first: distillation holds out the first `held_out_docs` documents
     corpus.write_text("".join(json.dumps({"text": s}) + "\n" for s in stories))
+    calibration = None
+    if args.calibration:
+        calibration = work / "calibration.txt"
+        calibration.write_text("\n\n".join(stories[held : held + 40]))
     convert(args.teacher, work / "student", to=args.to, keep_attention=args.keep_attention,
-            mixer_settings=dict(args.set), overwrite=True, progress=False)
+            mixer_settings=dict(args.set), calibration=calibration, overwrite=True, progress=False)
     quarter = parse_tokens(args.tokens) // 4
     recipe = DistillRecipe.validated({
         "student": str(work / "student"), "teacher": args.teacher, "data": str(corpus),
         "out": str(work / "distilled"), "seq_len": args.seq_len, "batch_size": 16, "held_out_docs": held,
         "stages": [{"name": "align", "tokens": quarter, "lr": 3e-3}, {"name": "hidden", "tokens": quarter, "lr": 1e-3},
                    {"name": "kd", "tokens": 2 * quarter, "lr": 5e-4}]})
-    run_distill(recipe, overwrite=True, progress=False)
+    result = run_distill(recipe, overwrite=True, progress=False)
 
     held_out = stories[:held]
     rows = []
@@ -105,12 +111,17 @@ def main() -> None:
         ppl, agree = score(model, teacher, tokenizer, held_out)
         rows.append((name, ppl, agree))
     plan = AutoModelForCausalLM.from_pretrained(work / "student").config.conversion["attention_layers"]
-    print(f"teacher {args.teacher}; {args.to} {dict(args.set) or ''} elsewhere; attention kept in layers {plan}; "
+    print(f"teacher {args.teacher}; {args.to} {dict(args.set) or ''} elsewhere"
+          f"{' (calibrated)' if args.calibration else ''}; attention kept in layers {plan}; "
           f"{len(stories) - held} training stories, "
           f"{held} held out; distillation {args.tokens} tokens (align/hidden/kd = 1/1/2), seq_len {args.seq_len}")
     print(f"{'model':<10}  {'held-out ppl':>12}  {'top-1 agreement':>15}")
     for name, ppl, agree in rows:
         print(f"{name:<10}  {ppl:>12.3f}  {agree:>15.1%}")
+    print("held-out perplexity during distillation (first rows of the held-out stories): before "
+          f"{result.perplexity_before:.3f}, " + ", ".join(f"after {r['stage']} {r['perplexity']:.3f}"
+                                                       for r in result.stage_perplexity)
+          + f"; teacher {result.perplexity_teacher:.3f}")
     print(f"whole run {time.perf_counter() - started:.0f} s (CPU)")
     if args.workdir is None:
         shutil.rmtree(work, ignore_errors=True)
