@@ -1,9 +1,13 @@
 """Converted students with and without calibration, before any training, on a real trained teacher.
 
     python benchmarks/calibration.py --teacher ../shared/data/teachers/stories260k [--stories 40] [--keep 0.6,0.4,0]
+    python benchmarks/calibration.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
+        --text ../shared/data/text/wikitext2-test.raw [--context 1024] [--windows 8] [--keep 0.5,0.25,0]
 
-The teacher samples ``--stories`` stories (seeded, temperature 1; it only knows TinyStories); the
-first half is the calibration text, the second half the held-out text. For each attention fraction,
+Without ``--text`` the teacher samples ``--stories`` stories (seeded, temperature 1; it only knows
+TinyStories): the first half is the calibration text, the second half the held-out text. With
+``--text`` the first 2% of the file calibrates and ``--windows`` windows of ``--context`` tokens from
+its second half are held out. For each attention fraction,
 the student is converted without and with ``--calibration`` and its held-out perplexity printed
 beside the teacher's. Writes ``benchmarks/results/calibration.json``.
 """
@@ -21,6 +25,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mixerswap.convert import convert
+from mixerswap.convert.checkpoint_io import resolve_model_dir
 
 
 @torch.no_grad()
@@ -35,41 +40,58 @@ def main():
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--stories", type=int, default=40)
     parser.add_argument("--keep", default="0.6,0.4,0")
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "calibration.json"))
+    parser.add_argument("--text", help="a text file: calibration from its start, held-out windows from its second half")
+    parser.add_argument("--context", type=int, default=1024)
+    parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/calibration[-TEACHER].json)")
     args = parser.parse_args()
 
-    tokenizer = AutoTokenizer.from_pretrained(args.teacher)
-    teacher = AutoModelForCausalLM.from_pretrained(args.teacher).eval()
-    torch.manual_seed(0)
-    start = torch.full((args.stories, 1), tokenizer.bos_token_id)
-    with torch.no_grad():
-        out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=200,
-                               pad_token_id=tokenizer.eos_token_id)
-    stories = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
-    half = len(stories) // 2
-    held_out = [torch.tensor(tokenizer(s)["input_ids"]) for s in stories[half:]]
+    teacher_dir = resolve_model_dir(args.teacher)  # a .gguf becomes an HF folder (cached)
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    if args.text:
+        text = Path(args.text).read_text(encoding="utf-8")
+        calibration_text = text[: len(text) // 50]
+        ids = tokenizer(text[len(text) // 2 :])["input_ids"]
+        held_out = [torch.tensor(ids[i * args.context : (i + 1) * args.context]) for i in range(args.windows)]
+        source = f"{args.windows} windows of {args.context} tokens from the second half of {args.text}"
+    else:
+        torch.manual_seed(0)
+        start = torch.full((args.stories, 1), tokenizer.bos_token_id)
+        with torch.no_grad():
+            out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=200,
+                                   pad_token_id=tokenizer.eos_token_id)
+        stories = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
+        half = len(stories) // 2
+        held_out = [torch.tensor(tokenizer(s)["input_ids"]) for s in stories[half:]]
+        calibration_text = "\n\n".join(stories[:half])
+        source = f"{len(held_out)} teacher-sampled stories; calibration: {half} other stories"
     rows = [{"model": "teacher", "keep_attention": 1.0, "calibrated": None, "perplexity": perplexity(teacher, held_out)}]
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calibration.txt"
-        calib.write_text("\n\n".join(stories[:half]))
+        calib.write_text(calibration_text)
         for keep in (float(k) for k in args.keep.split(",")):
             for calibrated in (False, True):
                 started = time.perf_counter()
                 folder = Path(tmp) / f"student-{keep}-{calibrated}"
-                convert(args.teacher, folder, keep_attention=keep, calibration=calib if calibrated else None,
+                convert(teacher_dir, folder, keep_attention=keep, calibration=calib if calibrated else None,
                         progress=False)
                 student = AutoModelForCausalLM.from_pretrained(folder).eval()
                 rows.append({"model": "student", "keep_attention": keep, "calibrated": calibrated,
                              "perplexity": perplexity(student, held_out),
                              "convert_seconds": round(time.perf_counter() - started, 2)})
     tokens = sum(len(r) for r in held_out)
-    print(f"held-out: {len(held_out)} teacher-sampled stories, {tokens} tokens; calibration: {half} other stories")
+    print(f"teacher {args.teacher}; held-out: {source} ({tokens} tokens)")
     print(f"{'model':<10}{'attention kept':>16}{'calibrated':>12}{'perplexity':>12}")
     for r in rows:
         print(f"{r['model']:<10}{r['keep_attention']:>16.2f}{str(r['calibrated'] if r['calibrated'] is not None else '-'):>12}"
               f"{r['perplexity']:>12.2f}")
+    if args.out is None:
+        name = "calibration.json" if not args.text else f"calibration-{Path(args.teacher).stem}.json"
+        args.out = str(Path(__file__).parent / "results" / name)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"teacher": args.teacher, "held_out_tokens": tokens, "rows": rows}, indent=1))
+    Path(args.out).write_text(json.dumps({"teacher": args.teacher, "held_out": source, "held_out_tokens": tokens,
+                                          "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
 

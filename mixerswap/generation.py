@@ -18,8 +18,8 @@ def pick_device(device: str | None) -> torch.device:
 
 
 def check_model_path(path: str | Path) -> None:
-    """A path-looking argument must be an existing folder (anything else may be a hub id)."""
-    if not Path(path).is_dir() and str(path).startswith((".", "/", "~")):
+    """A path-looking argument must be an existing folder or .gguf file (anything else may be a hub id)."""
+    if not Path(path).is_dir() and not Path(path).is_file() and str(path).startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such model folder: {path}")
 
 
@@ -32,6 +32,9 @@ def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: s
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_path(path)
+    from .convert.gguf import hf_model_path
+
+    path = hf_model_path(path)  # a .gguf file: its dequantized HF folder
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=DTYPES[dtype])

@@ -121,12 +121,19 @@ class SafetensorsShard:
 
 
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as is; otherwise a Hugging Face hub id, downloaded (config, tokenizer, weights)."""
+    """A local folder as is; a ``.gguf`` file (or a folder holding only one) as its cached HF folder
+    (:mod:`.gguf`); otherwise a Hugging Face hub id, downloaded (config, tokenizer, weights)."""
+    from .gguf import find_gguf, gguf_as_hf_folder
+
     path = Path(name_or_path)
+    gguf = find_gguf(path)
+    if gguf is not None:
+        return gguf_as_hf_folder(gguf)
     if path.is_dir():
         return path
     if path.exists():
-        raise CheckpointError(f"{path} is a file; give the folder that holds config.json and the weights")
+        raise CheckpointError(f"{path} is a file; give the folder that holds config.json and the weights, "
+                              "or a .gguf file")
     text = str(name_or_path)
     if text.count("/") > 1 or text.startswith((".", "/", "~")):
         raise CheckpointError(f"no such folder: {path}")

@@ -34,7 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..convert.checkpoint_io import atomic_output_dir
+from ..convert.checkpoint_io import atomic_output_dir, check_output
+from ..convert.gguf import hf_model_path
 from .checkpoint import (
     Progress,
     full_model_state,
@@ -88,13 +89,13 @@ def work_dir(out: str | Path) -> Path:
     return out.parent / f"{out.name}.work"
 
 
-def saved_dtype(recipe: DistillRecipe) -> torch.dtype:
+def saved_dtype(recipe: DistillRecipe, teacher_path=None) -> torch.dtype:
     """The dtype the distilled student is saved in: ``recipe.dtype``, or the teacher's for ``auto``."""
     if recipe.dtype != "auto":
         return getattr(torch, recipe.dtype)
     from transformers import AutoConfig
 
-    dtype = getattr(AutoConfig.from_pretrained(recipe.teacher), "dtype", None)
+    dtype = getattr(AutoConfig.from_pretrained(teacher_path or recipe.teacher), "dtype", None)
     if isinstance(dtype, str):
         dtype = getattr(torch, dtype, None)
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
@@ -109,9 +110,11 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
 
     from ..architectures import MixerSwapForCausalLM
 
-    out, work = Path(recipe.out), work_dir(recipe.out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise FileExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
+    # never write over an input of the run (or a folder holding one), whatever --overwrite says
+    out = check_output(recipe.out, overwrite=overwrite,
+                       inputs=(recipe.student, recipe.teacher, recipe.data, recipe.teacher_cache))
+    work = work_dir(out)
+    teacher_path = hf_model_path(recipe.teacher)  # a .gguf teacher: its dequantized HF folder
     if not resume and latest_checkpoint(work / "checkpoints") is not None:
         raise FileExistsError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it "
                               "or delete that folder to start over")
@@ -126,14 +129,14 @@ def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool 
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=matrix)])
     engine = make_engine(recipe, accelerator)
     device = engine.device
-    out_dtype = saved_dtype(recipe)
+    out_dtype = saved_dtype(recipe, teacher_path)
     student = MixerSwapForCausalLM.from_pretrained(recipe.student, dtype=torch.float32).to(device)
     teacher_dtype = torch.bfloat16 if recipe.mixed_precision == "bf16" else torch.float32
-    teacher = AutoModelForCausalLM.from_pretrained(recipe.teacher, dtype=teacher_dtype,
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=teacher_dtype,
                                                    **({"attn_implementation": "eager"} if matrix else {}))
     teacher = teacher.eval().requires_grad_(False)
     check_vocab(teacher.config, student.config)
-    tokenizer = _load_tokenizer(recipe.student, recipe.teacher)
+    tokenizer = _load_tokenizer(recipe.student, teacher_path)
     check_seq_len(recipe.seq_len, teacher.config)
 
     documents = read_documents(recipe.data, text_field=recipe.text_field, prompt_field=recipe.prompt_field,

@@ -94,3 +94,37 @@ def test_overwrite_never_replaces_an_input(teacher_dir, tmp_path):
             convert(teacher, out, overwrite=True, progress=False)
     assert sorted(p.name for p in teacher.iterdir()) == before
     convert(teacher, parent / "student", progress=False)  # a sibling is fine
+
+
+def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
+    """A .gguf file, or a folder holding exactly one (and no safetensors), names a GGUF teacher; its
+    dequantized HF folder is cached by path, size and mtime and reused without reading the file again."""
+    import os
+
+    from mixerswap.convert.checkpoint_io import CheckpointError, resolve_model_dir
+    from mixerswap.convert.gguf import find_gguf, gguf_as_hf_folder
+
+    folder = tmp_path / "gguf"
+    folder.mkdir()
+    model = folder / "tiny.Q4_1.gguf"
+    model.write_bytes(b"GGUF")
+    assert find_gguf(model) == model and find_gguf(folder) == model
+    (folder / "other.gguf").write_bytes(b"GGUF")
+    with pytest.raises(CheckpointError, match="holds 2 .gguf files"):
+        find_gguf(folder)
+    (folder / "model.safetensors").write_bytes(b"")
+    assert find_gguf(folder) is None  # an HF folder that also ships a GGUF is read as an HF folder
+
+    monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("read again"))
+    import hashlib
+
+    stat = model.stat()
+    key = hashlib.sha256(f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = tmp_path / "cache" / "gguf" / f"tiny.Q4_1-{key}"
+    cached.mkdir(parents=True)
+    (cached / "config.json").write_text("{}")
+    assert gguf_as_hf_folder(model) == cached == resolve_model_dir(model)
+    os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed file is not the cached one
+    with pytest.raises(BaseException, match="read again"):
+        gguf_as_hf_folder(model)

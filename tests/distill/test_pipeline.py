@@ -199,3 +199,12 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
         torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-3, msg=name)
     start = AutoModelForCausalLM.from_pretrained(setup["student"]).state_dict()
     assert any(not torch.equal(one[n], start[n]) for n in one)  # training happened
+
+
+def test_out_never_replaces_an_input(setup):
+    """--overwrite with --out = the student, or the folder holding the student and the data, is refused."""
+    stages = parse_stages("kd:1k")
+    for out, word in ((setup["student"], "is"), (setup["root"], "contains")):
+        with pytest.raises(ValueError, match=f"{word} an input of this run"):
+            run_distill(recipe(setup, out, stages), overwrite=True, progress=False)
+    assert (setup["student"] / "config.json").exists() and setup["data"].exists()

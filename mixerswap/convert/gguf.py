@@ -1,0 +1,70 @@
+"""GGUF teachers: a ``.gguf`` file (or a folder holding one) becomes an ordinary HF folder, once.
+
+``transformers`` reads GGUF checkpoints (``from_pretrained(dir, gguf_file=...)``), dequantizing the
+weights, but will not save a model loaded that way as is; the model is rebuilt from its config
+without ``quantization_config`` and saved as safetensors with its tokenizer. The folder is cached
+under ``$MIXERSWAP_CACHE`` (default ``~/.cache/mixerswap``) keyed by the file's path, size and
+modification time, written to a temporary folder and renamed into place, so later commands reuse it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+
+def find_gguf(path: Path) -> Path | None:
+    """The GGUF file ``path`` names: the file itself, or the only ``.gguf`` in a folder without safetensors."""
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        found = sorted(path.glob("*.gguf"))
+        if len(found) > 1:
+            from .checkpoint_io import CheckpointError
+
+            raise CheckpointError(f"{path} holds {len(found)} .gguf files; give the one to use")
+        return found[0] if found else None
+    return None
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("MIXERSWAP_CACHE", Path.home() / ".cache" / "mixerswap"))
+
+
+def gguf_as_hf_folder(gguf: Path) -> Path:
+    """The cached HF folder of ``gguf``, made on first use (see the module docstring)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .checkpoint_io import atomic_output_dir
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    logger.info("reading %s (dequantizing; once, cached in %s)", gguf, folder)
+    config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True)
+    model.tie_weights()
+    with atomic_output_dir(folder, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    return folder
+
+
+def hf_model_path(name_or_path):
+    """``name_or_path`` as ``from_pretrained`` can read it: a GGUF teacher becomes its cached HF folder,
+    anything else (folder, hub id) is returned as is."""
+    gguf = find_gguf(Path(name_or_path))
+    return gguf_as_hf_folder(gguf) if gguf is not None else name_or_path
