@@ -199,17 +199,17 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, dt
 
 
 @main.command()
-@click.option("--out", default=None, help="Keep the demo's teacher and student here (default: a temp folder).")
-@click.option("--steps", default=300, show_default=True, help="Training steps of the demo teacher.")
-@click.option("--distill-tokens", default=160_000, show_default=True, help="Token budget of the demo distillation.")
+@click.option("--out", default=None, help="Keep the demo's corpus and students here (default: a temp folder).")
+@click.option("--stories", default=160, show_default=True, help="Stories the teacher writes (its corpus).")
+@click.option("--distill-tokens", default=60_000, show_default=True, help="Token budget of the demo distillation.")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def demo(out, steps, distill_tokens, quiet):
-    """Build a small teacher locally (no download), convert it, generate, and report what happened."""
+def demo(out, stories, distill_tokens, quiet):
+    """Convert and distill a real trained teacher shipped with the package (no download), and report."""
     setup_logging(quiet)
     from .demo import run_demo
 
-    run_demo(out, steps=steps, distill_tokens=distill_tokens, progress=not quiet, echo=click.echo)
+    run_demo(out, stories=stories, distill_tokens=distill_tokens, progress=not quiet, echo=click.echo)
 
 
 def _lengths_option(ctx, param, value):

@@ -1,17 +1,17 @@
-"""``mixerswap demo``: the whole job on a teacher built here, in about a minute on a laptop CPU.
+"""``mixerswap demo``: the whole job on a real trained teacher, in a minute or two on a laptop CPU.
 
-1. Train a byte-level BPE tokenizer and a small Llama on the short stories shipped in
-   ``mixerswap/data/demo_stories.txt`` (no download).
-2. Convert it: half of the layers become Mamba-2 mixers initialized from the attention weights.
-3. Generate from teacher and student, and report held-out perplexity and cache memory.
+1. The teacher is stories260k, a trained 260K-parameter Llama shipped with the package (MIT, from
+   llama2.c); it writes its own corpus (no download).
+2. Convert it with calibration: 3 of its 5 layers become Mamba-2 mixers.
+3. Distill (align → hidden → kd) and report held-out perplexity after every stage beside the
+   teacher's, agreement with the teacher, greedy generations and a speed / cache table.
 
-The student is not distilled here, so its text is worse than the teacher's; that gap is what
-``mixerswap distill`` closes.
+``build_tokenizer`` and ``demo_text`` (a few bundled stories) serve tests that need a tokenizer or
+text without a download.
 """
 
 from __future__ import annotations
 
-import math
 import tempfile
 import time
 from importlib import resources
@@ -20,9 +20,6 @@ from pathlib import Path
 import torch
 
 from .convert import convert
-
-
-HELD_OUT = 2
 
 
 def distill_stages(total_tokens: int) -> list[dict]:
@@ -50,50 +47,6 @@ def build_tokenizer(text: str, vocab_size: int = 384):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def build_teacher(out_dir: Path, *, steps: int = 300, seed: int = 0, progress: bool = True) -> dict:
-    """Train a small Llama teacher on the demo stories and save it (weights + tokenizer) to ``out_dir``."""
-    from tqdm.auto import tqdm
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    text = demo_text()
-    tokenizer = build_tokenizer(text)
-    stories = [line for line in text.splitlines() if line.strip()]
-    # The first HELD_OUT stories are never trained on (distillation holds out the same ones).
-    held_out = torch.tensor(tokenizer("\n".join(stories[:HELD_OUT]))["input_ids"])
-    train = torch.tensor(tokenizer("\n".join(stories[HELD_OUT:]))["input_ids"])
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=172, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         tie_word_embeddings=True, bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id)
-    model = LlamaForCausalLM(config)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=max(steps, 1), pct_start=0.1)
-    seq, batch = 64, 16
-    losses = []
-    for _ in tqdm(range(steps), desc="train teacher", disable=not progress):
-        starts = torch.randint(0, len(train) - seq - 1, (batch,))
-        window = torch.stack([train[s : s + seq + 1] for s in starts])
-        loss = model(window, labels=window).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    model.save_pretrained(out_dir)
-    tokenizer.save_pretrained(out_dir)
-    return {"first_loss": losses[0] if losses else float("nan"), "last_loss": losses[-1] if losses else float("nan"),
-            "held_out": held_out}
-
-
-def perplexity(model, ids: torch.Tensor, context: int = 128) -> float:
-    """Sliding-window perplexity of ``ids`` (see :mod:`mixerswap.evals.perplexity`)."""
-    from .evals.perplexity import sequence_nll
-
-    nll, tokens, _ = sequence_nll(model, ids, context=min(context, len(ids)), stride=max(1, context // 2))
-    return math.exp(nll / tokens)
-
-
 @torch.inference_mode()
 def top1_agreement(model, reference, ids: torch.Tensor, seq: int = 128) -> float:
     """Fraction of positions where ``model`` and ``reference`` predict the same next token."""
@@ -105,9 +58,38 @@ def top1_agreement(model, reference, ids: torch.Tensor, seq: int = 128) -> float
     return same / total
 
 
-def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens: int = 160_000,
-             progress: bool = True, echo=print) -> dict:
-    """Run the demo; returns the measured figures (also printed through ``echo``)."""
+def packaged_teacher() -> Path:
+    """The stories260k Llama shipped with the package (see ``data/stories260k/NOTICE.md``)."""
+    return Path(str(resources.files("mixerswap").joinpath("data/stories260k")))
+
+
+@torch.inference_mode()
+def sample_stories(teacher, tokenizer, count: int, *, max_new_tokens: int = 200, batch: int = 40,
+                   seed: int = 0) -> list[str]:
+    """``count`` stories the teacher writes from BOS at temperature 1 (seeded): its own training text."""
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    stories: list[str] = []
+    try:
+        while len(stories) < count:
+            start = torch.full((min(batch, count - len(stories)), 1), tokenizer.bos_token_id)
+            out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, temperature=1.0,
+                                   top_k=0, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id)
+            stories += [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True) if t.strip()]
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return stories[:count]
+
+
+def run_demo(out: str | Path | None = None, *, stories: int = 160, held_out: int = 16, keep_attention: float = 0.4,
+             distill_tokens: int = 60_000, progress: bool = True, echo=print) -> dict:
+    """Run the demo; returns the measured figures (also printed through ``echo``).
+
+    The real, trained stories260k Llama writes its own corpus (``stories``, the first ``held_out`` kept
+    for scoring, the next 40 for calibration), is converted with calibration (Mamba-2 in all but
+    ``keep_attention`` of its layers) and distilled; held-out perplexity has one definition throughout:
+    the distillation trainer's (next-token, on the held-out stories, teacher and student side by side).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from .distill.recipe import DistillRecipe
@@ -116,54 +98,61 @@ def run_demo(out: str | Path | None = None, *, steps: int = 300, distill_tokens:
     from .generation import generate_text
 
     work = Path(out) if out else Path(tempfile.mkdtemp(prefix="mixerswap-demo-"))
-    teacher_dir, student_dir, distilled_dir = work / "teacher", work / "student", work / "student-distilled"
+    work.mkdir(parents=True, exist_ok=True)
+    teacher_dir, student_dir, distilled_dir = packaged_teacher(), work / "student", work / "student-distilled"
     started = time.perf_counter()
-    facts = build_teacher(teacher_dir, steps=steps, progress=progress)
-    echo(f"[1/4] trained a {steps}-step Llama teacher (4 layers, hidden 64) on the bundled stories: "
-         f"loss {facts['first_loss']:.2f} -> {facts['last_loss']:.2f}; saved to {teacher_dir}")
+    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
+    texts = sample_stories(teacher, tokenizer, stories)
+    corpus, calibration = work / "stories.txt", work / "calibration.txt"
+    corpus.write_text("\n\n".join(texts))
+    calibration.write_text("\n\n".join(texts[held_out : held_out + 40]))
+    echo(f"[1/4] teacher: stories260k, a real trained Llama (5 layers, hidden 64, MIT, shipped with mixerswap); "
+         f"it wrote {len(texts)} stories ({held_out} held out) to {corpus}")
 
-    result = convert(teacher_dir, student_dir, keep_attention=0.5, overwrite=True, progress=False,
-                     command=f"mixerswap convert {teacher_dir} --to mamba2 --keep-attention 0.5 --out {student_dir}")
-    kept = ",".join(map(str, result.attention_layers))
+    result = convert(teacher_dir, student_dir, keep_attention=keep_attention, calibration=calibration,
+                     overwrite=True, progress=False,
+                     command=f"mixerswap convert {teacher_dir} --to mamba2 --keep-attention {keep_attention} "
+                             f"--calibration {calibration} --out {student_dir}")
+    kept = ",".join(map(str, result.attention_layers)) or "none"
     echo(f"[2/4] converted to {student_dir}: Mamba-2 in {len(result.plan) - len(result.attention_layers)} of "
-         f"{len(result.plan)} layers, attention kept in layer(s) {kept}")
+         f"{len(result.plan)} layers (attention kept in {kept}), calibrated on 40 other stories")
 
-    corpus = work / "stories.txt"
-    corpus.write_text("\n\n".join(line for line in demo_text().splitlines() if line.strip()))
     recipe = DistillRecipe.validated({
         "student": str(student_dir), "teacher": str(teacher_dir), "data": str(corpus), "out": str(distilled_dir),
-        "seq_len": 64, "batch_size": 8, "held_out_docs": HELD_OUT, "checkpoint_every": 10_000,
+        "seq_len": 256, "batch_size": 16, "held_out_docs": held_out, "checkpoint_every": 10_000,
         "stages": distill_stages(distill_tokens)})
     distilled = run_distill(recipe, overwrite=True, progress=progress)
     stages = ", ".join(f"{s.name} {s.tokens} tokens" for s in recipe.stages)
     echo(f"[3/4] distilled ({stages}) into {distilled_dir}")
 
-    tokenizer = AutoTokenizer.from_pretrained(teacher_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(teacher_dir).eval()
     student = AutoModelForCausalLM.from_pretrained(student_dir).eval()
     after = AutoModelForCausalLM.from_pretrained(distilled_dir).eval()
+    held_ids = torch.tensor(tokenizer("\n\n".join(texts[:held_out]))["input_ids"])
     prompt = "Once upon a time"
-    held_out = facts["held_out"]
     report = {
-        "teacher_ppl": perplexity(teacher, held_out),
-        "student_ppl": perplexity(student, held_out),
-        "distilled_ppl": perplexity(after, held_out),
-        "student_agreement": top1_agreement(student, teacher, held_out),
-        "distilled_agreement": top1_agreement(after, teacher, held_out),
+        "teacher_ppl": distilled.perplexity_teacher,
+        "student_ppl": distilled.perplexity_before,
+        "stage_ppl": distilled.stage_perplexity,
+        "distilled_ppl": distilled.perplexity_after,
+        "student_agreement": top1_agreement(student, teacher, held_ids),
+        "distilled_agreement": top1_agreement(after, teacher, held_ids),
         "teacher_text": generate_text(teacher, tokenizer, prompt, max_new_tokens=40),
         "student_text": generate_text(student, tokenizer, prompt, max_new_tokens=40),
         "distilled_text": generate_text(after, tokenizer, prompt, max_new_tokens=40),
     }
-    echo("[4/4] on the held-out stories, and greedy generation (40 new tokens):")
-    echo(f"  perplexity: teacher {report['teacher_ppl']:.2f} | student converted {report['student_ppl']:.2f} "
-         f"| student distilled {report['distilled_ppl']:.2f}")
+    echo(f"[4/4] held-out perplexity (next token, the {held_out} held-out stories in rows of {recipe.seq_len} "
+         "tokens; the same figures distill reports):")
+    stages_ppl = " | ".join(f"after {s['stage']} {s['perplexity']:.2f}" for s in report["stage_ppl"])
+    echo(f"  teacher {report['teacher_ppl']:.2f} | converted {report['student_ppl']:.2f} | {stages_ppl}")
     echo(f"  next-token agreement with the teacher: converted {report['student_agreement']:.1%} "
          f"| distilled {report['distilled_agreement']:.1%}")
-    echo(f"  teacher:   {report['teacher_text']!r}")
-    echo(f"  converted: {report['student_text']!r}")
-    echo(f"  distilled: {report['distilled_text']!r}")
-    report["table"] = demo_eval_report(teacher, after, tokenizer, held_out)
-    echo("teacher vs distilled student (held-out perplexity, MQAR recall, speed and cache at batch 1):")
+    echo(f"  greedy, 40 new tokens — teacher:   {report['teacher_text']!r}")
+    echo(f"                          converted: {report['student_text']!r}")
+    echo(f"                          distilled: {report['distilled_text']!r}")
+    report["table"] = demo_eval_report(teacher, after, tokenizer, None)
+    echo("teacher vs distilled student at batch 1 (MQAR: a TinyStories model never saw key-value lists, so this "
+         "teacher cannot show recall; run `mixerswap eval --mqar` on a teacher that can):")
     echo(report["table"])
     echo(f"done in {time.perf_counter() - started:.0f}s; folders in {work}")
     report["work_dir"] = work

@@ -155,8 +155,18 @@ def test_failure_midway_leaves_no_output(teacher_dir, tmp_path, monkeypatch):
 
 
 def test_demo_runs(tmp_path):
-    result = run("demo", "--out", tmp_path / "demo", "--steps", "20", "--distill-tokens", "4096", "-q")
-    assert result.exit_code == 0, result.output
-    assert "perplexity: teacher" in result.output and "MQAR accuracy" in result.output
-    assert "decode tokens/s" in result.output
+    """A reduced demo: one perplexity definition, distillation moves the student towards the teacher."""
+    from mixerswap.demo import run_demo
+
+    lines = []
+    report = run_demo(tmp_path / "demo", stories=48, held_out=8, distill_tokens=12_000, progress=False,
+                      echo=lines.append)
+    assert report["teacher_ppl"] < report["distilled_ppl"] < report["student_ppl"]
+    assert [s["stage"] for s in report["stage_ppl"]] == ["align", "hidden", "kd"]
+    assert report["distilled_agreement"] > report["student_agreement"]
+    output = "\n".join(lines)
+    assert output.count("held-out perplexity") == 1 and "MQAR accuracy" in output and "decode tokens/s" in output
+    assert "held-out perplexity" not in report["table"]  # reported once, by the trainer's definition
     assert (tmp_path / "demo" / "student-distilled" / "config.json").exists()
+    result = run("demo", "--help")
+    assert result.exit_code == 0 and "--stories" in result.output

@@ -22,13 +22,14 @@ def _held_out_perplexity(model, tokenizer, held_out: torch.Tensor | str, context
     return float(torch.tensor(nll / tokens).exp())
 
 
-def demo_eval_report(teacher, student, tokenizer, held_out: torch.Tensor | str, *,
+def demo_eval_report(teacher, student, tokenizer, held_out: torch.Tensor | str | None, *,
                      contexts: tuple[int, ...] = (64, 192), decode_tokens: int = 8,
                      mqar_lengths: tuple[int, ...] = (32, 64), seed: int = 0) -> str:
     """Markdown table comparing ``student`` with ``teacher`` (model objects on one device).
 
     Args:
-        held_out: token ids ``[T]`` or text, scored with a sliding window (context: the model's limit, at most 256).
+        held_out: token ids ``[T]`` or text, scored with a sliding window (context: the model's limit, at most
+            256); ``None`` leaves perplexity out (when the caller reports it already).
         contexts: bench context lengths (batch 1), clipped to the model's limit.
     """
     limit = position_limit(teacher) or 256
@@ -41,7 +42,9 @@ def demo_eval_report(teacher, student, tokenizer, held_out: torch.Tensor | str, 
                    seed=seed)
     values: dict[str, dict[str, float | None]] = {}
     for name, model in models.items():
-        column = {"held-out perplexity": _held_out_perplexity(model, tokenizer, held_out, ppl_context)}
+        column = {}
+        if held_out is not None:
+            column["held-out perplexity"] = _held_out_perplexity(model, tokenizer, held_out, ppl_context)
         for result in mqar_accuracy(model, lengths, spec=spec, samples=32, seed=seed):
             column[f"MQAR accuracy @ {result.length} ({spec.num_pairs} pairs)"] = result.accuracy
         for context in contexts:

@@ -213,7 +213,7 @@ def resolve(op: str, *args, **kwargs) -> tuple[str, Callable]:
     choice = _CHOICES.get(key)
     if choice is None:
         choice = _CHOICES[key] = _choose(call, request)
-        logger.info("kernel %s (%s, requested %s) uses backend %s", op, call, request, choice[0])
+        logger.debug("kernel %s (%s, requested %s) uses backend %s", op, call, request, choice[0])
     return choice
 
 

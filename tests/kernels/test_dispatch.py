@@ -108,7 +108,7 @@ def test_use_backend_per_op_and_global_nest_and_restore(dummy, monkeypatch):
 
 
 def test_choice_is_logged_once_per_cache_key(dummy, caplog):
-    caplog.set_level(logging.INFO, logger="mixerswap.kernels")
+    caplog.set_level(logging.DEBUG, logger="mixerswap.kernels")
     for _ in range(3):
         resolve("dummy", dummy)
     resolve("dummy", dummy.double())
