@@ -208,3 +208,24 @@ def test_out_never_replaces_an_input(setup):
         with pytest.raises(ValueError, match=f"{word} an input of this run"):
             run_distill(recipe(setup, out, stages), overwrite=True, progress=False)
     assert (setup["student"] / "config.json").exists() and setup["data"].exists()
+
+
+def test_every_recipe_in_the_repo_validates():
+    from pathlib import Path
+
+    recipes = [p for p in (Path(__file__).parents[2] / "recipes").glob("*.yaml") if not p.name.startswith("accelerate_")]
+    assert recipes
+    for path in recipes:
+        DistillRecipe.from_yaml(path)
+
+
+def test_lolcats_lora_on_a_linear_student(setup, tmp_path):
+    """The LoLCATs recipe's shape: align the new parts, then kd with LoRA on the linearized q/k/v/o."""
+    student = tmp_path / "linear"
+    convert(setup["teacher"], student, to="linear", keep_attention=0.4, mixer_settings={"window": 8}, progress=False)
+    stages = [{"name": "align", "tokens": 2048, "lr": 1e-2}, {"name": "kd", "tokens": 2048, "trainable": "mixers"}]
+    result = run_distill(recipe({**setup, "student": student}, tmp_path / "out", stages,
+                                lora={"layers": "mixers", "r": 4}), progress=False)
+    assert result.perplexity_after < result.perplexity_before
+    saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert not [n for n, _ in saved.named_parameters() if "lora" in n]  # merged back into q/k/v/o
