@@ -119,19 +119,30 @@ def attention_reach(probs: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def head_output_scales(mixer: nn.Module, stats: LayerStats, *, heads: int, capture: str) -> torch.Tensor:
-    """Per head, the least-squares scale that brings the mixer's output closest to the teacher's.
+    """Per head, the scale that brings the mixer's layer output closest to the teacher's (least squares).
 
-    The mixer's output projection (``capture``, the teacher's ``W_o``) should receive what attention
-    gives it: the per-head outputs ``a_h`` (``stats.head_outputs``). Each head ``h`` gets
-    ``s_h = <y_h, a_h> / <y_h, y_h>`` on its output ``y_h`` (the projection's input), the scalar
-    minimizing ``||s_h y_h - a_h||``: the teacher's size where ``y_h`` points the teacher's way,
-    shrunk towards zero (a head that adds little) where it does not. Returns ``[heads]`` fp32, to be
-    folded into whatever scales each head's output (a norm weight, the projection's columns).
+    The mixer's output projection (``capture``, an ``nn.Linear`` holding the teacher's ``W_o``) maps
+    head ``h``'s output ``y_h`` (its input slice) to a contribution ``c_h = W_o,h y_h``. The scales
+    ``s`` minimize ``||sum_h s_h c_h + b - o||^2`` over the calibration tokens, ``o`` the teacher's
+    attention output: a small linear least-squares problem (``heads`` unknowns, solved jointly, so
+    heads that say the same thing share the work). A head whose output does not point the teacher's
+    way is shrunk towards zero: a layer that adds little beats one that adds noise. Returns
+    ``[heads]`` fp32, to be folded into whatever scales each head's output (a norm weight, the
+    projection's columns).
     """
     _, y = replay_mixer(mixer, stats, capture=capture)
-    y = y.double().reshape(-1, heads, y.shape[-1] // heads)
-    a = stats.head_outputs.double().reshape(-1, heads, y.shape[-1])
-    return ((y * a).sum((0, 2)) / (y * y).sum((0, 2)).clamp_min(1e-30)).float()
+    proj = mixer.get_submodule(capture)
+    weight = proj.weight.double()  # [hidden, heads * P]
+    y = y.double().reshape(-1, heads, y.shape[-1] // heads)  # [N, H, P]
+    contributions = torch.einsum("nhp,ohp->hno", y, weight.view(weight.shape[0], heads, -1))  # [H, N, hidden]
+    target = stats.outputs.double().reshape(-1, weight.shape[0])
+    if proj.bias is not None:
+        target = target - proj.bias.double()
+    flat = contributions.flatten(1)  # [H, N * hidden]
+    gram = flat @ flat.T
+    rhs = flat @ target.flatten()
+    ridge = 1e-6 * gram.diagonal().mean().clamp_min(1e-30) * torch.eye(heads, dtype=gram.dtype)
+    return torch.linalg.solve(gram + ridge, rhs).float()
 
 
 def output_match(output: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
