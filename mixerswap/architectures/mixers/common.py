@@ -3,6 +3,28 @@
 from __future__ import annotations
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+class AttentionHeadSettings(BaseModel):
+    """What a teacher's attention layer dictates to a mixer that keeps its q/k/v/o: heads, sizes,
+    biases, q/k norms. Mixer settings that reuse the teacher's projections extend this."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    n_heads: int = Field(gt=0, description="H: query heads (= teacher)")
+    n_kv_heads: int = Field(gt=0, description="G: key/value heads (= teacher); H / G query heads share one")
+    head_dim: int = Field(gt=0, description="channels per head (= teacher)")
+    qk_norm: bool = Field(False, description="the teacher's per-head RMSNorm on q and k (Qwen3, Gemma-3)")
+    norm_eps: float = Field(1e-6, gt=0)
+    qkv_bias: bool = False
+    out_bias: bool = False
+
+    @model_validator(mode="after")
+    def _check_heads(self):
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
+        return self
+
 
 # The student passes the 2-D padding mask to its mixers under this keyword (the decoder layers of
 # every supported family forward unknown keywords to their attention module).

@@ -32,13 +32,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
 from ..cache import RecurrentStateLayer
-from .common import mixer_inputs
+from .common import AttentionHeadSettings, mixer_inputs
 from .contract import Mixer
 
 # The bias b with silu(b) = 1: a gate whose weight is zero then multiplies by exactly one.
@@ -46,22 +46,13 @@ SILU_INVERSE_OF_ONE = 1.278464542761074
 L2NORM_EPS = 1e-6
 
 
-class GDNSettings(BaseModel):
+class GDNSettings(AttentionHeadSettings):
     """Shape and options of one Gated DeltaNet mixer (one plan entry)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    n_heads: int = Field(gt=0, description="H: heads (= teacher query heads); each keeps its own state")
-    n_kv_heads: int = Field(gt=0, description="G: key/value heads (= teacher key/value heads), repeated H / G times")
-    head_dim: int = Field(gt=0, description="K = V: channels per head of q, k and v (= teacher head_dim)")
     conv_kernel: int = Field(4, ge=1, description="width of the causal depthwise conv on q, k, v (1: none)")
     chunk_size: int = Field(64, ge=1, description="chunk length of the parallel (WY/UT) form")
     conv_activation: Literal["silu", "identity"] = Field(
         "silu", description="after the conv: silu (GDN's own), or identity to keep the teacher's projections")
-    qk_norm: bool = Field(False, description="per-channel weights on q, k before the L2 norm (teacher q/k norms)")
-    norm_eps: float = Field(1e-6, gt=0)
-    qkv_bias: bool = False
-    out_bias: bool = False
     dt_min: float = Field(1e-3, gt=0)
     dt_max: float = Field(1e-1, gt=0)
     A_init_min: float = Field(1.0, gt=0)
@@ -70,8 +61,6 @@ class GDNSettings(BaseModel):
 
     @model_validator(mode="after")
     def _check(self):
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.dt_min > self.dt_max:
             raise ValueError(f"need dt_min <= dt_max, got {self.dt_min} > {self.dt_max}")
         if self.A_init_min > self.A_init_max:

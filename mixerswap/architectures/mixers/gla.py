@@ -25,13 +25,13 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
 from ..cache import RecurrentStateLayer
-from .common import mixer_inputs
+from .common import AttentionHeadSettings, mixer_inputs
 from .contract import Mixer
 from .swa import rms_norm
 
@@ -50,14 +50,9 @@ def feature_map(x: torch.Tensor, kind: str) -> torch.Tensor:
     raise ValueError(f"unknown feature map {kind!r}; use one of {', '.join(FEATURE_MAPS)}")
 
 
-class GLASettings(BaseModel):
+class GLASettings(AttentionHeadSettings):
     """Shape and options of one gated-linear-attention mixer (one plan entry)."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    n_heads: int = Field(gt=0, description="H: query heads and decay gates (= teacher)")
-    n_kv_heads: int = Field(gt=0, description="G: key/value heads (= teacher)")
-    head_dim: int = Field(gt=0, description="K = V: channels per head (= teacher)")
     conv: int = Field(4, ge=1, description="width of the causal depthwise conv on q and k (1: no mixing)")
     feature_map: Literal["elu", "relu", "softmax"] = "elu"
     normalize: bool = Field(True, description="divide by q . z (LAWCAT's normalized GLA)")
@@ -65,15 +60,9 @@ class GLASettings(BaseModel):
     chunk_size: int = Field(64, ge=1)
     decay_min_len: float = Field(16.0, gt=1, description="shortest memory 1 / (1 - a) among heads at init")
     decay_max_len: float = Field(1024.0, gt=1, description="longest memory among heads at init")
-    qk_norm: bool = Field(False, description="teacher's per-head RMSNorm on q and k (Qwen3, Gemma-3)")
-    norm_eps: float = 1e-6
-    qkv_bias: bool = False
-    out_bias: bool = False
 
     @model_validator(mode="after")
     def _check(self):
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
         if self.decay_min_len > self.decay_max_len:
             raise ValueError("need decay_min_len <= decay_max_len")
         return self

@@ -22,36 +22,21 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field
 from torch import nn
 from transformers import initialization as init
 
 from ..cache import WindowKVLayer
-from .common import mixer_inputs
+from .common import AttentionHeadSettings, mixer_inputs
 from .contract import Mixer
 
 
-class WindowAttentionSettings(BaseModel):
+class WindowAttentionSettings(AttentionHeadSettings):
     """What the teacher's attention dictates, shared by ``swa`` and ``linear``, plus the window."""
 
-    model_config = ConfigDict(extra="forbid")
-
-    n_heads: int = Field(gt=0, description="H: query heads (= teacher)")
-    n_kv_heads: int = Field(gt=0, description="G: key/value heads (= teacher), shared by H / G query heads")
-    head_dim: int = Field(gt=0, description="D: channels per head (= teacher)")
     window: int = Field(512, ge=1, description="keys each query sees, itself included")
     scaling: float | None = Field(None, gt=0, description="score scale; None: head_dim ** -0.5")
     softcap: float | None = Field(None, gt=0, description="logit softcap (Gemma-2 attn_logit_softcapping)")
-    qk_norm: bool = Field(False, description="per-head RMSNorm on q and k before RoPE (Qwen3, Gemma-3)")
-    norm_eps: float = 1e-6
-    qkv_bias: bool = False
-    out_bias: bool = False
-
-    @model_validator(mode="after")
-    def _check_heads(self):
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads ({self.n_kv_heads})")
-        return self
 
 
 class SWASettings(WindowAttentionSettings):
