@@ -79,6 +79,30 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         # Loading in bf16/fp16 keeps the parameters each mixer declares fp32 (A_log, D, ... of Mamba-2).
         self._keep_in_fp32_modules_strict = {rf"^{re.escape(name)}$" for name in fp32_parameter_names(self)}
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """As ``PreTrainedModel.from_pretrained``, but a checkpoint that does not hold every weight its
+        plan needs, or holds them in other shapes (an edited plan), is an error naming them rather than
+        a model with freshly initialized layers."""
+        want_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except RuntimeError as err:
+            if "mismatch" not in str(err):
+                raise
+            raise ValueError("the checkpoint's weights do not have the shapes the student's plan gives them; the "
+                             "plan in config.json was edited or does not belong to these weights: convert the "
+                             "teacher again") from None
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {})
+        missing = sorted(set(info.get("missing_keys", ())) - tied)
+        mismatched = [name for name, *_ in info.get("mismatched_keys", ())]
+        if missing or mismatched:
+            names = missing or mismatched
+            raise ValueError(f"the checkpoint lacks {len(missing)} and mis-shapes {len(mismatched)} weight(s) the "
+                             f"student's plan needs ({', '.join(names[:4])}{' ...' if len(names) > 4 else ''}); the "
+                             "plan in config.json was edited or does not belong to these weights: convert again")
+        return (model, info) if want_info else model
+
     def decoder_layers(self) -> torch.nn.ModuleList:
         module = self
         for name in self.family.layers_path.split("."):

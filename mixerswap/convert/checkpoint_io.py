@@ -94,6 +94,10 @@ class SafetensorsShard:
                     raise ValueError(f"tensor {name} has byte range {begin}..{end} that does not fit {shape} "
                                      f"{dtype} in a {size}-byte file (truncated?)")
                 self.entries[name] = TensorEntry(name, dtype, shape, begin, end)
+            spans = sorted((e.begin, e.end, e.name) for e in self.entries.values() if e.end > e.begin)
+            for (_, end, first), (begin, _, second) in zip(spans, spans[1:]):
+                if begin < end:
+                    raise ValueError(f"tensors {first} and {second} overlap in the file")
         except (ValueError, KeyError, TypeError, struct.error, UnicodeDecodeError) as err:
             raise CheckpointError(f"corrupt shard {self.path}: {err}") from None
 
@@ -105,6 +109,21 @@ class SafetensorsShard:
         if not data:
             return torch.empty(entry.shape, dtype=entry.torch_dtype)
         return torch.frombuffer(data, dtype=entry.torch_dtype).reshape(entry.shape)
+
+    def check_finite(self, name: str, chunk_bytes: int = 1 << 26) -> None:
+        """Refuse a floating tensor holding NaN or inf (a damaged checkpoint), reading it in chunks."""
+        entry = self.entries[name]
+        dtype = entry.torch_dtype
+        if not dtype.is_floating_point:
+            return
+        step = max(dtype.itemsize, chunk_bytes // dtype.itemsize * dtype.itemsize)
+        with open(self.path, "rb") as f:
+            f.seek(entry.begin)
+            for _ in range(entry.begin, entry.end, step):
+                data = bytearray(f.read(min(step, entry.end - f.tell())))
+                if data and not torch.isfinite(torch.frombuffer(data, dtype=dtype)).all():
+                    raise CheckpointError(f"tensor {name} in {self.path} holds NaN or inf values: the checkpoint is "
+                                          "damaged; download or export it again")
 
     def copy_to(self, name: str, out) -> None:
         """Append tensor ``name``'s raw bytes to the open binary file ``out``."""

@@ -160,6 +160,7 @@ def convert(
             for shard in shards:
                 for name, entry in shard.entries.items():
                     bar.update(entry.end - entry.begin)
+                    shard.check_finite(name)
                     if name in owner:
                         idx = owner[name]
                         pending.setdefault(idx, {})[name] = shard.read(name)

@@ -171,3 +171,23 @@ def test_a_plain_teacher_folder_is_not_a_student(teacher_dir):
 
     with pytest.raises(ValueError, match="does not describe a mixerswap student"):
         MixerSwapForCausalLM.from_pretrained(teacher_dir("llama"))
+
+
+@pytest.mark.parametrize("edit", ["layer-becomes-attention", "heads-changed"])
+def test_a_plan_that_does_not_fit_the_weights_is_refused(teacher_dir, tmp_path, edit):
+    """Editing a student's plan leaves weights missing or mis-shaped: loading names them instead of
+    initializing them at random."""
+    import json
+
+    convert(teacher_dir("llama"), tmp_path / "s", keep_attention=0.34, progress=False)
+    config_path = tmp_path / "s" / "config.json"
+    config = json.loads(config_path.read_text())
+    if edit == "layer-becomes-attention":
+        config["plan"][0] = {"kind": "attention"}
+        message = "lacks 4 and mis-shapes 0 weight"
+    else:
+        config["plan"][0].update(n_heads=2, n_groups=2)
+        message = "do not have the shapes the student.s plan gives them"
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "s")

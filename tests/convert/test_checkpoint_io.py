@@ -128,3 +128,34 @@ def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
     os.utime(model, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a changed file is not the cached one
     with pytest.raises(BaseException, match="read again"):
         gguf_as_hf_folder(model)
+
+
+def test_non_finite_or_overlapping_teacher_tensors_are_refused(teacher_dir, tmp_path):
+    """NaN bytes in a teacher shard are refused with the tensor's name; so is a header whose tensors overlap."""
+    import json
+    import shutil
+    import struct
+
+    from mixerswap.convert import CheckpointError, convert
+    from mixerswap.convert.checkpoint_io import SafetensorsShard
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(teacher_dir("llama"), teacher)
+    shard = sorted(teacher.glob("*.safetensors"))[-1]
+    name, entry = next((n, e) for n, e in SafetensorsShard(shard).entries.items() if "mlp" in n)
+    data = bytearray(shard.read_bytes())
+    data[entry.begin : entry.begin + 64] = b"\xff" * 64  # 16 fp32 NaNs
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match=f"tensor {name} .* holds NaN or inf"):
+        convert(teacher, tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+    header_len = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + header_len])
+    names = [n for n in header if n != "__metadata__"]
+    header[names[1]]["data_offsets"] = header[names[0]]["data_offsets"]
+    header[names[1]]["shape"], header[names[1]]["dtype"] = header[names[0]]["shape"], header[names[0]]["dtype"]
+    raw = json.dumps(header).encode().ljust(header_len)
+    (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + header_len :]))
+    with pytest.raises(CheckpointError, match="overlap in the file"):
+        SafetensorsShard(tmp_path / "overlap.safetensors")
