@@ -1,10 +1,11 @@
-"""Config class of a mixerswap student, for ``trust_remote_code=True`` (needs ``pip install mixerswap``)."""
+"""Config class of a mixerswap student, for ``trust_remote_code=True`` (needs the mixerswap package installed)."""
 
 try:
     from mixerswap.architectures.configuration import MixerSwapConfig
 except ImportError as err:  # pragma: no cover - exercised only without the package
     raise ImportError(
-        "this checkpoint is a mixerswap student; install the package to load it: pip install mixerswap"
+        "this checkpoint is a mixerswap student; install the package to load it: pip install -e <mixerswap source "
+        "folder> (a clone of its repository)"
     ) from err
 
 __all__ = ["MixerSwapConfig"]
