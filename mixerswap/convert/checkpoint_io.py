@@ -12,6 +12,7 @@ import json
 import math
 import os
 import shutil
+import socket
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -304,28 +305,113 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) 
     return out
 
 
+class OutputLockedError(FileExistsError):
+    """Another live run is writing the same output."""
+
+
+_HELD_LOCKS: dict[Path, int] = {}  # lock file -> nesting depth, for this process
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _owner_is_dead(text: str) -> bool:
+    """Whether a lock or temp-folder owner ``"pid host"`` is a process of this host that no longer runs."""
+    pid, _, host = text.partition(" ")
+    try:
+        return host.strip() in ("", socket.gethostname()) and not _pid_alive(int(pid))
+    except ValueError:
+        return True
+
+
+@contextmanager
+def output_lock(out: str | os.PathLike) -> Iterator[None]:
+    """Hold ``.OUT.lock`` beside ``out`` while a run writes it; nested use in one process is allowed.
+
+    A second run on the same output fails at once with :class:`OutputLockedError`; a lock left by a
+    process that died (same host, pid gone) is taken over. While holding the lock, what a dead run
+    left is cleaned up (:func:`_recover`).
+    """
+    out = Path(out)
+    lock = out.parent / f".{out.name}.lock"
+    key = lock.resolve() if lock.parent.exists() else lock
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    key = lock.resolve()
+    for attempt in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            owner = lock.read_text() if lock.exists() else ""
+            if attempt == 0 and _owner_is_dead(owner):
+                lock.unlink(missing_ok=True)
+                continue
+            raise OutputLockedError(f"output {out} is being written by another run ({owner.strip() or 'unknown'}); "
+                                    f"wait for it to finish, or delete {lock} if that run is gone") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{os.getpid()} {socket.gethostname()}")
+    _HELD_LOCKS[key] = 1
+    try:
+        _recover(out)
+        yield
+    finally:
+        _HELD_LOCKS.pop(key, None)
+        lock.unlink(missing_ok=True)
+
+
+def _recover(out: Path) -> None:
+    """Undo what a dead run left beside ``out``: its temporary folders are removed, and an old output it
+    had moved aside but not yet replaced (a crash between the two renames) is put back."""
+    for leftover in sorted(out.parent.glob(f".{out.name}.*-*")):
+        kind, _, rest = leftover.name[len(out.name) + 2 :].partition("-")
+        if kind not in ("tmp", "old") or not _owner_is_dead(rest.split("-")[0] + " " + socket.gethostname()):
+            continue
+        if kind == "old" and not out.exists():
+            leftover.rename(out)
+        else:
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink(missing_ok=True)
+
+
 @contextmanager
 def atomic_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; on success it replaces ``out``, on failure it is removed.
 
-    Runs :func:`check_output` first (inputs are never replaced; a non-empty ``out`` only with ``overwrite``).
+    Holds :func:`output_lock` throughout and runs :func:`check_output` first (inputs are never
+    replaced; a non-empty ``out`` only with ``overwrite``). Temporary names carry the pid, so a later
+    run removes what a killed one left, and puts back an old output caught between the two renames
+    of a replacement: after any crash ``out`` is the complete old or the complete new folder.
     """
-    out = check_output(out, overwrite=overwrite, inputs=inputs)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-        tmp.rename(out)
-        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
-    else:
-        tmp.rename(out)
+    out = Path(out)
+    with output_lock(out):
+        out = check_output(out, overwrite=overwrite, inputs=inputs)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary folder
+        try:
+            yield tmp
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+        else:
+            tmp.rename(out)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..convert.checkpoint_io import atomic_output_dir, check_output
+from ..convert.checkpoint_io import atomic_output_dir, check_output, output_lock
 from ..convert.gguf import hf_model_path
 from .checkpoint import (
     Progress,
@@ -101,9 +102,21 @@ def saved_dtype(recipe: DistillRecipe, teacher_path=None) -> torch.dtype:
     return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else torch.float32
 
 
-def run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
-                keep_checkpoints: bool = False, _fail_after_step: int | None = None) -> DistillResult:
-    """Distill ``recipe.student`` from ``recipe.teacher``; see the module docstring."""
+def run_distill(recipe: DistillRecipe, **options) -> DistillResult:
+    """Distill ``recipe.student`` from ``recipe.teacher``; see the module docstring. Options:
+    ``resume``, ``overwrite``, ``progress``, ``keep_checkpoints``.
+
+    The output (and its ``OUT.work`` checkpoints) is locked for the whole run, on the main process:
+    a second run on the same ``--out`` fails at once instead of interleaving checkpoints.
+    """
+    if int(os.environ.get("RANK", "0")) != 0:
+        return _run_distill(recipe, **options)
+    with output_lock(recipe.out):
+        return _run_distill(recipe, **options)
+
+
+def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool = False, progress: bool = True,
+                 keep_checkpoints: bool = False, _fail_after_step: int | None = None) -> DistillResult:
     check_precision(recipe)
     from accelerate import Accelerator, DistributedDataParallelKwargs
     from transformers import AutoModelForCausalLM

@@ -159,3 +159,62 @@ def test_non_finite_or_overlapping_teacher_tensors_are_refused(teacher_dir, tmp_
     (tmp_path / "overlap.safetensors").write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data[8 + header_len :]))
     with pytest.raises(CheckpointError, match="overlap in the file"):
         SafetensorsShard(tmp_path / "overlap.safetensors")
+
+
+def _dead_pid() -> int:
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_an_output_being_written_by_a_live_run_is_refused_and_a_dead_runs_lock_is_taken_over(teacher_dir, tmp_path):
+    import os
+    import socket
+
+    from mixerswap.convert import convert
+    from mixerswap.convert.checkpoint_io import OutputLockedError
+
+    out, lock = tmp_path / "student", tmp_path / ".student.lock"
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live process holds it
+    with pytest.raises(OutputLockedError, match="is being written by another run"):
+        convert(teacher_dir("llama"), out, progress=False)
+    assert not out.exists() and lock.exists()
+    lock.write_text(f"{_dead_pid()} {socket.gethostname()}")  # its owner died
+    convert(teacher_dir("llama"), out, progress=False)
+    assert (out / "config.json").exists() and not lock.exists()
+
+
+def test_what_a_killed_run_left_is_cleaned_up_and_an_old_output_put_back(teacher_dir, tmp_path):
+    """A dead run's temporary folder is removed; an old output it had moved aside (killed between the two
+    renames of --overwrite) comes back, so OUT is the complete old folder, never missing."""
+    from mixerswap.convert import OutputExistsError, convert
+
+    out = tmp_path / "student"
+    convert(teacher_dir("llama"), out, progress=False)
+    dead = _dead_pid()
+    orphan = tmp_path / f".student.tmp-{dead}-abc"
+    orphan.mkdir()
+    (orphan / "model.safetensors").write_bytes(b"partial")
+    moved = tmp_path / f".student.old-{dead}-def"
+    out.rename(moved)
+    with pytest.raises(OutputExistsError):  # the old output is back, so a run without --overwrite stops
+        convert(teacher_dir("llama"), out, progress=False)
+    assert (out / "config.json").exists() and not moved.exists() and not orphan.exists()
+
+
+def test_two_concurrent_converts_one_succeeds_the_other_fails_clearly(teacher_dir, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "mixerswap", "convert", str(teacher_dir("llama")), "--out", str(tmp_path / "s"), "-q"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(code for code, _ in results)
+    assert codes == [0, 1], results
+    failure = next(err for code, err in results if code)
+    assert "being written by another run" in failure or "exists and is not empty" in failure
+    assert (tmp_path / "s" / "config.json").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".s.")]
