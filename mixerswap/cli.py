@@ -140,6 +140,8 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
 @click.option("--text-field", help="Field/column holding the text in jsonl/parquet/datasets.")
 @click.option("--held-out-docs", type=int, help="Documents kept out of training for perplexity (default 32).")
 @click.option("--out", help="Output folder (a normal HF checkpoint).")
+@click.option("--allow-other-teacher", is_flag=True, default=None,
+              help="Distill from a teacher other than the one the student was converted from.")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint of this --out.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--keep-checkpoints", is_flag=True, help="Keep OUT.work/ (checkpoints, metrics) after success.")
@@ -147,8 +149,8 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
 def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision, dtype,
-            distributed, checkpoint_every, text_field, held_out_docs, out, resume, overwrite, keep_checkpoints,
-            fail_after_step, quiet):
+            distributed, checkpoint_every, text_field, held_out_docs, out, allow_other_teacher, resume, overwrite,
+            keep_checkpoints, fail_after_step, quiet):
     """Distill STUDENT (a converted folder) from its teacher: align -> hidden -> kd."""
     setup_logging(quiet)
     from .distill.recipe import DistillRecipe, parse_stages
@@ -157,7 +159,7 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
     options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
                "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
                "dtype": dtype, "distributed": distributed, "checkpoint_every": checkpoint_every,
-               "text_field": text_field, "held_out_docs": held_out_docs,
+               "text_field": text_field, "held_out_docs": held_out_docs, "allow_other_teacher": allow_other_teacher,
                "stages": parse_stages(stages) if stages else None}
     if recipe:
         settings = DistillRecipe.from_yaml(recipe, **options)

@@ -166,6 +166,42 @@ def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = No
         raise CheckpointError(f"{text!r} is not a local folder and could not be fetched from the hub: {err}") from None
 
 
+def teacher_fingerprint(shards: list[SafetensorsShard], model_type: str) -> str:
+    """A short identity of a checkpoint's weights, the same whatever dtype they are stored in.
+
+    Hashes the model type, every tensor's name and shape, and the first 64 values of a few tensors
+    (sorted by name: the embedding and the first ones) rounded to bf16, so a re-saved fp32/bf16 copy
+    of the same teacher matches and a different model of the same shape does not.
+    """
+    import hashlib
+
+    digest = hashlib.sha256(model_type.encode())
+    entries = sorted((name, shard) for shard in shards for name in shard.entries)
+    for name, shard in entries:
+        digest.update(f"{name}{shard.entries[name].shape}".encode())
+    floats = [(name, shard) for name, shard in entries if shard.entries[name].torch_dtype.is_floating_point]
+    sampled = [e for e in floats if "embed" in e[0]][:1] + floats[:4]
+    for name, shard in sampled:
+        entry = shard.entries[name]
+        count = min(64, math.prod(entry.shape))
+        with open(shard.path, "rb") as f:
+            f.seek(entry.begin)
+            data = bytearray(f.read(count * entry.torch_dtype.itemsize))
+        if data:
+            values = torch.frombuffer(data, dtype=entry.torch_dtype).to(torch.float32).to(torch.bfloat16)
+            digest.update(values.view(torch.int16).numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def folder_fingerprint(model_dir: str | os.PathLike) -> str | None:
+    """:func:`teacher_fingerprint` of a local safetensors folder, or ``None`` for anything else (hub id)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file() or not any(model_dir.glob("*.safetensors")):
+        return None
+    model_type = json.loads((model_dir / "config.json").read_text()).get("model_type", "")
+    return teacher_fingerprint([SafetensorsShard(p) for p in list_shards(model_dir)], model_type)
+
+
 def list_shards(model_dir: Path) -> list[Path]:
     """The weight files of a checkpoint in order, checked to exist (safetensors only)."""
     index = model_dir / WEIGHTS_INDEX

@@ -38,6 +38,7 @@ from .checkpoint_io import (
     list_shards,
     parse_size,
     resolve_model_dir,
+    teacher_fingerprint,
 )
 from .calibration import collect_layer_stats, output_match, read_calibration_text, replay_mixer
 from .converters import AttentionLayout, LayerStats
@@ -137,6 +138,7 @@ def convert(
         "plan_file": str(plan) if plan is not None else None, "keep_attention": keep_attention,
         "attention_layers": kept, "mixer_settings": dict(mixer_settings or {}), "dtype": dtype, "seed": seed,
         "mixerswap_version": __version__, "transformers_version": transformers.__version__,
+        "teacher_fingerprint": teacher_fingerprint(shards, teacher_config.model_type),
     }
     if calibration is not None:
         provenance["calibration"] = {"text": str(calibration), "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel())

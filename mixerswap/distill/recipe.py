@@ -142,6 +142,8 @@ class DistillRecipe(BaseModel):
     held_out_docs: int = Field(32, ge=0, description="documents kept out of training for perplexity")
     lora: LoraOptions | None = None
     log_with: Literal["tensorboard"] | None = None
+    allow_other_teacher: bool = Field(False, description="distill from a teacher other than the one the student "
+                                                          "was converted from (its fingerprint differs)")
     teacher_cache: str | None = Field(None, description="folder of cached top-k teacher logits for kd stages")
 
     @model_validator(mode="after")

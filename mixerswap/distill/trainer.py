@@ -35,7 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..convert.checkpoint_io import atomic_output_dir, check_output, output_lock
+from ..convert.checkpoint_io import atomic_output_dir, check_output, folder_fingerprint, output_lock
 from ..convert.gguf import hf_model_path
 from .checkpoint import (
     Progress,
@@ -128,6 +128,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
                        inputs=(recipe.student, recipe.teacher, recipe.data, recipe.teacher_cache))
     work = work_dir(out)
     teacher_path = hf_model_path(recipe.teacher)  # a .gguf teacher: its dequantized HF folder
+    _check_teacher_identity(recipe, teacher_path)
     if not resume and latest_checkpoint(work / "checkpoints") is not None:
         raise FileExistsError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it "
                               "or delete that folder to start over")
@@ -312,6 +313,19 @@ def _check_finite(loss: torch.Tensor, step: int, config: StageConfig, ckpt_root:
             f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate for this stage "
             "or mixed_precision 'no'."
         )
+
+
+def _check_teacher_identity(recipe: DistillRecipe, teacher_path) -> None:
+    """Refuse a teacher whose weights are not those the student was converted from, unless allowed."""
+    config = Path(recipe.student) / "config.json"
+    if recipe.allow_other_teacher or not config.is_file():
+        return
+    recorded = (json.loads(config.read_text()).get("conversion") or {}).get("teacher_fingerprint")
+    found = folder_fingerprint(teacher_path) if recorded else None
+    if found is not None and found != recorded:
+        raise ValueError(f"teacher {recipe.teacher} is not the model {recipe.student} was converted from (weights "
+                         "fingerprint differs); give that teacher, or allow_other_teacher: true / "
+                         "--allow-other-teacher to distill from this one anyway")
 
 
 def _cache_fingerprint(recipe: DistillRecipe, world: int) -> dict:

@@ -142,7 +142,8 @@ def test_bad_inputs_fail_before_training(setup, tmp_path, change, fragment):
 
 def test_vocab_mismatch_is_caught(setup, tmp_path, teacher_dir):
     result = run_cli("distill", setup["student"], "--teacher", teacher_dir("llama"), "--data", setup["data"],
-                     "--stages", "kd:1k", "--seq-len", "32", "--out", tmp_path / "out", "-q")
+                     "--stages", "kd:1k", "--seq-len", "32", "--out", tmp_path / "out", "-q",
+                     "--allow-other-teacher")  # past the identity check, to the vocabulary check
     assert result.exit_code != 0 and "vocab" in result.output.lower()
 
 
@@ -229,3 +230,28 @@ def test_lolcats_lora_on_a_linear_student(setup, tmp_path):
     assert result.perplexity_after < result.perplexity_before
     saved = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert not [n for n, _ in saved.named_parameters() if "lora" in n]  # merged back into q/k/v/o
+
+
+def test_a_different_teacher_is_refused_unless_allowed(setup, tmp_path):
+    """A same-shaped but different Llama as teacher: refused by fingerprint, accepted when allowed; a bf16
+    re-save of the right teacher still matches."""
+    import shutil
+
+    from mixerswap.convert.checkpoint_io import folder_fingerprint
+
+    other = tmp_path / "other-llama"
+    torch.manual_seed(1)
+    AutoModelForCausalLM.from_config(AutoModelForCausalLM.from_pretrained(setup["teacher"]).config).save_pretrained(other)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy2(setup["teacher"] / name, other / name)
+    resaved = tmp_path / "teacher-bf16"
+    AutoModelForCausalLM.from_pretrained(setup["teacher"], dtype=torch.bfloat16).save_pretrained(resaved)
+    assert folder_fingerprint(resaved) == folder_fingerprint(setup["teacher"]) != folder_fingerprint(other)
+
+    stages = parse_stages("kd:1k")
+    with pytest.raises(ValueError, match="is not the model .* was converted from"):
+        run_distill(recipe({**setup, "teacher": other}, tmp_path / "out", stages), progress=False)
+    assert not (tmp_path / "out").exists()
+    result = run_distill(recipe({**setup, "teacher": other}, tmp_path / "out", stages, allow_other_teacher=True),
+                         progress=False)
+    assert (result.out / "config.json").exists()
