@@ -26,6 +26,20 @@ class AttentionHeadSettings(BaseModel):
         return self
 
 
+@torch.no_grad()
+def init_teacher_projections(projections, std: float, norm_weights=()) -> None:
+    """Random initialization of what a mixer takes from the teacher's attention: normal projection
+    weights, zero biases, norm weights at one (``transformers.initialization``: loaded ones stay)."""
+    from transformers import initialization as init
+
+    for proj in projections:
+        init.normal_(proj.weight, std=std)
+        if proj.bias is not None:
+            init.zeros_(proj.bias)
+    for weight in norm_weights:
+        init.ones_(weight)
+
+
 # The student passes the 2-D padding mask to its mixers under this keyword (the decoder layers of
 # every supported family forward unknown keywords to their attention module).
 PADDING_MASK_KWARG = "mixerswap_padding_mask"

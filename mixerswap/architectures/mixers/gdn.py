@@ -38,7 +38,7 @@ from transformers import initialization as init
 
 from ... import kernels
 from ..cache import RecurrentStateLayer
-from .common import AttentionHeadSettings, mixer_inputs
+from .common import AttentionHeadSettings, init_teacher_projections, mixer_inputs
 from .contract import Mixer
 
 # The bias b with silu(b) = 1: a gate whose weight is zero then multiplies by exactly one.
@@ -108,14 +108,9 @@ class GDNMixer(Mixer):
         """Random initialization (a student built without converted weights): normal projections,
         the rest as :meth:`init_new_parameters`. Uses ``transformers.initialization`` so parameters
         loaded from a checkpoint are left alone."""
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
-            init.normal_(proj.weight, std=std)
-            if proj.bias is not None:
-                init.zeros_(proj.bias)
+        norms = (self.q_norm_weight, self.k_norm_weight) if self.settings.qk_norm else ()
+        init_teacher_projections((self.q_proj, self.k_proj, self.v_proj, self.out_proj), std, norms)
         self.init_new_parameters()
-        if self.settings.qk_norm:
-            init.ones_(self.q_norm_weight)
-            init.ones_(self.k_norm_weight)
 
     @torch.no_grad()
     def init_new_parameters(self) -> None:

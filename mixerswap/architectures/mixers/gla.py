@@ -31,7 +31,7 @@ from transformers import initialization as init
 
 from ... import kernels
 from ..cache import RecurrentStateLayer
-from .common import AttentionHeadSettings, mixer_inputs
+from .common import AttentionHeadSettings, init_teacher_projections, mixer_inputs
 from .contract import Mixer
 from .swa import rms_norm
 
@@ -98,13 +98,8 @@ class GLAMixer(Mixer):
 
     @torch.no_grad()
     def init_parameters(self, std: float = 0.02) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            init.normal_(proj.weight, std=std)
-            if proj.bias is not None:
-                init.zeros_(proj.bias)
-        if self.settings.qk_norm:
-            init.ones_(self.q_norm_weight)
-            init.ones_(self.k_norm_weight)
+        norms = (self.q_norm_weight, self.k_norm_weight) if self.settings.qk_norm else ()
+        init_teacher_projections((self.q_proj, self.k_proj, self.v_proj, self.o_proj), std, norms)
         self.init_new_parameters()
 
     @torch.no_grad()

@@ -24,10 +24,9 @@ import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
-from transformers import initialization as init
 
 from ..cache import WindowKVLayer
-from .common import AttentionHeadSettings, mixer_inputs
+from .common import AttentionHeadSettings, init_teacher_projections, mixer_inputs
 from .contract import Mixer
 
 
@@ -102,13 +101,8 @@ class WindowAttentionMixer(Mixer):
 
     @torch.no_grad()
     def init_parameters(self, std: float = 0.02) -> None:
-        for proj in (self.q_proj, self.k_proj, self.v_proj, self.o_proj):
-            init.normal_(proj.weight, std=std)
-            if proj.bias is not None:
-                init.zeros_(proj.bias)
-        if self.settings.qk_norm:
-            init.ones_(self.q_norm_weight)
-            init.ones_(self.k_norm_weight)
+        norms = (self.q_norm_weight, self.k_norm_weight) if self.settings.qk_norm else ()
+        init_teacher_projections((self.q_proj, self.k_proj, self.v_proj, self.o_proj), std, norms)
 
     def new_cache_layer(self) -> WindowKVLayer:
         return WindowKVLayer(self.settings.window, getattr(self.settings, "sinks", 0))
