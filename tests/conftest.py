@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -69,3 +70,26 @@ def stories_dir():
     if not (path / "model.safetensors").exists():
         pytest.skip("shared stories260k teacher not available")
     return path
+
+
+@torch.no_grad()
+def teacher_stories(model_dir, count: int, calibration: int = 8, seed: int = 0):
+    """``(tokenizer, teacher, calibration text, held-out rows)``: the teacher samples ``count`` stories
+    (seeded, 160 new tokens); the first ``calibration`` are calibration text, the rest held out as ids."""
+    tokenizer = T.AutoTokenizer.from_pretrained(model_dir)
+    teacher = T.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    torch.manual_seed(seed)
+    start = torch.full((count, 1), tokenizer.bos_token_id)
+    out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=160,
+                           pad_token_id=tokenizer.eos_token_id)
+    stories = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
+    held_out = [torch.tensor(tokenizer(s)["input_ids"]) for s in stories[calibration:]]
+    return tokenizer, teacher, "\n\n".join(stories[:calibration]), held_out
+
+
+@torch.no_grad()
+def held_out_perplexity(model, rows) -> float:
+    """Next-token perplexity over ``rows`` (token id tensors), each scored on its own."""
+    nll = sum(torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="sum")
+              for ids in rows)
+    return math.exp(nll.item() / sum(len(ids) - 1 for ids in rows))

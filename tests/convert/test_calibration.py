@@ -1,14 +1,14 @@
 """Calibrated conversion: per-head output scales fitted to the teacher, reported per layer."""
 
-import math
-
 import pytest
 import torch
 import yaml
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mixerswap.convert import convert
 from mixerswap.demo import demo_text
+
+from ..conftest import held_out_perplexity, teacher_stories
 
 
 def test_calibration_fits_each_layer_closer_to_the_teacher(stories_dir, tmp_path):
@@ -41,20 +41,11 @@ def test_calibration_errors_are_one_line(teacher_dir, tmp_path):
 def test_calibrated_student_starts_near_a_real_teacher(stories_dir, tmp_path):
     """stories260k, 3 of 5 layers replaced: calibration on the teacher's own stories takes the converted
     student's held-out perplexity from hundreds to within a few times the teacher's."""
-    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(stories_dir)
-    torch.manual_seed(0)
-    start = torch.full((16, 1), tokenizer.bos_token_id)
-    out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=160,
-                           pad_token_id=tokenizer.eos_token_id)
-    stories = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
-    (tmp_path / "calib.txt").write_text("\n\n".join(stories[:8]))
-    held_out = [torch.tensor(tokenizer(s)["input_ids"]) for s in stories[8:]]
+    _, teacher, text, held_out = teacher_stories(stories_dir, 16)
+    (tmp_path / "calib.txt").write_text(text)
 
     def perplexity(model):
-        nll = sum(torch.nn.functional.cross_entropy(model(ids[None]).logits[0, :-1], ids[1:], reduction="sum")
-                  for ids in held_out)
-        return math.exp(nll.item() / sum(len(ids) - 1 for ids in held_out))
+        return held_out_perplexity(model, held_out)
 
     ppl = {}
     for calibration in (None, tmp_path / "calib.txt"):

@@ -1,18 +1,17 @@
 """Attention → MLA: exact conversion reproduces every family's teacher, compressed conversion to the
 rank K/V really have reproduces it closely, activation-aware beats weight-only, bad sizes are refused."""
 
-import math
 
 import pytest
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
 from mixerswap.architectures import PlanError
 from mixerswap.architectures.cache import cache_nbytes
 from mixerswap.cli import main
 from mixerswap.convert import convert
 
-from ..conftest import FAMILIES, build_teacher
+from ..conftest import FAMILIES, build_teacher, held_out_perplexity, teacher_stories
 
 
 def ids(*shape, seed=0):
@@ -174,20 +173,11 @@ def test_activation_aware_beats_weight_only_on_stories260k(stories_dir, tmp_path
 
     (Partial RoPE is what hurts this 8-channel-head teacher: with full rank, RoPE on frequencies 0, 1
     only, the default, gives perplexity ~39 against the teacher's ~3.2; on 1, 2 ~6; on 0, 1, 2 ~3.2.)"""
-    tokenizer = AutoTokenizer.from_pretrained(stories_dir)
-    teacher = AutoModelForCausalLM.from_pretrained(stories_dir).eval()
-    torch.manual_seed(0)
-    start = torch.full((12, 1), tokenizer.bos_token_id)
-    out = teacher.generate(start, attention_mask=torch.ones_like(start), do_sample=True, max_new_tokens=160,
-                           pad_token_id=tokenizer.eos_token_id)
-    stories = [s.strip() for s in tokenizer.batch_decode(out, skip_special_tokens=True)]
-    (tmp_path / "calib.txt").write_text("\n\n".join(stories[:8]))
-    held_out = [torch.tensor(tokenizer(s)["input_ids"]) for s in stories[8:]]
+    _, teacher, text, held_out = teacher_stories(stories_dir, 12)
+    (tmp_path / "calib.txt").write_text(text)
 
     def perplexity(model):
-        nll = sum(torch.nn.functional.cross_entropy(model(x[None]).logits[0, :-1], x[1:], reduction="sum")
-                  for x in held_out)
-        return math.exp(nll.item() / sum(len(x) - 1 for x in held_out))
+        return held_out_perplexity(model, held_out)
 
     def student_ppl(kv_rank, calibration):
         out = tmp_path / f"s-{kv_rank}-{calibration is not None}"
