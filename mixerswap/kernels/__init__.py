@@ -17,7 +17,9 @@ specification: shapes and semantics are documented there and every other backend
 
 Backends. Each folder's ``__init__`` registers what lives in it with
 ``register(op, backend, fn, supports=...)``. Known names: ``torch`` (the reference, always
-registered), ``triton`` (ours; none exist yet), and the third-party ``mamba_ssm`` (``ssd_chunk_scan``),
+registered), ``triton`` (ours, in ``<folder>/triton.py``, registered through
+:mod:`mixerswap.kernels.triton_support`: imported at first use, chosen by ``auto`` on CUDA, runnable by
+name on CPU tensors under ``TRITON_INTERPRET=1``), and the third-party ``mamba_ssm`` (``ssd_chunk_scan``),
 ``causal_conv1d`` (``causal_conv1d``) and ``fla`` (no op yet). Third-party packages are imported in
 ``try/except`` and registered only when they import; they need CUDA. ``supports(call)`` receives a
 :class:`Call`: ``device`` (``"cpu"``/``"cuda"``), ``dtype`` of the main input, and ``needs_grad``

@@ -54,6 +54,7 @@ class Call:
 class _Backend:
     fn: Callable
     supports: Callable[[Call], bool]
+    auto: Callable[[Call], bool]
 
 
 def _always(call: Call) -> bool:
@@ -71,10 +72,12 @@ _overrides: contextvars.ContextVar[tuple[tuple[str, str | None], ...]] = context
 
 
 def register(op: str, backend: str, fn: Callable, supports: Callable[[Call], bool] = _always,
-             main_arg: str | None = None) -> None:
+             main_arg: str | None = None, auto: Callable[[Call], bool] | None = None) -> None:
     """Register ``fn`` as ``backend`` of ``op``; ``supports(call: Call) -> bool`` says when it can run.
 
     ``supports`` may look only at the fields of :class:`Call`, because the choice is cached on them.
+    ``auto(call)`` (default: ``supports``) says when ``auto`` may choose it; a backend that can run a
+    call only slowly (the Triton interpreter on CPU) is usable by name but not chosen automatically.
     ``main_arg`` (given with the ``torch`` reference) names the argument whose device and dtype
     describe the call; by default the first parameter.
     """
@@ -84,7 +87,7 @@ def register(op: str, backend: str, fn: Callable, supports: Callable[[Call], boo
         params = list(inspect.signature(fn).parameters)
         name = main_arg or params[0]
         _MAIN_ARG[op] = (params.index(name), name)
-    _REGISTRY.setdefault(op, {})[backend] = _Backend(fn, supports)
+    _REGISTRY.setdefault(op, {})[backend] = _Backend(fn, supports, auto or supports)
     _CHOICES.clear()
 
 
@@ -190,7 +193,7 @@ def _without_autocast(fn: Callable, device: str) -> Callable:
 def _choose(call: Call, request: str) -> tuple[str, Callable]:
     impls = _REGISTRY[call.op]
     if request == "auto":
-        name = next(b for b in PRIORITY if b in impls and (b == REFERENCE or impls[b].supports(call)))
+        name = next(b for b in PRIORITY if b in impls and (b == REFERENCE or impls[b].auto(call)))
     else:
         usable = [b for b in PRIORITY if b in impls and impls[b].supports(call)]
         if request not in usable:

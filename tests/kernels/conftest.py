@@ -2,7 +2,13 @@
 
 import pytest
 
-from mixerswap.kernels import dispatch
+from mixerswap.kernels import dispatch, triton_support
+
+# Triton kernels run on CPU tensors under TRITON_INTERPRET=1 (set in tests/conftest.py without CUDA).
+requires_triton = pytest.mark.skipif(
+    not triton_support.installed() or not (triton_support.interpreting() or __import__("torch").cuda.is_available()),
+    reason="triton is not installed (pip install triton) or cannot run here",
+)
 
 
 @pytest.fixture(autouse=True)

@@ -167,3 +167,29 @@ def test_reference_runs_with_autocast_off_and_other_backends_do_not():
         run(torch.ones(1))
         run(torch.ones(1, requires_grad=True))
     assert seen == {"triton": True, "torch": False}
+
+
+def test_backend_usable_by_name_but_never_chosen_by_auto():
+    """The Triton interpreter on CPU: ``auto`` must not pick it, a named request must get it."""
+    register("ssd_step", "triton", lambda *a, **k: "interpreted", auto=lambda call: False)
+    x = torch.zeros(2, 3)
+    assert resolve("ssd_step", x)[0] == "torch"
+    with use_backend("triton", op="ssd_step"):
+        assert resolve("ssd_step", x)[0] == "triton"
+
+
+def test_triton_backend_registration_is_lazy_and_cpu_only_when_interpreting(monkeypatch):
+    from mixerswap.kernels import triton_support
+
+    monkeypatch.setattr(triton_support, "installed", lambda: True)
+    triton_support.register_triton("ssd_step", "json", "dumps", dtypes=(torch.float32,), grad=False)
+    backend = dispatch._REGISTRY["ssd_step"]["triton"]
+    cpu = dispatch.Call("ssd_step", "cpu", torch.float32, False)
+    cuda = dispatch.Call("ssd_step", "cuda", torch.float32, False)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not backend.supports(cpu) and backend.supports(cuda) and backend.auto(cuda)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert backend.supports(cpu) and not backend.auto(cpu)
+    assert not backend.supports(dispatch.Call("ssd_step", "cuda", torch.bfloat16, False))
+    assert not backend.supports(dispatch.Call("ssd_step", "cuda", torch.float32, True))
+    assert backend.fn([1]) == "[1]"  # imported at the first call
