@@ -1,0 +1,372 @@
+"""Triton kernels for gated linear attention with a per-head decay (backend ``triton``).
+
+Same contract as :mod:`mixerswap.kernels.gla.naive` (the specification): ``gla_chunk_triton`` is
+:func:`~mixerswap.kernels.gla.naive.gla_chunk_ref` and ``gla_step_triton`` is
+:func:`~mixerswap.kernels.gla.naive.gla_step_ref`. Notation, per batch row, head and chunk of ``BT``
+tokens, with ``b_i = g_1 + ... + g_i`` the log-decay accumulated from the chunk's start to its
+position ``i`` (so every exponential below is of a number <= 0 and cannot overflow)::
+
+    A_ij   = (q_i . k_j) exp(b_i - b_j)             j <= i, same document
+    o_i    = scale (sum_j A_ij v_j + exp(b_i) S^T q_i)  S: state entering the chunk, [K, V]
+    S'     = exp(b_L) S + sum_j exp(b_L - b_j) k_j v_j^T
+
+Because the decay is one scalar per head and position, ``exp(b_i - b_j)`` is formed directly from the
+difference of two cumulative sums and no division by a decay is ever needed (GLA's per-channel form
+needs secondary chunking for that; the reference accepts only the per-head form, so neither does this).
+A change of ``seq_idx`` masks the pairs, the state carried into a chunk and the keys written into the
+state that cross it, exactly as the reference's masks.
+
+Forward: one program per (block of ``V``, batch row x head) walks the chunks in order, keeping the state
+in registers; it writes ``o``, the final state and, when autograd needs them, the state entering
+every chunk. Backward: one program per (block of ``V``, row x head) walks the chunks in reverse with
+the state gradient ``dS`` in registers and computes ``dq``, ``dk`` (partial sums over its ``V`` block,
+added up in torch), ``dv`` and ``d initial_state``. The gate gradient is assembled in torch from
+``d b_i = q_i . dq_i - k_i . dk_i`` (plus ``<dS', S'>`` at each chunk's last position) and a reversed
+cumulative sum inside each chunk; that is O(T H K) glue (the identity is the one fla's ``simple_gla``
+uses). Everything accumulates in fp32; fp32 inputs multiply with ``input_precision="ieee"``, 16-bit
+ones with tf32.
+
+The chunk length only tiles the computation (the result does not depend on it beyond rounding): the
+kernels use ``chunk_size`` when it is a power of two in [16, 128] and 64 otherwise. ``K`` up to 256.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import naive
+from ..triton_support import interpreting
+
+MAX_K = 256
+
+
+def _block_t(chunk_size: int) -> int:
+    return chunk_size if 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0 else 64
+
+
+def _blocks(dk: int, dv: int) -> tuple[int, int]:
+    """``(BK, BV)``: all of ``K`` in one block (tl.dot needs at least 16), ``V`` split in blocks of <= 64."""
+    if dk > MAX_K:
+        raise ValueError(f"gla triton kernels support a key size up to {MAX_K}, got {dk}")
+    bk = max(16, triton.next_power_of_2(dk))
+    bv = max(16, min(64 if bk <= 128 else 32, triton.next_power_of_2(dv)))
+    return bk, bv
+
+
+def _launch_options(*blocks: int) -> dict:
+    # No autotuning: each program walks its chunks in order, so the tile sizes follow from the shapes,
+    # and only the warp count is chosen (more warps for the larger tiles); the interpreter ignores it.
+    return {} if interpreting() else {"num_warps": 8 if max(blocks) >= 128 else 4}
+
+
+@triton.jit
+def _chunk_masks(seq_ptr, i_b, c, T, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """``(pair, carry_in, write, carry)`` of one chunk: ``pair [BT, BT]`` j <= i in one document,
+    ``carry_in [BT]`` position i still sees the state entering the chunk, ``write [BT]`` key j
+    reaches the state leaving it, ``carry`` the entering state reaches the leaving one."""
+    offs = tl.arange(0, BT)
+    pair = offs[:, None] >= offs[None, :]
+    if HAS_SEQ:
+        t = tl.minimum(c * BT + offs, T - 1)  # the reference pads ids with the last one
+        sid = tl.load(seq_ptr + i_b * T + t)
+        sid_last = tl.load(seq_ptr + i_b * T + tl.minimum(c * BT + BT - 1, T - 1))
+        sid_before = tl.load(seq_ptr + i_b * T + tl.maximum(c * BT - 1, 0))
+        pair = pair & (sid[:, None] == sid[None, :])
+        carry_in = sid == sid_before
+        write = sid == sid_last
+        carry = sid_last == sid_before
+    else:  # all true, as tensors (c is the loop's induction variable)
+        carry_in = offs >= 0
+        write = offs >= 0
+        carry = c >= 0
+    return pair, carry_in, write, carry
+
+
+@triton.jit
+def _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, i_b, i_h, c, i_v, T,
+                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """``q, k [BT, BK]``, ``v [BT, BV]``, ``g [BT]`` of one chunk in fp32, zero beyond ``T``, ``K``, ``V``."""
+    t = c * BT + tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    row = (i_b * T + t) * H + i_h
+    mt = t < T
+    mqk = mt[:, None] & (offs_k < K)[None, :]
+    mv = mt[:, None] & (offs_v < V)[None, :]
+    q = tl.load(q_ptr + row[:, None] * K + offs_k[None, :], mask=mqk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mqk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + row[:, None] * V + offs_v[None, :], mask=mv, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row, mask=mt, other=0.0).to(tl.float32)
+    return q, k, v, g
+
+
+@triton.jit
+def _gla_fwd_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, h0_ptr, o_ptr, states_ptr, ht_ptr,
+    scale, T, n_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(cdiv(V, BV), B * H)``. ``q, k [B, T, H, K]``, ``v, o [B, T, H, V]``, ``g [B, T, H]``,
+    ``seq [B, T]``, ``h0, ht [B, H, K, V]`` fp32, ``states [B, H, NC, K, V]`` fp32 (entering each chunk)."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    m_state = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    p_state = offs_k[:, None] * V + offs_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state = tl.load(h0_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0).to(tl.float32)
+    for c in range(n_chunks):
+        if SAVE_STATES:
+            tl.store(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, state, mask=m_state)
+        q, k, v, g = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, i_b, i_h, c, i_v, T, H, K, V, BT, BK, BV)
+        pair, carry_in, write, carry = _chunk_masks(seq_ptr, i_b, c, T, BT, HAS_SEQ)
+        b = tl.cumsum(g, 0)
+        b_last = tl.sum(g, 0)
+        decay = tl.exp(tl.where(pair, b[:, None] - b[None, :], float("-inf")))
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+        from_start = tl.where(carry_in, tl.exp(b), 0.0)
+        o = tl.dot(scores, v, input_precision=PREC)
+        o += tl.dot(q * from_start[:, None], state, input_precision=PREC)
+        t = c * BT + offs_t
+        row = (i_b * T + t) * H + i_h
+        tl.store(o_ptr + row[:, None] * V + offs_v[None, :], (o * scale).to(o_ptr.dtype.element_ty),
+                 mask=(t < T)[:, None] & (offs_v < V)[None, :])
+        to_end = tl.where(write, tl.exp(b_last - b), 0.0)
+        carried = tl.where(carry, tl.exp(b_last), 0.0)
+        state = state * carried + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PREC)
+    tl.store(ht_ptr + i_bh * K * V + p_state, state, mask=m_state)
+
+
+@triton.jit
+def _gla_bwd_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, do_ptr, dht_ptr, states_ptr, ht_ptr,
+    dq_ptr, dk_ptr, dv_ptr, dh0_ptr, dlast_ptr,
+    scale, T, n_chunks, BH,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
+):
+    """Grid ``(NV, B * H)``, chunks in reverse. Inputs as :func:`_gla_fwd_kernel`, ``do [B, T, H, V]``,
+    ``dht [B, H, K, V]``. Writes ``dq, dk [NV, B, T, H, K]`` (partial over ``V`` blocks), ``dv [B, T, H, V]``,
+    ``dh0 [B, H, K, V]`` and ``dlast [NV, B * H, NC]``: ``<dS', S'>`` of each chunk's leaving state."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_t = tl.arange(0, BT)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    m_state = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    p_state = offs_k[:, None] * V + offs_v[None, :]
+    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_DHT:
+        d_state = tl.load(dht_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0).to(tl.float32)
+    state_next = tl.load(ht_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0)
+    for i in range(n_chunks):
+        c = n_chunks - 1 - i
+        tl.store(dlast_ptr + (i_v * BH + i_bh) * n_chunks + c, tl.sum(tl.sum(d_state * state_next, 1), 0))
+        state = tl.load(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, mask=m_state, other=0.0)
+        q, k, v, g = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, i_b, i_h, c, i_v, T, H, K, V, BT, BK, BV)
+        pair, carry_in, write, carry = _chunk_masks(seq_ptr, i_b, c, T, BT, HAS_SEQ)
+        t = c * BT + offs_t
+        mt = t < T
+        row = (i_b * T + t) * H + i_h
+        do = tl.load(do_ptr + row[:, None] * V + offs_v[None, :], mask=mt[:, None] & (offs_v < V)[None, :],
+                     other=0.0).to(tl.float32)
+        b = tl.cumsum(g, 0)
+        b_last = tl.sum(g, 0)
+        decay = tl.exp(tl.where(pair, b[:, None] - b[None, :], float("-inf")))
+        from_start = tl.where(carry_in, tl.exp(b), 0.0)
+        to_end = tl.where(write, tl.exp(b_last - b), 0.0)
+        carried = tl.where(carry, tl.exp(b_last), 0.0)
+        # d(q_i . k_j) for the pairs inside the chunk, and the scores themselves (without scale).
+        d_scores = tl.dot(do, tl.trans(v), input_precision=PREC) * decay * scale
+        scores = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
+        dq = tl.dot(d_scores, k, input_precision=PREC)
+        dq += tl.dot(do, tl.trans(state), input_precision=PREC) * (from_start * scale)[:, None]
+        dk = tl.dot(tl.trans(d_scores), q, input_precision=PREC)
+        dk += tl.dot(v, tl.trans(d_state), input_precision=PREC) * to_end[:, None]
+        dv = tl.dot(tl.trans(scores), do, input_precision=PREC) * scale
+        dv += tl.dot(k, d_state, input_precision=PREC) * to_end[:, None]
+        p_qk = i_v * BH * T * K + row[:, None] * K + offs_k[None, :]
+        m_qk = mt[:, None] & (offs_k < K)[None, :]
+        tl.store(dq_ptr + p_qk, dq, mask=m_qk)
+        tl.store(dk_ptr + p_qk, dk, mask=m_qk)
+        tl.store(dv_ptr + row[:, None] * V + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),
+                 mask=mt[:, None] & (offs_v < V)[None, :])
+        d_state = d_state * carried + tl.dot(tl.trans(q * (from_start * scale)[:, None]), do, input_precision=PREC)
+        state_next = state
+    tl.store(dh0_ptr + i_bh * K * V + p_state, d_state, mask=m_state)
+
+
+@triton.jit
+def _gla_step_kernel(
+    state_ptr, q_ptr, k_ptr, v_ptr, g_ptr, o_ptr, scale,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """Grid ``(cdiv(V, BV), B * H)``. ``state [B, H, K, V]`` updated in place, ``q, k [B, H, K]``,
+    ``v, o [B, H, V]``, ``g [B, H]``."""
+    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    mk, mv = offs_k < K, offs_v < V
+    m_state = mk[:, None] & mv[None, :]
+    p_state = state_ptr + i_bh * K * V + offs_k[:, None] * V + offs_v[None, :]
+    state = tl.load(p_state, mask=m_state, other=0.0).to(tl.float32)
+    q = tl.load(q_ptr + i_bh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + i_bh * K + offs_k, mask=mk, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + i_bh * V + offs_v, mask=mv, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + i_bh).to(tl.float32)
+    state = state * tl.exp(g) + k[:, None] * v[None, :]
+    o = tl.sum(state * q[:, None], 0) * scale
+    tl.store(p_state, state.to(state_ptr.dtype.element_ty), mask=m_state)
+    tl.store(o_ptr + i_bh * V + offs_v, o.to(o_ptr.dtype.element_ty), mask=mv)
+
+
+def _precision(*tensors: torch.Tensor) -> str:
+    return "ieee" if all(t.dtype == torch.float32 for t in tensors) else "tf32"
+
+
+def _forward(q, k, v, g, scale, block_t, initial_state, seq_idx, save_states):
+    """``(o [B, T, H, V] in v.dtype, final state [B, H, K, V] fp32, states [B, H, NC, K, V] fp32 or None)``."""
+    batch, seqlen, heads, dk = q.shape
+    dv = v.shape[-1]
+    bk, bv = _blocks(dk, dv)
+    n_chunks = triton.cdiv(seqlen, block_t)
+    o = torch.empty_like(v)
+    final = q.new_empty(batch, heads, dk, dv, dtype=torch.float32)
+    states = q.new_empty(batch, heads, n_chunks, dk, dv, dtype=torch.float32) if save_states else final
+    grid = (triton.cdiv(dv, bv), batch * heads)
+    _gla_fwd_kernel[grid](
+        q, k, v, g, seq_idx if seq_idx is not None else g, initial_state if initial_state is not None else final,
+        o, states, final, scale, seqlen, n_chunks, H=heads, K=dk, V=dv, BT=block_t, BK=bk, BV=bv,
+        HAS_SEQ=seq_idx is not None, HAS_H0=initial_state is not None, SAVE_STATES=save_states,
+        PREC=_precision(q, k, v), **_launch_options(block_t, bk, bv),
+    )
+    return o, final, states if save_states else None
+
+
+class GLAChunkFn(torch.autograd.Function):
+    """Autograd for :func:`gla_chunk_triton`; every tensor argument is contiguous (see there)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, g, scale, block_t, initial_state, seq_idx):
+        o, final, states = _forward(q, k, v, g, scale, block_t, initial_state, seq_idx, save_states=True)
+        ctx.save_for_backward(q, k, v, g, seq_idx, states, final)
+        ctx.scale, ctx.block_t = scale, block_t
+        ctx.initial_dtype = None if initial_state is None else initial_state.dtype
+        ctx.set_materialize_grads(False)
+        return o, final
+
+    @staticmethod
+    def backward(ctx, d_o, d_final):
+        q, k, v, g, seq_idx, states, final = ctx.saved_tensors
+        batch, seqlen, heads, dk = q.shape
+        dv_size = v.shape[-1]
+        bk, bv = _blocks(dk, dv_size)
+        n_v, n_chunks, block_t = triton.cdiv(dv_size, bv), triton.cdiv(seqlen, ctx.block_t), ctx.block_t
+        d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
+        dq = q.new_empty(n_v, batch, seqlen, heads, dk, dtype=torch.float32)
+        dk_ = torch.empty_like(dq)
+        dv = torch.empty_like(v)
+        dh0 = q.new_empty(batch, heads, dk, dv_size, dtype=torch.float32)
+        dlast = q.new_empty(n_v, batch, heads, n_chunks, dtype=torch.float32)
+        _gla_bwd_kernel[(n_v, batch * heads)](
+            q, k, v, g, seq_idx if seq_idx is not None else g, d_o,
+            d_final.contiguous() if d_final is not None else final, states, final,
+            dq, dk_, dv, dh0, dlast, ctx.scale, seqlen, n_chunks, batch * heads,
+            H=heads, K=dk, V=dv_size, BT=block_t, BK=bk, BV=bv,
+            HAS_SEQ=seq_idx is not None, HAS_DHT=d_final is not None, PREC=_precision(q, k, v),
+            **_launch_options(block_t, bk, bv),
+        )
+        dq, dk_ = dq.sum(0), dk_.sum(0)
+        # d b_i (b: log-decay accumulated from the chunk start) is q_i.dq_i - k_i.dk_i, plus <dS', S'>
+        # at the chunk's last position (every exp(b_L ...) factor); g_t feeds every b_i with i >= t.
+        d_b = (q.float() * dq).sum(-1) - (k.float() * dk_).sum(-1)  # [B, T, H]
+        pad = n_chunks * block_t - seqlen
+        d_b = torch.nn.functional.pad(d_b, (0, 0, 0, pad)).view(batch, n_chunks, block_t, heads)
+        d_b[:, :, -1] += dlast.sum(0).transpose(1, 2)
+        dg = d_b.flip(2).cumsum(2).flip(2).reshape(batch, n_chunks * block_t, heads)[:, :seqlen]
+        dh0 = dh0.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None
+        return dq.to(q.dtype), dk_.to(k.dtype), dv, dg.to(g.dtype), None, None, dh0, None
+
+
+def gla_chunk_triton(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    *,
+    scale: float | None = None,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Chunked gated linear attention in Triton; the contract of :func:`~mixerswap.kernels.gla.naive.gla_chunk_ref`.
+
+    Args:
+        q, k: ``[B, T, H, K]``; v: ``[B, T, H, V]``; g: ``[B, T, H]`` log decays (<= 0).
+        scale: multiplies ``o``; ``None``: ``K ** -0.5``.
+        chunk_size: tiles the computation (a power of two in [16, 128] is used as given, else 64).
+        initial_state: ``[B, H, K, V]`` or ``None`` (zeros); not modified.
+        seq_idx: ``[B, T]`` non-decreasing document ids, or ``None``.
+    Returns:
+        ``o`` ``[B, T, H, V]`` in ``v.dtype`` and the final state ``[B, H, K, V]`` in fp32.
+    """
+    batch, seqlen, heads, dk, dv = naive._check_shapes(q, k, v, g)
+    if seqlen == 0:  # nothing to launch
+        return naive.gla_chunk_ref(q, k, v, g, scale=scale, chunk_size=chunk_size, initial_state=initial_state,
+                                   seq_idx=seq_idx)
+    scale = dk**-0.5 if scale is None else float(scale)
+    q, k, v, g = (t.contiguous() for t in (q, k, v, g))
+    if initial_state is not None:
+        if initial_state.shape != (batch, heads, dk, dv):
+            raise ValueError(f"initial_state must be [B, H, K, V]={(batch, heads, dk, dv)}, "
+                             f"got {tuple(initial_state.shape)}")
+        initial_state = initial_state.contiguous()
+    if seq_idx is not None:
+        seq_idx = seq_idx.to(torch.int32).contiguous()
+    block_t = _block_t(chunk_size)
+    tensors = (q, k, v, g) if initial_state is None else (q, k, v, g, initial_state)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
+        return GLAChunkFn.apply(q, k, v, g, scale, block_t, initial_state, seq_idx)
+    o, final, _ = _forward(q, k, v, g, scale, block_t, initial_state, seq_idx, save_states=False)
+    return o, final
+
+
+def gla_step_triton(
+    state: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step in Triton, updating ``state`` in place; the contract of
+    :func:`~mixerswap.kernels.gla.naive.gla_step_ref` (no autograd).
+
+    Args:
+        state: ``[B, H, K, V]`` fp32, overwritten with the state after this token.
+        q, k: ``[B, H, K]``; v: ``[B, H, V]``; g: ``[B, H]``; scale: ``None``: ``K ** -0.5``.
+    Returns:
+        ``o`` ``[B, H, V]`` in ``v.dtype`` and ``state`` itself (the same tensor object).
+    """
+    batch, heads, dk = q.shape
+    dv = v.shape[-1]
+    scale = dk**-0.5 if scale is None else float(scale)
+    bk, bv = _blocks(dk, dv)
+    work = state if state.is_contiguous() else state.contiguous()
+    o = torch.empty_like(v, memory_format=torch.contiguous_format)
+    _gla_step_kernel[(triton.cdiv(dv, bv), batch * heads)](
+        work, q.contiguous(), k.contiguous(), v.contiguous(), g.contiguous(), o, scale,
+        H=heads, K=dk, V=dv, BK=bk, BV=bv, **_launch_options(bk, bv),
+    )
+    if work is not state:
+        state.copy_(work)
+    return o, state
