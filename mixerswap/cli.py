@@ -86,6 +86,8 @@ def main():
 @click.option("--calibration-tokens", default=2048, show_default=True, help="Tokens of calibration text used.")
 @click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1).")
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
+@click.option("--select", type=click.Choice(["kl"]),
+              help="Choose the --keep-attention layers by measured KL on the --calibration text (see `select`).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--seed", default=0, show_default=True, help="Seed for the parts attention does not determine.")
@@ -96,7 +98,7 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
 @click.pass_context
 @user_errors
-def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, settings,
+def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, select, settings,
             dtype, seed, max_shard_size, revision, out, overwrite, quiet):
     """Convert TEACHER (local HF folder or hub id) into a hybrid student folder.
 
@@ -110,7 +112,7 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
     layers = parse_layer_list(attention_layers) if attention_layers is not None else None
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
-        keep_attention=keep_attention, attention_layers=layers,
+        keep_attention=keep_attention, attention_layers=layers, select=select,
         mixer_settings={**parse_settings(settings), **parse_extra_settings(ctx.args)}, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),
@@ -118,6 +120,49 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
     kept = ",".join(map(str, result.attention_layers)) or "none"
     click.echo(f"wrote {result.out}: {len(result.plan)} layers, attention kept at {kept}, "
                f"{len(result.shards)} shard(s), {result.bytes_written / 1e6:.1f} MB")
+
+
+@main.command("select", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("teacher")
+@click.option("--to", "to", default="mamba2", show_default=True, help="Mixer kind the layers would be replaced by.")
+@click.option("--data", required=True, type=click.Path(dir_okay=False),
+              help="Text file: calibration on its first tokens, scores on the next ones.")
+@click.option("--keep-attention", type=float, help="Also pick this fraction of layers to keep attention (greedy, by set KL).")
+@click.option("--calibration-tokens", default=2048, show_default=True)
+@click.option("--scoring-tokens", default=2048, show_default=True)
+@click.option("--seq-len", default=256, show_default=True)
+@click.option("--align-steps", default=20, show_default=True, help="Per-layer alignment steps scored (0: skip).")
+@click.option("--mqar/--no-mqar", default=True, show_default=True,
+              help="Score MQAR per layer (only when the teacher itself solves it).")
+@click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--out", help="Folder for selection.json / .md / .png and plan.yaml.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
+@click.pass_context
+@user_errors
+def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, scoring_tokens, seq_len, align_steps,
+                   mqar, settings, seed, out, overwrite, quiet):
+    """Score every layer of TEACHER for replacement by --to and print them ranked.
+
+    Each layer is scored alone (calibrated-init error, error after a short alignment, end-to-end KL,
+    MQAR); with --keep-attention a set is chosen greedily by the KL of the whole set and compared with
+    evenly spaced layers. Any other --NAME VALUE is a mixer setting.
+    """
+    setup_logging(quiet)
+    from .convert.checkpoint_io import check_output
+    from .convert.layer_scores import score_layers, selection_table, write_selection
+
+    if out is not None:
+        check_output(out, overwrite=overwrite, inputs=(teacher, data))
+    mixer_settings = {**parse_settings(settings), **parse_extra_settings(ctx.args)}
+    selection = score_layers(teacher, to=to, text=data, keep_attention=keep_attention, mixer_settings=mixer_settings,
+                             calibration_tokens=calibration_tokens, scoring_tokens=scoring_tokens, seq_len=seq_len,
+                             align_steps=align_steps, mqar=mqar, seed=seed, progress=not quiet)
+    click.echo(selection_table(selection))
+    if out is not None:
+        write_selection(selection, out, settings=mixer_settings, overwrite=overwrite, inputs=(teacher, data))
+        click.echo(f"wrote {out}")
 
 
 @main.command()
@@ -175,6 +220,30 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
 
 def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.2f}"
+
+
+@main.command()
+@click.argument("student")
+@click.option("--out", required=True, help="Output folder (a stock transformers checkpoint).")
+@click.option("--format", "format_", help="Stock architecture to write (deepseek_v3, granitemoehybrid); default: the "
+                                          "one that expresses the student's mixers.")
+@click.option("--allow-approximate", is_flag=True, help="Write the format even where it cannot express the student "
+                                                        "exactly; the measured logit error is printed and in the card.")
+@click.option("--max-shard-size", default="5GB", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
+@user_errors
+def export(student, out, format_, allow_approximate, max_shard_size, overwrite, quiet):
+    """Write STUDENT as a stock transformers architecture that loads with no custom code."""
+    setup_logging(quiet)
+    from .export import export_student
+
+    result = export_student(student, out, format=format_, allow_approximate=allow_approximate,
+                            max_shard_size=max_shard_size, overwrite=overwrite, progress=not quiet,
+                            command=shlex.join(["mixerswap", *sys.argv[1:]]))
+    diff = "not measured" if result.max_logit_diff is None else f"{result.max_logit_diff:.3g}"
+    click.echo(f"wrote {result.out} as {result.format}: {'exact' if result.exact else 'APPROXIMATE'}, max |logit "
+               f"difference| vs the student {diff}" + "".join(f"\n  not expressed: {i}" for i in result.issues))
 
 
 @main.command()

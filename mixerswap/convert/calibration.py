@@ -38,27 +38,43 @@ def read_calibration_text(path: str | Path) -> str:
     return text
 
 
-@torch.no_grad()
-def collect_layer_stats(model_dir: str | Path, layers: list[int], text: str, *, tokens: int = 2048,
-                        seq_len: int = 256) -> dict[int, LayerStats]:
-    """Teacher statistics of each layer in ``layers`` on the first ``tokens`` tokens of ``text``.
+def calibration_rows(tokenizer, text: str, *, tokens: int, seq_len: int, skip: int = 0) -> torch.Tensor:
+    """Tokens ``skip .. skip + tokens`` of ``text`` as rows ``[N, seq_len]`` (``seq_len`` shrinks to fit a
+    short text); every row starts at position 0 like a document of its own."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][skip : skip + tokens]
+    if len(ids) < 2:
+        raise ValueError(f"the calibration text has fewer than 2 tokens{f' after the first {skip}' if skip else ''}")
+    seq_len = min(seq_len, len(ids))
+    return torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
 
-    The text is cut into rows of ``seq_len`` tokens (fewer when the text is short); every row starts
-    at position 0 like a document of its own.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+def load_tokenizer(model_dir: str | Path):
+    from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        return AutoTokenizer.from_pretrained(model_dir)
     except (OSError, ValueError, TypeError):
         raise ValueError(f"calibration needs the teacher's tokenizer, and {model_dir} has none") from None
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"][:tokens]
-    if len(ids) < 2:
-        raise ValueError("the calibration text has fewer than 2 tokens")
-    seq_len = min(seq_len, len(ids))
-    rows = torch.tensor(ids[: len(ids) // seq_len * seq_len]).view(-1, seq_len)
-    # eager attention returns its probabilities, from which each head's reach is measured
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def load_teacher_fp32(model_dir: str | Path) -> nn.Module:
+    """The teacher in fp32 with eager attention (it returns the probabilities each head's reach is read from)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
+
+
+def collect_layer_stats(model_dir: str | Path, layers: list[int], text: str, *, tokens: int = 2048,
+                        seq_len: int = 256) -> dict[int, LayerStats]:
+    """Teacher statistics of each layer in ``layers`` on the first ``tokens`` tokens of ``text``
+    (rows of :func:`calibration_rows`)."""
+    rows = calibration_rows(load_tokenizer(model_dir), text, tokens=tokens, seq_len=seq_len)
+    return record_layer_stats(load_teacher_fp32(model_dir), layers, rows)
+
+
+@torch.no_grad()
+def record_layer_stats(model: nn.Module, layers: list[int], rows: torch.Tensor) -> dict[int, LayerStats]:
+    """Run ``model`` (a loaded teacher) over ``rows`` and record the :class:`LayerStats` of ``layers``."""
     family = family_for(model.config.model_type)
     blocks = _layers(model, family.layers_path)
     records: dict[int, dict] = {i: {} for i in layers}

@@ -81,6 +81,7 @@ def convert(
     command: str | None = None,
     calibration: str | Path | None = None,
     calibration_tokens: int = 2048,
+    select: str | None = None,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
 
@@ -98,6 +99,8 @@ def convert(
         calibration: a text file; the teacher runs over its first ``calibration_tokens`` tokens and each
             converter fits what attention does not determine to the teacher (see :mod:`.calibration`);
             per-layer output match before/after goes to ``mixerswap.yaml`` and the model card.
+        select: ``"kl"`` chooses the ``keep_attention`` layers by measurement on the calibration text
+            (see :mod:`.layer_scores`) instead of spacing them evenly; scores and choice are recorded.
     """
     if plan is None and to not in registered_kinds():
         raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(registered_kinds())}")
@@ -106,6 +109,12 @@ def convert(
                          "and --set")
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    if select is not None:
+        if select != "kl":
+            raise ValueError(f"unknown layer selection {select!r}; use --select kl")
+        if calibration is None or keep_attention is None or plan is not None or attention_layers is not None:
+            raise ValueError("--select kl measures which layers keep attention: give --calibration FILE and "
+                             "--keep-attention FRACTION (not --plan or --attention-layers)")
     out = check_output(out, overwrite=overwrite)  # before a hub download; inputs are known after it
     model_dir = resolve_model_dir(teacher, revision)
     inputs = (model_dir, plan, calibration)
@@ -119,6 +128,13 @@ def convert(
     num_layers = teacher_config.num_hidden_layers
     if plan is not None:
         requested = read_plan_file(plan, num_layers)
+    elif select is not None:
+        from .layer_scores import score_layers
+
+        selection = score_layers(model_dir, to=to, text=calibration, keep_attention=keep_attention,
+                                 mixer_settings=mixer_settings, calibration_tokens=calibration_tokens, seed=seed,
+                                 progress=progress)
+        requested = shorthand_plan(num_layers, to, selection.keep, mixer_settings)
     else:
         kept = select_attention_layers(num_layers, keep_attention=keep_attention, attention_layers=attention_layers)
         requested = shorthand_plan(num_layers, to, kept, mixer_settings)
@@ -140,6 +156,8 @@ def convert(
         "mixerswap_version": __version__, "transformers_version": transformers.__version__,
         "teacher_fingerprint": teacher_fingerprint(shards, teacher_config.model_type),
     }
+    if select is not None:
+        provenance["selection"] = {"method": select, **selection.to_dict()}
     if calibration is not None:
         provenance["calibration"] = {"text": str(calibration), "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel())
                                      if stats else 0, "layers": {}}
@@ -279,12 +297,13 @@ def model_card(teacher, family_name: str, plan: list[dict], provenance: dict, co
         f"{replaced} of {len(kinds)} attention layers replaced by `{provenance['to']}` mixers initialized "
         "from the attention weights; everything else is the teacher's.", "",
         f"- Plan: {describe_plan(plan)}",
-        f"- Settings: `mixerswap.yaml` in this folder" + (f"; command: `{command}`" if command else ""),
+        "- Settings: `mixerswap.yaml` in this folder" + (f"; command: `{command}`" if command else ""),
         "", "The replaced layers start from an attention-derived initialization and need distillation "
         "(`mixerswap distill`) before the model is useful.", "",
         "```python", "import mixerswap  # or pass trust_remote_code=True", "from transformers import AutoModelForCausalLM",
         "model = AutoModelForCausalLM.from_pretrained('<this folder>')", "```", "",
         *calibration_table(provenance.get("calibration")),
+        *selection_lines(provenance.get("selection")),
         f"<sub>python {platform.python_version()}, transformers {provenance['transformers_version']}</sub>", "",
     ]
     return "\n".join(lines)
@@ -303,6 +322,18 @@ def calibration_table(calibration: dict | None) -> list[str]:
         lines.append(f"| {idx} | {b['rms_ratio']} | {a['rms_ratio']} | {b['cosine']} | {a['cosine']} | "
                      f"{b['rel_error']} | {a['rel_error']} |")
     return [*lines, ""]
+
+
+def selection_lines(selection: dict | None) -> list[str]:
+    """Markdown lines: the measured layer scores and the kept set (``convert --select``)."""
+    if not selection:
+        return []
+    from .layer_scores import LayerScore, Selection, selection_table
+
+    fields = {k: v for k, v in selection.items() if k != "method"}
+    fields["scores"] = [LayerScore(**s) for s in fields["scores"]]
+    return [f"Layers keeping attention chosen by `--select {selection['method']}`:", "",
+            selection_table(Selection(**fields)), ""]
 
 
 def load_conversion_settings(folder: str | Path) -> dict:

@@ -1,0 +1,89 @@
+"""Measured layer selection (``select`` / ``convert --select kl``) on the trained stories260k teacher."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from mixerswap.architectures import MixerSwapForCausalLM
+from mixerswap.cli import main
+from mixerswap.convert import convert
+from mixerswap.convert.calibration import calibration_rows, load_teacher_fp32, load_tokenizer
+from mixerswap.convert.layer_scores import _kl, _teacher_logprobs, score_layers
+
+from ..conftest import teacher_stories
+
+
+@pytest.fixture(scope="module")
+def stories_text(stories_dir, tmp_path_factory):
+    _, _, text, _ = teacher_stories(stories_dir, 12, calibration=12)
+    path = tmp_path_factory.mktemp("select") / "stories.txt"
+    path.write_text(text)
+    return path
+
+
+@pytest.fixture(scope="module")
+def selected(stories_dir, stories_text, tmp_path_factory):
+    """A student converted with ``--select kl`` (1 of 5 layers keeps attention) and its provenance."""
+    out = tmp_path_factory.mktemp("selected") / "s"
+    result = convert(stories_dir, out, to="mamba2", keep_attention=0.2, select="kl", calibration=stories_text,
+                     calibration_tokens=384, progress=False, dtype="float32")
+    return out, result, yaml.safe_load((out / "mixerswap.yaml").read_text())["selection"]
+
+
+def test_every_layer_is_scored_and_the_greedy_single_layer_is_the_best_single(selected):
+    _, result, selection = selected
+    assert [s["layer"] for s in selection["scores"]] == list(range(5))
+    for s in selection["scores"]:
+        assert s["kl"] > 0 and 0 < s["init_error"]
+    # one kept layer: greedy is exhaustive, so it keeps the layer whose replacement costs most and
+    # beats (or ties) the evenly spaced choice
+    assert result.attention_layers == selection["keep"] and len(selection["keep"]) == 1
+    assert selection["keep_kl"] <= selection["uniform_kl"] + 1e-6
+    assert selection["keep_kl"] < selection["all_replaced_kl"]
+    assert selection["path"][0]["layer"] == selection["keep"][0]
+
+
+def test_the_scored_kl_is_the_kl_of_the_written_student(stories_dir, stories_text, selected):
+    """Swapping the teacher's attention into an all-replaced student models the real student exactly."""
+    out, _, selection = selected
+    assert "chosen by `--select kl`" in (out / "README.md").read_text()
+    tokenizer = load_tokenizer(stories_dir)
+    skip = selection["calibration_tokens"] if selection["scored_on_held_out"] else 0
+    rows = calibration_rows(tokenizer, stories_text.read_text(), tokens=selection["scoring_tokens"], seq_len=256,
+                            skip=skip)
+    student = MixerSwapForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    reference = _teacher_logprobs(load_teacher_fp32(stories_dir), rows, 4)
+    assert _kl(student, rows, reference, 4) == pytest.approx(selection["keep_kl"], rel=1e-4)
+
+
+def test_align_steps_lower_the_layer_error(stories_dir, stories_text):
+    selection = score_layers(stories_dir, to="mamba2", text=stories_text, calibration_tokens=256, scoring_tokens=256,
+                             seq_len=128, align_steps=5, progress=False)
+    assert selection.keep == [] and selection.keep_kl is None
+    assert all(s.align_error < s.init_error for s in selection.scores)
+
+
+def test_select_command_writes_table_json_and_a_plan_convert_takes(stories_dir, stories_text, tmp_path):
+    out = tmp_path / "sel"
+    args = ["select", str(stories_dir), "--to", "mamba2", "--data", str(stories_text), "--keep-attention", "0.4",
+            "--calibration-tokens", "256", "--scoring-tokens", "256", "--seq-len", "128", "--align-steps", "0",
+            "--no-mqar", "--out", str(out), "--quiet"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "| rank | layer |" in result.output and "evenly spaced" in result.output
+    data = json.loads((out / "selection.json").read_text())
+    assert len(data["keep"]) == 2 and (out / "selection.png").stat().st_size > 0
+    converted = convert(stories_dir, tmp_path / "student", plan=out / "plan.yaml", progress=False)
+    assert converted.attention_layers == data["keep"]
+
+
+def test_select_needs_calibration_and_a_fraction(stories_dir, tmp_path):
+    with pytest.raises(ValueError, match="--select kl measures"):
+        convert(stories_dir, tmp_path / "s", keep_attention=0.4, select="kl", progress=False)
+    with pytest.raises(ValueError, match="unknown layer selection"):
+        convert(stories_dir, tmp_path / "s", keep_attention=0.4, select="mqar", progress=False)
