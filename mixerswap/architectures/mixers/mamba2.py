@@ -47,6 +47,8 @@ class Mamba2Settings(BaseModel):
     chunk_size: int = Field(64, ge=1)
     conv_activation: Literal["silu", "identity"] = "silu"
     norm: Literal["gated", "rms", "none"] = "gated"
+    norm_group: Literal["head", "layer"] = Field(
+        "head", description="channels one output norm spans: each head's, or all H * P (Granite-4's, Bamba's)")
     bc_norm: bool = Field(False, description="per-head RMSNorm on B and C (teachers with q/k norms)")
     norm_eps: float = 1e-6
     qkv_bias: bool = False
@@ -246,7 +248,8 @@ class Mamba2Mixer(Mixer):
         y = y.reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
         if s.norm != "none":
             z = self.z_proj(hidden_states) if s.norm == "gated" else None
-            y = kernels.gated_rmsnorm(y, z, self.norm_weight, group_size=s.head_dim, eps=s.norm_eps)
+            group = s.head_dim if s.norm_group == "head" else s.n_heads * s.head_dim
+            y = kernels.gated_rmsnorm(y, z, self.norm_weight, group_size=group, eps=s.norm_eps)
         return self.out_proj(y), None
 
     def mixing_matrix(self, hidden_states: torch.Tensor, position_ids: torch.LongTensor | None = None,
