@@ -123,7 +123,7 @@ def _causal_conv1d_fwd_kernel(
     write the final state (``STATE_POW2`` >= ``K - 1`` rows)."""
     b = tl.program_id(0).to(tl.int64)
     pid_t = tl.program_id(1)
-    t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    t = (pid_t * BLOCK_T + tl.arange(0, BLOCK_T))[:, None].to(tl.int64)  # T * stride may pass 2**31
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     pre = _conv_pre(x_ptr, w_ptr, bias_ptr, init_ptr, seq_ptr, b, t, d, T, D,
                     stride_xb, stride_xt, stride_xd, stride_wd, stride_wk, stride_ib, stride_id, stride_ik,
@@ -162,7 +162,7 @@ def _causal_conv1d_bwd_kernel(
     """
     b = tl.program_id(0).to(tl.int64)
     pid_u = tl.program_id(1)
-    u = pid_u * BLOCK_T + tl.arange(0, BLOCK_T)[:, None]
+    u = (pid_u * BLOCK_T + tl.arange(0, BLOCK_T))[:, None].to(tl.int64)
     d = tl.program_id(2) * BLOCK_D + tl.arange(0, BLOCK_D)[None, :]
     d_ok = d < D
     h_u = _history(x_ptr, init_ptr, b, u, d, T, D, stride_xb, stride_xt, stride_xd,
