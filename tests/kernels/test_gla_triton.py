@@ -21,7 +21,7 @@ from .conftest import requires_triton
 pytestmark = requires_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, H, K, V = 2, 3, 8, 5
+B, H, K, V = 2, 2, 8, 5
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 GATE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 5e-2}
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -64,9 +64,8 @@ def packed_ids(seqlen, cuts):
 def close(got, want, rtol, what):
     assert torch.isfinite(got).all(), f"{what}: not finite"
     got, want = got.double(), want.double()
-    err = (got - want).abs().max().item()
-    bound = rtol * (want.abs() + want.abs().max())
-    assert ((got - want).abs() <= bound).all(), f"{what}: max error {err:.3g} (max |want| {want.abs().max().item():.3g})"
+    err, peak = (got - want).abs(), want.abs().max()
+    assert (err <= rtol * (want.abs() + peak)).all(), f"{what}: max error {err.max():.3g} (max |want| {peak:.3g})"
 
 
 def check_against_reference(qkvg, init, *, chunk_size=16, seq_idx=None, scale=None):
@@ -95,10 +94,10 @@ def check_against_reference(qkvg, init, *, chunk_size=16, seq_idx=None, scale=No
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("seqlen", [1, 16, 17, 63, 130], ids=lambda t: f"T{t}")
+@pytest.mark.parametrize("seqlen", [1, 32, 33, 63, 130], ids=lambda t: f"T{t}")
 def test_matches_reference_with_initial_state(seqlen, dtype):
     qkvg, init = inputs(seqlen, dtype=dtype)
-    check_against_reference(qkvg, init)
+    check_against_reference(qkvg, init, chunk_size=32)
 
 
 @pytest.mark.parametrize("decay", ["none", "weak", "strong"])

@@ -16,15 +16,17 @@ needs secondary chunking for that; the reference accepts only the per-head form,
 A change of ``seq_idx`` masks the pairs, the state carried into a chunk and the keys written into the
 state that cross it, exactly as the reference's masks.
 
-Forward: one program per (block of ``V``, batch row x head) walks the chunks in order, keeping the state
-in registers; it writes ``o``, the final state and, when autograd needs them, the state entering
-every chunk. Backward: one program per (block of ``V``, row x head) walks the chunks in reverse with
-the state gradient ``dS`` in registers and computes ``dq``, ``dk`` (partial sums over its ``V`` block,
-added up in torch), ``dv`` and ``d initial_state``. The gate gradient is assembled in torch from
-``d b_i = q_i . dq_i - k_i . dk_i`` (plus ``<dS', S'>`` at each chunk's last position) and a reversed
-cumulative sum inside each chunk; that is O(T H K) glue (the identity is the one fla's ``simple_gla``
-uses). Everything accumulates in fp32; fp32 inputs multiply with ``input_precision="ieee"``, 16-bit
-ones with tf32.
+Four kernels. Forward: ``_gla_fwd_states_kernel`` (one program per block of ``V`` and batch row x head)
+walks the chunks in order with the state in registers and writes the state entering every chunk and
+the final one; ``_gla_fwd_output_kernel`` then computes every chunk's outputs in parallel. Backward:
+``_gla_bwd_states_kernel`` walks the chunks in reverse with the state gradient ``dS`` in registers and
+writes the gradient of the state leaving every chunk and of the initial state; ``_gla_bwd_chunk_kernel``
+computes ``dq``, ``dk`` (partial sums over the ``V`` blocks, added up in torch) and ``dv`` of every chunk in
+parallel. The gate gradient is assembled in torch from ``d b_i = q_i . dq_i - k_i . dk_i`` (plus
+``<dS', S'>`` at each chunk's last position) and a reversed cumulative sum inside each chunk: O(T H K)
+glue (the identity fla's chunked simple-GLA backward uses too). Everything accumulates in fp32; fp32
+inputs multiply with ``input_precision="ieee"``, 16-bit ones with tf32. The decode step is one more
+kernel, ``_gla_step_kernel``, which reads and overwrites the state in place.
 
 The chunk length only tiles the computation (the result does not depend on it beyond rounding): the
 kernels use ``chunk_size`` when it is a power of two in [16, 128] and 64 otherwise. ``K`` up to 256.
@@ -85,124 +87,166 @@ def _chunk_masks(seq_ptr, i_b, c, T, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
 
 
 @triton.jit
-def _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, i_b, i_h, c, i_v, T,
-                H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """``q, k [BT, BK]``, ``v [BT, BV]``, ``g [BT]`` of one chunk in fp32, zero beyond ``T``, ``K``, ``V``."""
+def _load_tile(ptr, i_b, i_h, c, T, H: tl.constexpr, D: tl.constexpr, offs_d, BT: tl.constexpr):
+    """Rows ``t`` of chunk ``c`` and columns ``offs_d`` of a ``[B, T, H, D]`` tensor in fp32, zero outside."""
     t = c * BT + tl.arange(0, BT)
-    offs_k = tl.arange(0, BK)
-    offs_v = i_v * BV + tl.arange(0, BV)
     row = (i_b * T + t) * H + i_h
-    mt = t < T
-    mqk = mt[:, None] & (offs_k < K)[None, :]
-    mv = mt[:, None] & (offs_v < V)[None, :]
-    q = tl.load(q_ptr + row[:, None] * K + offs_k[None, :], mask=mqk, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + row[:, None] * K + offs_k[None, :], mask=mqk, other=0.0).to(tl.float32)
-    v = tl.load(v_ptr + row[:, None] * V + offs_v[None, :], mask=mv, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row, mask=mt, other=0.0).to(tl.float32)
-    return q, k, v, g
+    mask = (t < T)[:, None] & (offs_d < D)[None, :]
+    return tl.load(ptr + row[:, None] * D + offs_d[None, :], mask=mask, other=0.0).to(tl.float32)
 
 
 @triton.jit
-def _gla_fwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, h0_ptr, o_ptr, states_ptr, ht_ptr,
-    scale, T, n_chunks,
+def _store_tile(ptr, x, i_b, i_h, c, T, H: tl.constexpr, D: tl.constexpr, offs_d, BT: tl.constexpr):
+    """Store ``x [BT, len(offs_d)]`` where :func:`_load_tile` loads, in ``ptr``'s dtype."""
+    t = c * BT + tl.arange(0, BT)
+    row = (i_b * T + t) * H + i_h
+    mask = (t < T)[:, None] & (offs_d < D)[None, :]
+    tl.store(ptr + row[:, None] * D + offs_d[None, :], x.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H: tl.constexpr, BT: tl.constexpr, HAS_SEQ: tl.constexpr):
+    """The decays of one chunk, zero across a document boundary: ``pair [BT, BT]`` exp(b_i - b_j) for
+    j <= i, ``from_start [BT]`` exp(b_i) (the entering state's share), ``to_end [BT]`` exp(b_L - b_j)
+    (key j's share of the leaving state), ``carried`` exp(b_L) (the entering state's share of the
+    leaving one). Positions beyond ``T`` have ``g = 0``, so ``b_L`` is the last real position's."""
+    t = c * BT + tl.arange(0, BT)
+    g = tl.load(g_ptr + (i_b * T + t) * H + i_h, mask=t < T, other=0.0).to(tl.float32)
+    b = tl.cumsum(g, 0)
+    b_last = tl.sum(g, 0)
+    pair, carry_in, write, carry = _chunk_masks(seq_ptr, i_b, c, T, BT, HAS_SEQ)
+    # masked before exp: b_i - b_j > 0 above the diagonal could overflow
+    pair = tl.exp(tl.where(pair, b[:, None] - b[None, :], float("-inf")))
+    from_start = tl.where(carry_in, tl.exp(b), 0.0)
+    to_end = tl.where(write, tl.exp(b_last - b), 0.0)
+    carried = tl.where(carry, tl.exp(b_last), 0.0)
+    return pair, from_start, to_end, carried
+
+
+@triton.jit
+def _gla_fwd_states_kernel(
+    k_ptr, v_ptr, g_ptr, seq_ptr, h0_ptr, states_ptr, ht_ptr,
+    T, n_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, SAVE_STATES: tl.constexpr, PREC: tl.constexpr,
+    HAS_SEQ: tl.constexpr, HAS_H0: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid ``(cdiv(V, BV), B * H)``. ``q, k [B, T, H, K]``, ``v, o [B, T, H, V]``, ``g [B, T, H]``,
-    ``seq [B, T]``, ``h0, ht [B, H, K, V]`` fp32, ``states [B, H, NC, K, V]`` fp32 (entering each chunk)."""
+    """Inter-chunk state passing. Grid ``(NV, B * H)``; ``k [B, T, H, K]``, ``v [B, T, H, V]``,
+    ``g [B, T, H]``, ``seq [B, T]``; writes ``states [B, H, NC, K, V]`` (entering each chunk) and
+    ``ht [B, H, K, V]`` (leaving the last), fp32, from ``h0 [B, H, K, V]``."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     m_state = (offs_k < K)[:, None] & (offs_v < V)[None, :]
     p_state = offs_k[:, None] * V + offs_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
+    state = tl.full([BK, BV], 0.0, tl.float32)
     if HAS_H0:
         state = tl.load(h0_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0).to(tl.float32)
     for c in range(n_chunks):
-        if SAVE_STATES:
-            tl.store(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, state, mask=m_state)
-        q, k, v, g = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, i_b, i_h, c, i_v, T, H, K, V, BT, BK, BV)
-        pair, carry_in, write, carry = _chunk_masks(seq_ptr, i_b, c, T, BT, HAS_SEQ)
-        b = tl.cumsum(g, 0)
-        b_last = tl.sum(g, 0)
-        decay = tl.exp(tl.where(pair, b[:, None] - b[None, :], float("-inf")))
-        scores = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
-        from_start = tl.where(carry_in, tl.exp(b), 0.0)
-        o = tl.dot(scores, v, input_precision=PREC)
-        o += tl.dot(q * from_start[:, None], state, input_precision=PREC)
-        t = c * BT + offs_t
-        row = (i_b * T + t) * H + i_h
-        tl.store(o_ptr + row[:, None] * V + offs_v[None, :], (o * scale).to(o_ptr.dtype.element_ty),
-                 mask=(t < T)[:, None] & (offs_v < V)[None, :])
-        to_end = tl.where(write, tl.exp(b_last - b), 0.0)
-        carried = tl.where(carry, tl.exp(b_last), 0.0)
+        tl.store(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, state, mask=m_state)
+        k = _load_tile(k_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
+        v = _load_tile(v_ptr, i_b, i_h, c, T, H, V, offs_v, BT)
+        _, _, to_end, carried = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
         state = state * carried + tl.dot(tl.trans(k * to_end[:, None]), v, input_precision=PREC)
     tl.store(ht_ptr + i_bh * K * V + p_state, state, mask=m_state)
 
 
 @triton.jit
-def _gla_bwd_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, do_ptr, dht_ptr, states_ptr, ht_ptr,
-    dq_ptr, dk_ptr, dv_ptr, dh0_ptr, dlast_ptr,
+def _gla_fwd_output_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, states_ptr, o_ptr,
+    scale, T, n_chunks,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
+):
+    """Outputs, every chunk in parallel. Grid ``(NC, NV, B * H)``; inputs as
+    :func:`_gla_fwd_states_kernel` and ``q [B, T, H, K]``; writes ``o [B, T, H, V]``."""
+    c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    q = _load_tile(q_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
+    k = _load_tile(k_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
+    v = _load_tile(v_ptr, i_b, i_h, c, T, H, V, offs_v, BT)
+    m_state = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    state = tl.load(states_ptr + (i_bh * n_chunks + c) * K * V + offs_k[:, None] * V + offs_v[None, :],
+                    mask=m_state, other=0.0)
+    pair, from_start, _, _ = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
+    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * pair
+    o = tl.dot(scores, v, input_precision=PREC)
+    o += tl.dot(q * from_start[:, None], state, input_precision=PREC)
+    _store_tile(o_ptr, o * scale, i_b, i_h, c, T, H, V, offs_v, BT)
+
+
+@triton.jit
+def _gla_bwd_states_kernel(
+    q_ptr, g_ptr, seq_ptr, do_ptr, dht_ptr, states_ptr, ht_ptr, d_states_ptr, dh0_ptr, dlast_ptr,
     scale, T, n_chunks, BH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """Grid ``(NV, B * H)``, chunks in reverse. Inputs as :func:`_gla_fwd_kernel`, ``do [B, T, H, V]``,
-    ``dht [B, H, K, V]``. Writes ``dq, dk [NV, B, T, H, K]`` (partial over ``V`` blocks), ``dv [B, T, H, V]``,
-    ``dh0 [B, H, K, V]`` and ``dlast [NV, B * H, NC]``: ``<dS', S'>`` of each chunk's leaving state."""
+    """State gradients, chunks in reverse. Grid ``(NV, B * H)``; ``do [B, T, H, V]``, ``dht [B, H, K, V]``,
+    ``states``/``ht`` as written by the forward. Writes ``d_states [B, H, NC, K, V]`` (gradient of the
+    state leaving each chunk), ``dh0 [B, H, K, V]`` and ``dlast [NV, B * H, NC]`` = <dS', S'> per chunk."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
-    offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     m_state = (offs_k < K)[:, None] & (offs_v < V)[None, :]
     p_state = offs_k[:, None] * V + offs_v[None, :]
-    d_state = tl.zeros([BK, BV], dtype=tl.float32)
+    d_state = tl.full([BK, BV], 0.0, tl.float32)
     if HAS_DHT:
         d_state = tl.load(dht_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0).to(tl.float32)
     state_next = tl.load(ht_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
+        tl.store(d_states_ptr + (i_bh * n_chunks + c) * K * V + p_state, d_state, mask=m_state)
         tl.store(dlast_ptr + (i_v * BH + i_bh) * n_chunks + c, tl.sum(tl.sum(d_state * state_next, 1), 0))
-        state = tl.load(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, mask=m_state, other=0.0)
-        q, k, v, g = _load_chunk(q_ptr, k_ptr, v_ptr, g_ptr, i_b, i_h, c, i_v, T, H, K, V, BT, BK, BV)
-        pair, carry_in, write, carry = _chunk_masks(seq_ptr, i_b, c, T, BT, HAS_SEQ)
-        t = c * BT + offs_t
-        mt = t < T
-        row = (i_b * T + t) * H + i_h
-        do = tl.load(do_ptr + row[:, None] * V + offs_v[None, :], mask=mt[:, None] & (offs_v < V)[None, :],
-                     other=0.0).to(tl.float32)
-        b = tl.cumsum(g, 0)
-        b_last = tl.sum(g, 0)
-        decay = tl.exp(tl.where(pair, b[:, None] - b[None, :], float("-inf")))
-        from_start = tl.where(carry_in, tl.exp(b), 0.0)
-        to_end = tl.where(write, tl.exp(b_last - b), 0.0)
-        carried = tl.where(carry, tl.exp(b_last), 0.0)
-        # d(q_i . k_j) for the pairs inside the chunk, and the scores themselves (without scale).
-        d_scores = tl.dot(do, tl.trans(v), input_precision=PREC) * decay * scale
-        scores = tl.dot(q, tl.trans(k), input_precision=PREC) * decay
-        dq = tl.dot(d_scores, k, input_precision=PREC)
-        dq += tl.dot(do, tl.trans(state), input_precision=PREC) * (from_start * scale)[:, None]
-        dk = tl.dot(tl.trans(d_scores), q, input_precision=PREC)
-        dk += tl.dot(v, tl.trans(d_state), input_precision=PREC) * to_end[:, None]
-        dv = tl.dot(tl.trans(scores), do, input_precision=PREC) * scale
-        dv += tl.dot(k, d_state, input_precision=PREC) * to_end[:, None]
-        p_qk = i_v * BH * T * K + row[:, None] * K + offs_k[None, :]
-        m_qk = mt[:, None] & (offs_k < K)[None, :]
-        tl.store(dq_ptr + p_qk, dq, mask=m_qk)
-        tl.store(dk_ptr + p_qk, dk, mask=m_qk)
-        tl.store(dv_ptr + row[:, None] * V + offs_v[None, :], dv.to(dv_ptr.dtype.element_ty),
-                 mask=mt[:, None] & (offs_v < V)[None, :])
+        q = _load_tile(q_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
+        do = _load_tile(do_ptr, i_b, i_h, c, T, H, V, offs_v, BT)
+        _, from_start, _, carried = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
         d_state = d_state * carried + tl.dot(tl.trans(q * (from_start * scale)[:, None]), do, input_precision=PREC)
-        state_next = state
+        state_next = tl.load(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, mask=m_state, other=0.0)
     tl.store(dh0_ptr + i_bh * K * V + p_state, d_state, mask=m_state)
+
+
+@triton.jit
+def _gla_bwd_chunk_kernel(
+    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, do_ptr, states_ptr, d_states_ptr, dq_ptr, dk_ptr, dv_ptr,
+    scale, T, n_chunks, BH,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
+    BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
+):
+    """Input gradients, every chunk in parallel. Grid ``(NC, NV, B * H)``; writes ``dq, dk [NV, B, T, H, K]``
+    fp32 (partial sums over the ``V`` blocks) and ``dv [B, T, H, V]``."""
+    c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_b, i_h = i_bh // H, i_bh % H
+    offs_k = tl.arange(0, BK)
+    offs_v = i_v * BV + tl.arange(0, BV)
+    q = _load_tile(q_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
+    k = _load_tile(k_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
+    v = _load_tile(v_ptr, i_b, i_h, c, T, H, V, offs_v, BT)
+    do = _load_tile(do_ptr, i_b, i_h, c, T, H, V, offs_v, BT)
+    m_state = (offs_k < K)[:, None] & (offs_v < V)[None, :]
+    p_state = (i_bh * n_chunks + c) * K * V + offs_k[:, None] * V + offs_v[None, :]
+    state = tl.load(states_ptr + p_state, mask=m_state, other=0.0)
+    d_state = tl.load(d_states_ptr + p_state, mask=m_state, other=0.0)
+    pair, from_start, to_end, _ = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
+    # gradient of (q_i . k_j) for the pairs inside the chunk, and the scores themselves (without scale)
+    d_scores = tl.dot(do, tl.trans(v), input_precision=PREC) * pair * scale
+    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * pair
+    dq = tl.dot(d_scores, k, input_precision=PREC)
+    dq += tl.dot(do, tl.trans(state), input_precision=PREC) * (from_start * scale)[:, None]
+    dk = tl.dot(tl.trans(d_scores), q, input_precision=PREC)
+    dk += tl.dot(v, tl.trans(d_state), input_precision=PREC) * to_end[:, None]
+    dv = tl.dot(tl.trans(scores), do, input_precision=PREC) * scale
+    dv += tl.dot(k, d_state, input_precision=PREC) * to_end[:, None]
+    _store_tile(dq_ptr + i_v * BH * T * K, dq, i_b, i_h, c, T, H, K, offs_k, BT)
+    _store_tile(dk_ptr + i_v * BH * T * K, dk, i_b, i_h, c, T, H, K, offs_k, BT)
+    _store_tile(dv_ptr, dv, i_b, i_h, c, T, H, V, offs_v, BT)
 
 
 @triton.jit
@@ -233,23 +277,58 @@ def _precision(*tensors: torch.Tensor) -> str:
     return "ieee" if all(t.dtype == torch.float32 for t in tensors) else "tf32"
 
 
-def _forward(q, k, v, g, scale, block_t, initial_state, seq_idx, save_states):
-    """``(o [B, T, H, V] in v.dtype, final state [B, H, K, V] fp32, states [B, H, NC, K, V] fp32 or None)``."""
+def _forward(q, k, v, g, scale, block_t, initial_state, seq_idx):
+    """``(o [B, T, H, V] in v.dtype, final state [B, H, K, V], states [B, H, NC, K, V] entering each chunk)``."""
     batch, seqlen, heads, dk = q.shape
     dv = v.shape[-1]
     bk, bv = _blocks(dk, dv)
-    n_chunks = triton.cdiv(seqlen, block_t)
-    o = torch.empty_like(v)
+    n_chunks, n_v = triton.cdiv(seqlen, block_t), triton.cdiv(dv, bv)
     final = q.new_empty(batch, heads, dk, dv, dtype=torch.float32)
-    states = q.new_empty(batch, heads, n_chunks, dk, dv, dtype=torch.float32) if save_states else final
-    grid = (triton.cdiv(dv, bv), batch * heads)
-    _gla_fwd_kernel[grid](
-        q, k, v, g, seq_idx if seq_idx is not None else g, initial_state if initial_state is not None else final,
-        o, states, final, scale, seqlen, n_chunks, H=heads, K=dk, V=dv, BT=block_t, BK=bk, BV=bv,
-        HAS_SEQ=seq_idx is not None, HAS_H0=initial_state is not None, SAVE_STATES=save_states,
-        PREC=_precision(q, k, v), **_launch_options(block_t, bk, bv),
+    states = q.new_empty(batch, heads, n_chunks, dk, dv, dtype=torch.float32)
+    o = torch.empty_like(v)
+    seq = seq_idx if seq_idx is not None else g  # an unused pointer when there are no documents
+    shapes = dict(H=heads, K=dk, V=dv, BT=block_t, BK=bk, BV=bv, HAS_SEQ=seq_idx is not None,
+                  PREC=_precision(q, k, v), **_launch_options(block_t, bk, bv))
+    _gla_fwd_states_kernel[(n_v, batch * heads)](
+        k, v, g, seq, initial_state if initial_state is not None else final, states, final, seqlen, n_chunks,
+        HAS_H0=initial_state is not None, **shapes,
     )
-    return o, final, states if save_states else None
+    _gla_fwd_output_kernel[(n_chunks, n_v, batch * heads)](q, k, v, g, seq, states, o, scale, seqlen, n_chunks,
+                                                          **shapes)
+    return o, final, states
+
+
+def _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, scale, block_t):
+    """``(dq, dk, dv, dg, d initial_state)``: ``dq, dk, dg`` in fp32, ``dv`` in ``v.dtype``, ``dh0`` fp32."""
+    batch, seqlen, heads, dk = q.shape
+    dv_size = v.shape[-1]
+    bk, bv = _blocks(dk, dv_size)
+    n_chunks, n_v = triton.cdiv(seqlen, block_t), triton.cdiv(dv_size, bv)
+    d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
+    d_states = torch.empty_like(states)
+    dh0 = torch.empty_like(final)
+    dlast = q.new_empty(n_v, batch, heads, n_chunks, dtype=torch.float32)
+    dq = q.new_empty(n_v, batch, seqlen, heads, dk, dtype=torch.float32)
+    dk_ = torch.empty_like(dq)
+    dv = torch.empty_like(v)
+    seq = seq_idx if seq_idx is not None else g
+    shapes = dict(H=heads, K=dk, V=dv_size, BT=block_t, BK=bk, BV=bv, HAS_SEQ=seq_idx is not None,
+                  PREC=_precision(q, k, v), **_launch_options(block_t, bk, bv))
+    _gla_bwd_states_kernel[(n_v, batch * heads)](
+        q, g, seq, d_o, d_final.contiguous() if d_final is not None else final, states, final, d_states, dh0, dlast,
+        scale, seqlen, n_chunks, batch * heads, HAS_DHT=d_final is not None, **shapes,
+    )
+    _gla_bwd_chunk_kernel[(n_chunks, n_v, batch * heads)](
+        q, k, v, g, seq, d_o, states, d_states, dq, dk_, dv, scale, seqlen, n_chunks, batch * heads, **shapes,
+    )
+    dq, dk_ = dq.sum(0), dk_.sum(0)
+    # d b_i (b: log-decay accumulated from the chunk start) is q_i.dq_i - k_i.dk_i, plus <dS', S'> at the
+    # chunk's last position (every exp(b_L ...) factor); g_t enters every b_i with i >= t of its chunk.
+    d_b = (q.float() * dq).sum(-1) - (k.float() * dk_).sum(-1)  # [B, T, H]
+    d_b = torch.nn.functional.pad(d_b, (0, 0, 0, n_chunks * block_t - seqlen)).view(batch, n_chunks, block_t, heads)
+    d_b[:, :, -1] += dlast.sum(0).transpose(1, 2)
+    dg = d_b.flip(2).cumsum(2).flip(2).reshape(batch, n_chunks * block_t, heads)[:, :seqlen]
+    return dq, dk_, dv, dg, dh0
 
 
 class GLAChunkFn(torch.autograd.Function):
@@ -257,7 +336,7 @@ class GLAChunkFn(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, g, scale, block_t, initial_state, seq_idx):
-        o, final, states = _forward(q, k, v, g, scale, block_t, initial_state, seq_idx, save_states=True)
+        o, final, states = _forward(q, k, v, g, scale, block_t, initial_state, seq_idx)
         ctx.save_for_backward(q, k, v, g, seq_idx, states, final)
         ctx.scale, ctx.block_t = scale, block_t
         ctx.initial_dtype = None if initial_state is None else initial_state.dtype
@@ -267,34 +346,9 @@ class GLAChunkFn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, d_o, d_final):
         q, k, v, g, seq_idx, states, final = ctx.saved_tensors
-        batch, seqlen, heads, dk = q.shape
-        dv_size = v.shape[-1]
-        bk, bv = _blocks(dk, dv_size)
-        n_v, n_chunks, block_t = triton.cdiv(dv_size, bv), triton.cdiv(seqlen, ctx.block_t), ctx.block_t
-        d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
-        dq = q.new_empty(n_v, batch, seqlen, heads, dk, dtype=torch.float32)
-        dk_ = torch.empty_like(dq)
-        dv = torch.empty_like(v)
-        dh0 = q.new_empty(batch, heads, dk, dv_size, dtype=torch.float32)
-        dlast = q.new_empty(n_v, batch, heads, n_chunks, dtype=torch.float32)
-        _gla_bwd_kernel[(n_v, batch * heads)](
-            q, k, v, g, seq_idx if seq_idx is not None else g, d_o,
-            d_final.contiguous() if d_final is not None else final, states, final,
-            dq, dk_, dv, dh0, dlast, ctx.scale, seqlen, n_chunks, batch * heads,
-            H=heads, K=dk, V=dv_size, BT=block_t, BK=bk, BV=bv,
-            HAS_SEQ=seq_idx is not None, HAS_DHT=d_final is not None, PREC=_precision(q, k, v),
-            **_launch_options(block_t, bk, bv),
-        )
-        dq, dk_ = dq.sum(0), dk_.sum(0)
-        # d b_i (b: log-decay accumulated from the chunk start) is q_i.dq_i - k_i.dk_i, plus <dS', S'>
-        # at the chunk's last position (every exp(b_L ...) factor); g_t feeds every b_i with i >= t.
-        d_b = (q.float() * dq).sum(-1) - (k.float() * dk_).sum(-1)  # [B, T, H]
-        pad = n_chunks * block_t - seqlen
-        d_b = torch.nn.functional.pad(d_b, (0, 0, 0, pad)).view(batch, n_chunks, block_t, heads)
-        d_b[:, :, -1] += dlast.sum(0).transpose(1, 2)
-        dg = d_b.flip(2).cumsum(2).flip(2).reshape(batch, n_chunks * block_t, heads)[:, :seqlen]
+        dq, dk, dv, dg, dh0 = _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, ctx.scale, ctx.block_t)
         dh0 = dh0.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None
-        return dq.to(q.dtype), dk_.to(k.dtype), dv, dg.to(g.dtype), None, None, dh0, None
+        return dq.to(q.dtype), dk.to(k.dtype), dv, dg.to(g.dtype), None, None, dh0, None
 
 
 def gla_chunk_triton(
@@ -336,7 +390,7 @@ def gla_chunk_triton(
     tensors = (q, k, v, g) if initial_state is None else (q, k, v, g, initial_state)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return GLAChunkFn.apply(q, k, v, g, scale, block_t, initial_state, seq_idx)
-    o, final, _ = _forward(q, k, v, g, scale, block_t, initial_state, seq_idx, save_states=False)
+    o, final, _ = _forward(q, k, v, g, scale, block_t, initial_state, seq_idx)
     return o, final
 
 
