@@ -81,8 +81,9 @@ def main():
 @click.argument("teacher")
 @click.option("--to", "to", default="mamba2", show_default=True, help="Mixer kind for replaced layers.")
 @click.option("--plan", type=click.Path(dir_okay=False), help="Plan YAML: kind and settings per layer (see README).")
-@click.option("--calibration", type=click.Path(dir_okay=False),
-              help="Text file: fit each mixer's output scale to the teacher on it (reported per layer).")
+@click.option("--calibration", default="teacher", show_default=True,
+              help="Text file to fit each mixer to the teacher on (reported per layer); 'teacher': text the "
+                   "teacher samples itself (seeded); 'none': no calibration.")
 @click.option("--calibration-tokens", default=2048, show_default=True, help="Tokens of calibration text used.")
 @click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1).")
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
@@ -110,6 +111,7 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
     from .convert.selection import parse_layer_list
 
     layers = parse_layer_list(attention_layers) if attention_layers is not None else None
+    calibration = None if calibration.lower() == "none" else calibration
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
         keep_attention=keep_attention, attention_layers=layers, select=select,
@@ -125,8 +127,9 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
 @main.command("select", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("teacher")
 @click.option("--to", "to", default="mamba2", show_default=True, help="Mixer kind the layers would be replaced by.")
-@click.option("--data", required=True, type=click.Path(dir_okay=False),
-              help="Text file: calibration on its first tokens, scores on the next ones.")
+@click.option("--data", default="teacher", show_default=True,
+              help="Text file: calibration on its first tokens, scores on the next ones; 'teacher': samples the "
+                   "teacher writes (scores on samples of another seed).")
 @click.option("--keep-attention", type=float, help="Also pick this fraction of layers to keep attention (greedy, by set KL).")
 @click.option("--calibration-tokens", default=2048, show_default=True)
 @click.option("--scoring-tokens", default=2048, show_default=True)

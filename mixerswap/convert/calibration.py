@@ -1,6 +1,7 @@
 """Calibration: what the teacher's attention does on real text, recorded once for every replaced layer.
 
-``convert --calibration FILE`` runs the teacher over a little text (a few thousand tokens) and keeps,
+``convert --calibration FILE`` runs the teacher over a little text (a few thousand tokens; with
+``--calibration teacher``, the default of the command line, text the teacher samples itself) and keeps,
 for every layer the plan replaces, the attention module's inputs, the keyword arguments it was called
 with (RoPE ``position_embeddings``, ``position_ids``), the per-head attention outputs (the input of
 the output projection), the attention output, and how far back each head attends (from the
@@ -23,6 +24,8 @@ from ..architectures.families import family_for
 from .converters import LayerStats
 
 logger = logging.getLogger(__name__)
+
+TEACHER_SAMPLES = "teacher"  # ``--calibration teacher``: the teacher writes its own calibration text
 
 
 def read_calibration_text(path: str | Path) -> str:
@@ -64,12 +67,61 @@ def load_teacher_fp32(model_dir: str | Path) -> nn.Module:
     return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager").eval()
 
 
-def collect_layer_stats(model_dir: str | Path, layers: list[int], text: str, *, tokens: int = 2048,
-                        seq_len: int = 256) -> dict[int, LayerStats]:
-    """Teacher statistics of each layer in ``layers`` on the first ``tokens`` tokens of ``text``
-    (rows of :func:`calibration_rows`)."""
-    rows = calibration_rows(load_tokenizer(model_dir), text, tokens=tokens, seq_len=seq_len)
-    return record_layer_stats(load_teacher_fp32(model_dir), layers, rows)
+@torch.no_grad()
+def teacher_sample_rows(model: nn.Module, *, tokens: int, seq_len: int = 256, seed: int = 0) -> torch.Tensor:
+    """Rows ``[N, seq_len]`` the teacher writes itself: sampled at temperature 1 from its BOS token
+    (seeded; end-of-text suppressed so every row is full), ``N = ceil(tokens / seq_len)``.
+
+    The default calibration: unlike any fixed text it is in the teacher's own domain, language and
+    tokenizer (a TinyStories model, a code model, a multilingual one alike), and needs no data.
+    """
+    config = model.config
+    start = config.bos_token_id if config.bos_token_id is not None else (config.eos_token_id or 0)
+    if isinstance(start, list):
+        start = start[0]
+    rows = -(-tokens // seq_len)
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)
+    try:
+        prompt = torch.full((rows, 1), int(start), dtype=torch.long, device=model.device)
+        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=True, temperature=1.0, top_k=0,
+                             top_p=1.0, max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1,
+                             pad_token_id=int(start))
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return out[:, :seq_len].cpu()
+
+
+def describe_calibration(calibration: str | Path) -> str:
+    return "samples the teacher wrote" if str(calibration) == TEACHER_SAMPLES else str(calibration)
+
+
+def load_calibration_rows(model: nn.Module, model_dir: str | Path, calibration: str | Path, *, tokens: int,
+                          seq_len: int = 256, held_out: bool = False, seed: int = 0) -> torch.Tensor | None:
+    """Calibration rows from a text file or, for ``"teacher"``, from :func:`teacher_sample_rows`.
+
+    ``held_out`` asks for rows the calibration rows do not contain: the text's next tokens (``None``
+    when the text is too short for them) or samples of another seed.
+    """
+    if str(calibration) == TEACHER_SAMPLES:
+        return teacher_sample_rows(model, tokens=tokens, seq_len=seq_len, seed=seed + int(held_out))
+    tokenizer = load_tokenizer(model_dir)
+    text = read_calibration_text(calibration)
+    if not held_out:
+        return calibration_rows(tokenizer, text, tokens=tokens, seq_len=seq_len)
+    first = calibration_rows(tokenizer, text, tokens=tokens, seq_len=seq_len).numel()
+    if len(tokenizer(text, add_special_tokens=False)["input_ids"]) < first + 2 * seq_len:
+        return None
+    return calibration_rows(tokenizer, text, tokens=tokens, seq_len=seq_len, skip=first)
+
+
+def collect_layer_stats(model_dir: str | Path, layers: list[int], calibration: str | Path, *, tokens: int = 2048,
+                        seq_len: int = 256, seed: int = 0) -> dict[int, LayerStats]:
+    """Teacher statistics of each layer in ``layers`` on the first ``tokens`` tokens of the calibration
+    text file, or of ``tokens`` tokens the teacher samples (``calibration="teacher"``)."""
+    model = load_teacher_fp32(model_dir)
+    rows = load_calibration_rows(model, model_dir, calibration, tokens=tokens, seq_len=seq_len, seed=seed)
+    return record_layer_stats(model, layers, rows)
 
 
 @torch.no_grad()

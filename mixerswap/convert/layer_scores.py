@@ -32,14 +32,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..architectures import MixerSwapForCausalLM, family_for
-from .calibration import (
-    calibration_rows,
-    load_teacher_fp32,
-    load_tokenizer,
-    output_match,
-    read_calibration_text,
-    record_layer_stats,
-)
+from .calibration import describe_calibration, load_calibration_rows, load_teacher_fp32, output_match, record_layer_stats
 from .checkpoint_io import resolve_model_dir
 from .selection import evenly_spaced
 
@@ -164,20 +157,21 @@ def score_layers(
     progress: bool = True,
 ) -> Selection:
     """Score every layer of ``teacher`` for replacement by ``to`` and, with ``keep_attention``, pick the
-    layers that keep attention (see the module docstring). ``text`` is a calibration text file."""
+    layers that keep attention (see the module docstring). ``text`` is a calibration text file or
+    ``"teacher"`` (the teacher's own samples; the scores then use samples of another seed)."""
     from .pipeline import convert
 
     model_dir = resolve_model_dir(teacher)
-    body = read_calibration_text(text)
-    tokenizer = load_tokenizer(model_dir)
-    calib_rows = calibration_rows(tokenizer, body, tokens=calibration_tokens, seq_len=seq_len)
-    held_out = len(tokenizer(body, add_special_tokens=False)["input_ids"]) >= calib_rows.numel() + 2 * seq_len
-    rows = calibration_rows(tokenizer, body, tokens=scoring_tokens, seq_len=seq_len,
-                            skip=calib_rows.numel() if held_out else 0)
+    teacher_model = load_teacher_fp32(model_dir)
+    calib_rows = load_calibration_rows(teacher_model, model_dir, text, tokens=calibration_tokens, seq_len=seq_len,
+                                       seed=seed)
+    rows = load_calibration_rows(teacher_model, model_dir, text, tokens=scoring_tokens, seq_len=seq_len,
+                                 held_out=True, seed=seed)
+    held_out = rows is not None
     if not held_out:
         logger.warning("the text has too few tokens to score on text the calibration did not see; scoring on the "
                        "calibration tokens (give more text for a held-out score)")
-    teacher_model = load_teacher_fp32(model_dir)
+        rows = calib_rows[: max(1, scoring_tokens // calib_rows.shape[1])]
     num_layers = teacher_model.config.num_hidden_layers
     with tempfile.TemporaryDirectory(prefix="mixerswap-select-") as tmp:
         convert(model_dir, Path(tmp) / "student", to=to, keep_attention=0.0, mixer_settings=mixer_settings,
@@ -206,7 +200,7 @@ def score_layers(
             align_error=_align_error(swap.mixers[i], stats[i], align_steps, align_lr) if align_steps else None,
             mqar=round(_mqar(model, mqar_length, mqar_samples), 4) if use_mqar else None,
         ))
-    selection = Selection(kind=to, teacher=str(teacher), text=str(text), calibration_tokens=calib_rows.numel(),
+    selection = Selection(kind=to, teacher=str(teacher), text=describe_calibration(text), calibration_tokens=calib_rows.numel(),
                           scoring_tokens=rows.numel(), scored_on_held_out=held_out, scores=scores,
                           teacher_mqar=teacher_mqar)
     selection.all_replaced_kl = round(_kl(swap.use(everything), rows, reference, batch_size), 5)
@@ -262,8 +256,8 @@ def selection_table(selection: Selection) -> str:
                        f"{selection.uniform}: KL {selection.uniform_kl:.4f}.")
     if selection.teacher_mqar is not None:
         summary.append(f"Teacher MQAR accuracy {selection.teacher_mqar:.2f}.")
-    where = "held-out tokens after the calibration tokens" if selection.scored_on_held_out else "the calibration tokens"
-    summary.append(f"Scored on {selection.scoring_tokens} {where} of `{selection.text}`.")
+    where = "tokens the calibration did not see" if selection.scored_on_held_out else "the calibration tokens"
+    summary.append(f"Scored on {selection.scoring_tokens} {where} ({selection.text}).")
     return "\n".join([*lines, "", " ".join(summary)])
 
 

@@ -40,7 +40,14 @@ from .checkpoint_io import (
     resolve_model_dir,
     teacher_fingerprint,
 )
-from .calibration import collect_layer_stats, output_match, read_calibration_text, replay_mixer
+from .calibration import (
+    TEACHER_SAMPLES,
+    collect_layer_stats,
+    describe_calibration,
+    output_match,
+    read_calibration_text,
+    replay_mixer,
+)
 from .converters import AttentionLayout, LayerStats
 from .plan_file import read_plan_file, shorthand_plan
 from .selection import select_attention_layers
@@ -96,7 +103,8 @@ def convert(
         dtype: ``auto`` keeps each tensor's stored dtype; else ``float32``, ``bfloat16``, ``float16``.
         seed: seeds the parts of the mixers that attention does not determine.
         max_shard_size: e.g. ``"5GB"``; larger outputs are sharded with an index.
-        calibration: a text file; the teacher runs over its first ``calibration_tokens`` tokens and each
+        calibration: a text file, or ``"teacher"`` for text the teacher samples itself (seeded); the
+            teacher runs over ``calibration_tokens`` tokens of it and each
             converter fits what attention does not determine to the teacher (see :mod:`.calibration`);
             per-layer output match before/after goes to ``mixerswap.yaml`` and the model card.
         select: ``"kl"`` chooses the ``keep_attention`` layers by measurement on the calibration text
@@ -117,7 +125,9 @@ def convert(
                              "--keep-attention FRACTION (not --plan or --attention-layers)")
     out = check_output(out, overwrite=overwrite)  # before a hub download; inputs are known after it
     model_dir = resolve_model_dir(teacher, revision)
-    inputs = (model_dir, plan, calibration)
+    if calibration is not None and str(calibration) != TEACHER_SAMPLES:
+        read_calibration_text(calibration)  # a missing or empty file fails before anything else runs
+    inputs = (model_dir, plan, calibration if str(calibration) != TEACHER_SAMPLES else None)
     check_output(out, overwrite=overwrite, inputs=inputs)
     if not (model_dir / "config.json").exists():
         raise CheckpointError(f"no config.json in {model_dir}")
@@ -143,9 +153,8 @@ def convert(
 
     replaced = [i for i, entry in enumerate(layer_plan) if entry["kind"] != ATTENTION]
     stats: dict[int, LayerStats] = {}
-    if calibration is not None:
-        text = read_calibration_text(calibration)
-        stats = collect_layer_stats(model_dir, replaced, text, tokens=calibration_tokens)
+    if calibration is not None and replaced:
+        stats = collect_layer_stats(model_dir, replaced, calibration, tokens=calibration_tokens, seed=seed)
 
     target_dtype = DTYPES[dtype]
     kinds = sorted({entry["kind"] for entry in layer_plan} - {ATTENTION})
@@ -158,8 +167,8 @@ def convert(
     }
     if select is not None:
         provenance["selection"] = {"method": select, **selection.to_dict()}
-    if calibration is not None:
-        provenance["calibration"] = {"text": str(calibration), "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel())
+    if stats:
+        provenance["calibration"] = {"text": describe_calibration(calibration), "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel())
                                      if stats else 0, "layers": {}}
     plan = layer_plan
     config = MixerSwapConfig(teacher_config=teacher_config, plan=plan, conversion=provenance)

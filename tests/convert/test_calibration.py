@@ -39,7 +39,8 @@ def test_calibration_errors_are_one_line(teacher_dir, tmp_path):
 
 @torch.no_grad()
 def test_calibrated_student_starts_near_a_real_teacher(stories_dir, tmp_path):
-    """stories260k, 3 of 5 layers replaced: calibration on the teacher's own stories takes the converted
+    """stories260k, 3 of 5 layers replaced: calibration on the teacher's own stories (a text file of
+    them, or ``"teacher"``: sampled by convert itself, the command line's default) takes the converted
     student's held-out perplexity from hundreds to within a few times the teacher's."""
     _, teacher, text, held_out = teacher_stories(stories_dir, 16)
     (tmp_path / "calib.txt").write_text(text)
@@ -48,12 +49,28 @@ def test_calibrated_student_starts_near_a_real_teacher(stories_dir, tmp_path):
         return held_out_perplexity(model, held_out)
 
     ppl = {}
-    for calibration in (None, tmp_path / "calib.txt"):
-        out = tmp_path / f"student-{calibration is not None}"
-        convert(stories_dir, out, keep_attention=0.4, calibration=calibration, progress=False)
-        ppl[calibration is not None] = perplexity(AutoModelForCausalLM.from_pretrained(out))
+    for calibration in (None, tmp_path / "calib.txt", "teacher"):
+        out = tmp_path / f"student-{calibration is not None}-{calibration == 'teacher'}"
+        convert(stories_dir, out, keep_attention=0.4, calibration=calibration, calibration_tokens=1024, progress=False)
+        ppl[str(calibration)] = perplexity(AutoModelForCausalLM.from_pretrained(out))
     teacher_ppl = perplexity(teacher)
-    assert ppl[True] < 4 * teacher_ppl < ppl[False]
+    assert max(ppl[str(tmp_path / "calib.txt")], ppl["teacher"]) < 4 * teacher_ppl < ppl["None"]
+    report = yaml.safe_load((out / "mixerswap.yaml").read_text())["calibration"]
+    assert report["text"] == "samples the teacher wrote" and report["tokens"] == 1024
+
+
+def test_teacher_samples_are_seeded_full_rows_and_leave_the_global_rng_alone(teacher_dir):
+    from mixerswap.convert.calibration import load_teacher_fp32, teacher_sample_rows
+
+    model = load_teacher_fp32(teacher_dir("llama"))
+    torch.manual_seed(123)
+    before = torch.rand(3)
+    torch.manual_seed(123)
+    rows = teacher_sample_rows(model, tokens=70, seq_len=32, seed=5)
+    assert torch.equal(torch.rand(3), before)
+    assert rows.shape == (3, 32) and bool((rows[:, 0] == model.config.bos_token_id).all())
+    assert torch.equal(rows, teacher_sample_rows(model, tokens=70, seq_len=32, seed=5))
+    assert not torch.equal(rows, teacher_sample_rows(model, tokens=70, seq_len=32, seed=6))
 
 
 def test_attention_reach_and_the_dt_it_implies():
