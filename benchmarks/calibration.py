@@ -7,7 +7,8 @@
 Without ``--text`` the teacher samples ``--stories`` stories (seeded, temperature 1; it only knows
 TinyStories): the first half is the calibration text, the second half the held-out text. With
 ``--text`` the first 2% of the file calibrates and ``--windows`` windows of ``--context`` tokens from
-its second half are held out. For each attention fraction,
+its second half are held out (``--teacher-samples``: calibrate on text the teacher samples itself,
+``convert``'s default, instead). For each attention fraction,
 the student is converted without and with ``--calibration`` and its held-out perplexity printed
 beside the teacher's. Writes ``benchmarks/results/calibration.json``.
 """
@@ -43,6 +44,8 @@ def main():
     parser.add_argument("--text", help="a text file: calibration from its start, held-out windows from its second half")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=8)
+    parser.add_argument("--teacher-samples", action="store_true",
+                        help="calibrate on text the teacher samples itself (convert's default) instead of --text's start")
     parser.add_argument("--out", default=None, help="JSON file (default benchmarks/results/calibration[-TEACHER].json)")
     args = parser.parse_args()
 
@@ -74,8 +77,9 @@ def main():
             for calibrated in (False, True):
                 started = time.perf_counter()
                 folder = Path(tmp) / f"student-{keep}-{calibrated}"
-                convert(teacher_dir, folder, keep_attention=keep, calibration=calib if calibrated else None,
-                        progress=False)
+                source_of_calibration = "teacher" if args.teacher_samples else calib
+                convert(teacher_dir, folder, keep_attention=keep,
+                        calibration=source_of_calibration if calibrated else None, progress=False)
                 student = AutoModelForCausalLM.from_pretrained(folder).eval()
                 rows.append({"model": "student", "keep_attention": keep, "calibrated": calibrated,
                              "perplexity": perplexity(student, held_out),
@@ -88,9 +92,11 @@ def main():
               f"{r['perplexity']:>12.2f}")
     if args.out is None:
         name = "calibration.json" if not args.text else f"calibration-{Path(args.teacher).stem}.json"
+        name = name.replace(".json", "-teacher-samples.json") if args.teacher_samples else name
         args.out = str(Path(__file__).parent / "results" / name)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"teacher": args.teacher, "held_out": source, "held_out_tokens": tokens,
+                                          "calibration": "teacher samples" if args.teacher_samples else "text",
                                           "rows": rows}, indent=1))
     print(f"wrote {args.out}")
 
