@@ -31,6 +31,7 @@ DECAYS = {
     "weak": lambda shape, gen: -0.1 * torch.rand(shape, generator=gen),
     "mixed": lambda shape, gen: -5 * torch.rand(shape, generator=gen) * torch.rand(shape[-1], generator=gen),
     "strong": lambda shape, gen: -40 * torch.rand(shape, generator=gen),
+    "extreme": lambda shape, gen: -1e4 * torch.rand(shape, generator=gen),  # exp underflows to exactly 0
 }
 
 
@@ -100,7 +101,7 @@ def test_matches_reference_with_initial_state(seqlen, dtype):
     check_against_reference(qkvg, init, chunk_size=32)
 
 
-@pytest.mark.parametrize("decay", ["none", "weak", "strong"])
+@pytest.mark.parametrize("decay", ["none", "weak", "strong", "extreme"])
 def test_decay_strengths_stay_finite_and_exact(decay):
     qkvg, init = inputs(40, decay=decay)
     check_against_reference(qkvg, init, scale=0.7)

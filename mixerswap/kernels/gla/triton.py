@@ -10,9 +10,10 @@ position ``i`` (so every exponential below is of a number <= 0 and cannot overfl
     o_i    = scale (sum_j A_ij v_j + exp(b_i) S^T q_i)  S: state entering the chunk, [K, V]
     S'     = exp(b_L) S + sum_j exp(b_L - b_j) k_j v_j^T
 
-Because the decay is one scalar per head and position, ``exp(b_i - b_j)`` is formed directly from the
-difference of two cumulative sums and no division by a decay is ever needed (GLA's per-channel form
-needs secondary chunking for that; the reference accepts only the per-head form, so neither does this).
+Because the decay is one scalar per head and position, ``b_i - b_j`` is a segment sum of gates inside the
+chunk (summed, not subtracted, see ``_chunk_decays``) and no division by a decay is ever needed (GLA's
+per-channel form needs secondary chunking for that; the reference accepts only the per-head form, so
+neither does this).
 A change of ``seq_idx`` masks the pairs, the state carried into a chunk and the keys written into the
 state that cross it, exactly as the reference's masks.
 
@@ -22,9 +23,8 @@ the final one; ``_gla_fwd_output_kernel`` then computes every chunk's outputs in
 ``_gla_bwd_states_kernel`` walks the chunks in reverse with the state gradient ``dS`` in registers and
 writes the gradient of the state leaving every chunk and of the initial state; ``_gla_bwd_chunk_kernel``
 computes ``dq``, ``dk`` (partial sums over the ``V`` blocks, added up in torch) and ``dv`` of every chunk in
-parallel. The gate gradient is assembled in torch from ``d b_i = q_i . dq_i - k_i . dk_i`` (plus
-``<dS', S'>`` at each chunk's last position) and a reversed cumulative sum inside each chunk: O(T H K)
-glue (the identity fla's chunked simple-GLA backward uses too). Everything accumulates in fp32; fp32
+parallel, with ``db_i``, the gradient of ``b_i`` (see there). The gate gradient follows in torch (O(T H)
+glue): ``<dS', S'>`` added at each chunk's last position, then a reversed cumulative sum inside each chunk. Everything accumulates in fp32; fp32
 inputs multiply with ``input_precision="ieee"``, 16-bit ones with tf32. The decode step is one more
 kernel, ``_gla_step_kernel``, which reads and overwrites the state in place.
 
@@ -109,16 +109,22 @@ def _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H: tl.constexpr, BT: tl.conste
     """The decays of one chunk, zero across a document boundary: ``pair [BT, BT]`` exp(b_i - b_j) for
     j <= i, ``from_start [BT]`` exp(b_i) (the entering state's share), ``to_end [BT]`` exp(b_L - b_j)
     (key j's share of the leaving state), ``carried`` exp(b_L) (the entering state's share of the
-    leaving one). Positions beyond ``T`` have ``g = 0``, so ``b_L`` is the last real position's."""
-    t = c * BT + tl.arange(0, BT)
+    leaving one). Positions beyond ``T`` have ``g = 0``, so ``b_L`` is the last real position's.
+
+    ``b_i - b_j`` is summed as ``g_{j+1} + ... + g_i`` (a masked cumulative sum, as the reference's
+    ``segsum``), not subtracted: after a strong decay ``b`` is large and the difference would lose the
+    small gates that follow."""
+    offs = tl.arange(0, BT)
+    t = c * BT + offs
     g = tl.load(g_ptr + (i_b * T + t) * H + i_h, mask=t < T, other=0.0).to(tl.float32)
-    b = tl.cumsum(g, 0)
+    segment = tl.cumsum(tl.where(offs[:, None] > offs[None, :], g[:, None], 0.0), 0)  # [i, j]: b_i - b_j
+    to_last = tl.sum(tl.where(offs[:, None] == BT - 1, segment, 0.0), 0)  # b_L - b_j
     b_last = tl.sum(g, 0)
     pair, carry_in, write, carry = _chunk_masks(seq_ptr, i_b, c, T, BT, HAS_SEQ)
-    # masked before exp: b_i - b_j > 0 above the diagonal could overflow
-    pair = tl.exp(tl.where(pair, b[:, None] - b[None, :], float("-inf")))
-    from_start = tl.where(carry_in, tl.exp(b), 0.0)
-    to_end = tl.where(write, tl.exp(b_last - b), 0.0)
+    # masked before exp: the upper triangle is not a segment sum
+    pair = tl.exp(tl.where(pair, segment, float("-inf")))
+    from_start = tl.where(carry_in, tl.exp(tl.cumsum(g, 0)), 0.0)
+    to_end = tl.where(write, tl.exp(to_last), 0.0)
     carried = tl.where(carry, tl.exp(b_last), 0.0)
     return pair, from_start, to_end, carried
 
@@ -181,15 +187,14 @@ def _gla_fwd_output_kernel(
 
 @triton.jit
 def _gla_bwd_states_kernel(
-    q_ptr, g_ptr, seq_ptr, do_ptr, dht_ptr, states_ptr, ht_ptr, d_states_ptr, dh0_ptr, dlast_ptr,
-    scale, T, n_chunks, BH,
+    q_ptr, g_ptr, seq_ptr, do_ptr, dht_ptr, d_states_ptr, dh0_ptr,
+    scale, T, n_chunks,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_SEQ: tl.constexpr, HAS_DHT: tl.constexpr, PREC: tl.constexpr,
 ):
-    """State gradients, chunks in reverse. Grid ``(NV, B * H)``; ``do [B, T, H, V]``, ``dht [B, H, K, V]``,
-    ``states``/``ht`` as written by the forward. Writes ``d_states [B, H, NC, K, V]`` (gradient of the
-    state leaving each chunk), ``dh0 [B, H, K, V]`` and ``dlast [NV, B * H, NC]`` = <dS', S'> per chunk."""
+    """State gradients, chunks in reverse. Grid ``(NV, B * H)``; ``do [B, T, H, V]``, ``dht [B, H, K, V]``.
+    Writes ``d_states [B, H, NC, K, V]`` (gradient of the state leaving each chunk) and ``dh0 [B, H, K, V]``."""
     i_v, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     offs_k = tl.arange(0, BK)
@@ -199,31 +204,36 @@ def _gla_bwd_states_kernel(
     d_state = tl.full([BK, BV], 0.0, tl.float32)
     if HAS_DHT:
         d_state = tl.load(dht_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0).to(tl.float32)
-    state_next = tl.load(ht_ptr + i_bh * K * V + p_state, mask=m_state, other=0.0)
     for i in range(n_chunks):
         c = n_chunks - 1 - i
         tl.store(d_states_ptr + (i_bh * n_chunks + c) * K * V + p_state, d_state, mask=m_state)
-        tl.store(dlast_ptr + (i_v * BH + i_bh) * n_chunks + c, tl.sum(tl.sum(d_state * state_next, 1), 0))
         q = _load_tile(q_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
         do = _load_tile(do_ptr, i_b, i_h, c, T, H, V, offs_v, BT)
         _, from_start, _, carried = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
         d_state = d_state * carried + tl.dot(tl.trans(q * (from_start * scale)[:, None]), do, input_precision=PREC)
-        state_next = tl.load(states_ptr + (i_bh * n_chunks + c) * K * V + p_state, mask=m_state, other=0.0)
     tl.store(dh0_ptr + i_bh * K * V + p_state, d_state, mask=m_state)
 
 
 @triton.jit
 def _gla_bwd_chunk_kernel(
-    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, do_ptr, states_ptr, d_states_ptr, dq_ptr, dk_ptr, dv_ptr,
+    q_ptr, k_ptr, v_ptr, g_ptr, seq_ptr, do_ptr, states_ptr, d_states_ptr, dq_ptr, dk_ptr, dv_ptr, db_ptr,
     scale, T, n_chunks, BH,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
     BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     HAS_SEQ: tl.constexpr, PREC: tl.constexpr,
 ):
     """Input gradients, every chunk in parallel. Grid ``(NC, NV, B * H)``; writes ``dq, dk [NV, B, T, H, K]``
-    fp32 (partial sums over the ``V`` blocks) and ``dv [B, T, H, V]``."""
+    and ``db [NV, B, T, H]`` fp32 (partial sums over the ``V`` blocks) and ``dv [B, T, H, V]``.
+
+    ``db_i`` is the gradient of ``b_i``: ``sum_j m_ij - sum_j m_ji`` through the pairs (``m_ij``: the
+    gradient of pair (i, j)'s decay times that decay), ``+ q_i . dq_i(state)`` through the entering state,
+    ``- k_i . dk_i(state)`` through key i's write ``exp(b_L - b_i)``, and at the last position ``L`` the
+    sum of the ``b_L`` parts: ``exp(b_L) <dS', S> + sum_j k_j . dk_j(state)``. Terms whose decay is
+    ``exp(0)`` (the pairs (i, i), key L's write) cancel and are left out, so the gate gradient carries no
+    rounding noise where it is zero (a difference of the full ``q . dq`` and ``k . dk`` would)."""
     c, i_v, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
+    offs_t = tl.arange(0, BT)
     offs_k = tl.arange(0, BK)
     offs_v = i_v * BV + tl.arange(0, BV)
     q = _load_tile(q_ptr, i_b, i_h, c, T, H, K, offs_k, BT)
@@ -234,19 +244,26 @@ def _gla_bwd_chunk_kernel(
     p_state = (i_bh * n_chunks + c) * K * V + offs_k[:, None] * V + offs_v[None, :]
     state = tl.load(states_ptr + p_state, mask=m_state, other=0.0)
     d_state = tl.load(d_states_ptr + p_state, mask=m_state, other=0.0)
-    pair, from_start, to_end, _ = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
-    # gradient of (q_i . k_j) for the pairs inside the chunk, and the scores themselves (without scale)
-    d_scores = tl.dot(do, tl.trans(v), input_precision=PREC) * pair * scale
-    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * pair
-    dq = tl.dot(d_scores, k, input_precision=PREC)
-    dq += tl.dot(do, tl.trans(state), input_precision=PREC) * (from_start * scale)[:, None]
-    dk = tl.dot(tl.trans(d_scores), q, input_precision=PREC)
-    dk += tl.dot(v, tl.trans(d_state), input_precision=PREC) * to_end[:, None]
+    pair, from_start, to_end, carried = _chunk_decays(g_ptr, seq_ptr, i_b, i_h, c, T, H, BT, HAS_SEQ)
+    do_v = tl.dot(do, tl.trans(v), input_precision=PREC) * scale  # gradient of o_i . v_j, [BT, BT]
+    scores = tl.dot(q, tl.trans(k), input_precision=PREC) * pair  # without scale
+    d_scores = do_v * pair  # gradient of q_i . k_j
+    dq_state = tl.dot(do, tl.trans(state), input_precision=PREC) * (from_start * scale)[:, None]
+    dk_state = tl.dot(v, tl.trans(d_state), input_precision=PREC) * to_end[:, None]
+    dq = tl.dot(d_scores, k, input_precision=PREC) + dq_state
+    dk = tl.dot(tl.trans(d_scores), q, input_precision=PREC) + dk_state
     dv = tl.dot(tl.trans(scores), do, input_precision=PREC) * scale
     dv += tl.dot(k, d_state, input_precision=PREC) * to_end[:, None]
+    m = tl.where(offs_t[:, None] > offs_t[None, :], do_v * scores, 0.0)
+    is_last = c * BT + offs_t == tl.minimum(c * BT + BT, T) - 1
+    writes = tl.where(is_last, 0.0, tl.sum(k * dk_state, 1))
+    at_last = carried * tl.sum(tl.sum(d_state * state, 1), 0) + tl.sum(writes, 0)
+    db = tl.sum(m, 1) - tl.sum(m, 0) + tl.sum(q * dq_state, 1) - writes + tl.where(is_last, at_last, 0.0)
     _store_tile(dq_ptr + i_v * BH * T * K, dq, i_b, i_h, c, T, H, K, offs_k, BT)
     _store_tile(dk_ptr + i_v * BH * T * K, dk, i_b, i_h, c, T, H, K, offs_k, BT)
     _store_tile(dv_ptr, dv, i_b, i_h, c, T, H, V, offs_v, BT)
+    t = c * BT + offs_t
+    tl.store(db_ptr + i_v * BH * T + (i_b * T + t) * H + i_h, db, mask=t < T)
 
 
 @triton.jit
@@ -307,27 +324,26 @@ def _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, scale, block_t):
     d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
     d_states = torch.empty_like(states)
     dh0 = torch.empty_like(final)
-    dlast = q.new_empty(n_v, batch, heads, n_chunks, dtype=torch.float32)
     dq = q.new_empty(n_v, batch, seqlen, heads, dk, dtype=torch.float32)
     dk_ = torch.empty_like(dq)
+    d_b = q.new_empty(n_v, batch, seqlen, heads, dtype=torch.float32)
     dv = torch.empty_like(v)
     seq = seq_idx if seq_idx is not None else g
     shapes = dict(H=heads, K=dk, V=dv_size, BT=block_t, BK=bk, BV=bv, HAS_SEQ=seq_idx is not None,
                   PREC=_precision(q, k, v), **_launch_options(block_t, bk, bv))
     _gla_bwd_states_kernel[(n_v, batch * heads)](
-        q, g, seq, d_o, d_final.contiguous() if d_final is not None else final, states, final, d_states, dh0, dlast,
-        scale, seqlen, n_chunks, batch * heads, HAS_DHT=d_final is not None, **shapes,
+        q, g, seq, d_o, d_final.contiguous() if d_final is not None else final, d_states, dh0, scale, seqlen,
+        n_chunks, HAS_DHT=d_final is not None, **shapes,
     )
     _gla_bwd_chunk_kernel[(n_chunks, n_v, batch * heads)](
-        q, k, v, g, seq, d_o, states, d_states, dq, dk_, dv, scale, seqlen, n_chunks, batch * heads, **shapes,
+        q, k, v, g, seq, d_o, states, d_states, dq, dk_, dv, d_b, scale, seqlen, n_chunks, batch * heads, **shapes,
     )
-    dq, dk_ = dq.sum(0), dk_.sum(0)
-    # d b_i (b: log-decay accumulated from the chunk start) is q_i.dq_i - k_i.dk_i, plus <dS', S'> at the
-    # chunk's last position (every exp(b_L ...) factor); g_t enters every b_i with i >= t of its chunk.
-    d_b = (q.float() * dq).sum(-1) - (k.float() * dk_).sum(-1)  # [B, T, H]
-    d_b = torch.nn.functional.pad(d_b, (0, 0, 0, n_chunks * block_t - seqlen)).view(batch, n_chunks, block_t, heads)
-    d_b[:, :, -1] += dlast.sum(0).transpose(1, 2)
+    # d_b: gradient of b_i, the log-decay accumulated from the chunk start; g_t enters every b_i with
+    # i >= t of its chunk.
+    d_b = torch.nn.functional.pad(d_b.sum(0), (0, 0, 0, n_chunks * block_t - seqlen))
+    d_b = d_b.view(batch, n_chunks, block_t, heads)
     dg = d_b.flip(2).cumsum(2).flip(2).reshape(batch, n_chunks * block_t, heads)[:, :seqlen]
+    dq, dk_ = dq.sum(0), dk_.sum(0)
     return dq, dk_, dv, dg, dh0
 
 
@@ -344,6 +360,7 @@ class GLAChunkFn(torch.autograd.Function):
         return o, final
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, d_o, d_final):
         q, k, v, g, seq_idx, states, final = ctx.saved_tensors
         dq, dk, dv, dg, dh0 = _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, ctx.scale, ctx.block_t)
