@@ -17,9 +17,8 @@ so the backward pass, with ``g_i[u] = dpre[u - i] * (sid_h[u] == sid[u - i])``, 
 ``dh`` is ``dx`` for ``u >= K - 1`` and ``d initial_state`` below. One backward program owns a tile of
 history positions ``u`` and recomputes the ``dpre`` it needs (for ``silu`` that means the forward
 conv again at ``K`` shifts), so no intermediate goes through memory; ``dw`` and ``dbias`` are summed
-per tile into fp32 partials and reduced by torch. Everything accumulates in fp32. The layout follows
-the reference (``[B, T, D]``, any strides); the approach (one program per time x channel tile, taps
-unrolled) is the one of Dao-AILab's causal-conv1d channel-last kernels, written anew here.
+per tile into fp32 partials and reduced by torch. Everything accumulates in fp32. The layout is the
+reference's (``[B, T, D]``, any strides): one program per time x channel tile, the ``K`` taps unrolled.
 """
 
 from __future__ import annotations
@@ -238,7 +237,7 @@ def _causal_conv1d_step_kernel(
 
 
 def _blocks(**gpu_only) -> dict:
-    """Launch keywords: the fixed interpreter tile, or none (the autotuner picks) on GPU."""
+    """Launch keywords: the fixed interpreter tile, or on GPU ``gpu_only`` (the autotuner picks the rest)."""
     return dict(BLOCK_T=INTERPRET_BLOCK_T, BLOCK_D=INTERPRET_BLOCK_D) if interpreting() else gpu_only
 
 
@@ -256,7 +255,10 @@ class CausalConv1dFn(torch.autograd.Function):
         width = weight.shape[-1]
         y = torch.empty_like(x, memory_format=torch.contiguous_format)
         final = x.new_empty(batch, dim, width - 1)
-        grid = lambda meta: (batch, triton.cdiv(seqlen, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
+
+        def grid(meta):
+            return batch, triton.cdiv(seqlen, meta["BLOCK_T"]), triton.cdiv(dim, meta["BLOCK_D"])
+
         _causal_conv1d_fwd_kernel[grid](
             x, weight, bias, initial_state, seq_idx, y, final, seqlen, dim,
             *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2),
@@ -284,7 +286,10 @@ class CausalConv1dFn(torch.autograd.Function):
                                                                     memory_format=torch.contiguous_format)
         dw_part = x.new_empty(batch, tiles, dim, width, dtype=torch.float32)
         db_part = None if bias is None else x.new_empty(batch, tiles, dim, dtype=torch.float32)
-        grid = lambda meta: (batch, tiles, triton.cdiv(dim, meta["BLOCK_D"]))  # noqa: E731
+
+        def grid(meta):
+            return batch, tiles, triton.cdiv(dim, meta["BLOCK_D"])
+
         _causal_conv1d_bwd_kernel[grid](
             x, weight, bias, initial_state, seq_idx, dy, dfinal if has_dfinal else None, dx, dinit, dw_part, db_part,
             seqlen, dim, *x.stride(), *weight.stride(), *_strides(initial_state, 3), *_strides(seq_idx, 2),
@@ -292,7 +297,7 @@ class CausalConv1dFn(torch.autograd.Function):
             *dw_part.stride()[:3], *_strides(db_part, 3),
             WIDTH=width, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, HAS_SEQ=seq_idx is not None,
             HAS_DFINAL=has_dfinal, SILU=ctx.silu,
-            **(_blocks() if interpreting() else dict(BLOCK_T=BWD_BLOCK_T)),
+            **_blocks(BLOCK_T=BWD_BLOCK_T),
         )
         dw = dw_part.sum((0, 1)).to(weight.dtype)
         db = None if bias is None else db_part.sum((0, 1)).to(bias.dtype)
