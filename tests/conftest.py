@@ -6,6 +6,12 @@ import math
 import os
 from pathlib import Path
 
+if not os.path.exists("/dev/nvidiactl"):
+    # Our Triton kernels run on CPU tensors through triton's interpreter. Triton reads the switch when a
+    # jit function is defined — its own standard library (tl.sum, ...) included, at the first import of
+    # triton, which importing transformers may already do — so it is set before anything is imported.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 import pytest
 import torch
 import transformers as T
@@ -13,10 +19,6 @@ import transformers as T
 import mixerswap  # noqa: F401  (registers the Auto classes)
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-if not torch.cuda.is_available():
-    # Our Triton kernels run on CPU tensors through triton's interpreter; it is read when a kernel is
-    # defined, i.e. at the (lazy) import of a kernel module, so set it before any test calls one.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)  # one thread per xdist worker: oversubscribed cores slow torch down several-fold
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
