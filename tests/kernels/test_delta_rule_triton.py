@@ -22,7 +22,7 @@ from .conftest import requires_triton
 pytestmark = requires_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-B, H, K, V = 2, 2, 8, 5
+B, H, K, V = 1, 2, 8, 5  # one sequence by default (the interpreter runs programs one at a time); packed: two
 RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 GATE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
@@ -64,8 +64,8 @@ def inputs(seqlen, *, dims=(B, H, K, V), decay="mixed", beta="uniform", same_key
 
 
 def documents(seqlen, cuts):
-    """``[B, T]`` ids: row 0 starts a document at every cut, row 1 is one document (ids need not start at 0)."""
-    ids = torch.zeros(B, seqlen, dtype=torch.long)
+    """``[2, T]`` ids: row 0 starts a document at every cut, row 1 is one document (ids need not start at 0)."""
+    ids = torch.zeros(2, seqlen, dtype=torch.long)
     for cut in cuts:
         ids[0, cut:] += 1
     ids[1] = 3
@@ -118,7 +118,7 @@ def test_chunk_matches_reference(seqlen, chunk_size, dtype):
 @pytest.mark.parametrize("cuts", [[5, 16, 17, 30], [32]], ids=["inside-on-edge-and-one-token", "at-chunk-edge"])
 def test_chunk_with_documents_matches_reference(cuts, dtype):
     """Documents start inside chunks, exactly at a chunk edge (16, 32) and a one-token document (16)."""
-    qkvgb, init = inputs(50, dtype=dtype, seed=2)
+    qkvgb, init = inputs(50, dims=(2, H, K, V), dtype=dtype, seed=2)
     check_against_reference(qkvgb, init, chunk_size=16, seq_idx=documents(50, cuts))
 
 
@@ -152,7 +152,7 @@ def test_without_initial_state_and_with_a_scale():
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_step_updates_in_place_and_a_run_of_steps_equals_the_chunk_op(dtype):
     chunk_triton, step_triton = triton_ops()
-    (q, k, v, g, beta), init = inputs(7, dims=(B, H, K, 40), dtype=dtype, seed=5)  # V = 40: two V blocks
+    (q, k, v, g, beta), init = inputs(7, dims=(2, H, K, 40), dtype=dtype, seed=5)  # V = 40: two V blocks
     state = init.clone()
     ptr = state.data_ptr()
     ref_state = init.clone()
@@ -160,7 +160,7 @@ def test_step_updates_in_place_and_a_run_of_steps_equals_the_chunk_op(dtype):
     for t in range(7):
         o, out = step_triton(state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
         assert out is state and state.data_ptr() == ptr
-        assert o.dtype == dtype and o.shape == (B, H, 40)
+        assert o.dtype == dtype and o.shape == (2, H, 40)
         o_ref, _ = delta_rule_step_ref(ref_state, q[:, t], k[:, t], v[:, t], g[:, t], beta[:, t])
         assert rel_error(o, o_ref) <= RTOL[dtype]
         outs.append(o)
@@ -187,6 +187,7 @@ def test_dispatch_runs_the_triton_backend_by_name():
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
 def test_bigger_shapes_match_reference(dtype):
-    """Head sizes of real models' order (64), several V blocks, 64-token chunks, packed documents."""
-    qkvgb, init = inputs(300, dims=(2, 3, 64, 96), dtype=dtype, seed=7)
-    check_against_reference(qkvgb, init, chunk_size=64, seq_idx=documents(300, [64, 100, 101, 250]))
+    """Head sizes of real models (64; 128 by 128 on CUDA), several V blocks, 64-token chunks, packed documents."""
+    seqlen, dims = (1000, (2, 4, 128, 128)) if DEVICE == "cuda" else (200, (2, 2, 64, 80))
+    qkvgb, init = inputs(seqlen, dims=dims, dtype=dtype, seed=7)
+    check_against_reference(qkvgb, init, chunk_size=64, seq_idx=documents(seqlen, [64, 100, 101, 150]))

@@ -98,26 +98,21 @@ def _decay_matrix(valid, G, sid, BT: tl.constexpr):
 
 
 @triton.jit
-def _unit_lower_inverse(A, BT: tl.constexpr):
-    """``(I + A)^-1`` for a strictly lower triangular ``A [BT, BT]`` (``BT`` a multiple of 16), in fp32.
+def _unit_lower_inverse(A, BT: tl.constexpr, LOG_BT: tl.constexpr):
+    """``(I + A)^-1`` for a strictly lower triangular ``A [BT, BT]`` (``BT = 2 ** LOG_BT``), in fp32.
 
-    Forward substitution in two levels, both as masked products and without reductions (cheap on a GPU,
-    and few operations under the interpreter): first the 16 x 16 diagonal blocks, all at once, one row of
-    each per step; then block row ``r`` of the inverse is ``X_r - X_rr (A_r< X_<)``. It is as stable as
-    plain substitution for any beta in [0, 1]; a doubling product ``(I - A)(I + A^2)(I + A^4)...`` is not:
-    its intermediate powers of ``A`` grow combinatorially and cancel.
+    Recursive block inversion, all blocks of a level at once: ``x`` holds the inverses of the diagonal
+    blocks of size ``s``; two neighbours merge by ``[[X1, 0], [-X2 A21 X1, X2]]``, i.e.
+    ``x -= x A_s x`` with ``A_s`` the entries of ``A`` coupling them. ``log2(BT)`` levels of two products:
+    as stable as forward substitution for any beta in [0, 1] (a doubling product
+    ``(I - A)(I + A^2)(I + A^4)...`` is not: its powers of ``A`` grow combinatorially and cancel).
     """
     offs = tl.arange(0, BT)
-    same_block = (offs[:, None] // 16) == (offs[None, :] // 16)
-    a_diag = tl.where(same_block, A, 0.0)
     x = tl.where(offs[:, None] == offs[None, :], 1.0, 0.0)
-    for r in range(1, 16):
-        x -= tl.dot(tl.where((offs[:, None] % 16) == r, a_diag, 0.0), x, input_precision="ieee")
-    x_diag = x
-    a_off = tl.where(same_block, 0.0, A)
-    for b in range(1, BT // 16):
-        coupling = tl.dot(tl.where((offs[:, None] // 16) == b, a_off, 0.0), x, input_precision="ieee")
-        x -= tl.dot(x_diag, coupling, input_precision="ieee")
+    for level in range(LOG_BT):
+        block = offs >> level  # index of the size-2^level block
+        coupling = (block[:, None] == block[None, :] + 1) & ((block[None, :] & 1) == 0)
+        x -= tl.dot(x, tl.dot(tl.where(coupling, A, 0.0), x, input_precision="ieee"), input_precision="ieee")
     return x
 
 
@@ -125,13 +120,14 @@ def _unit_lower_inverse(A, BT: tl.constexpr):
 def _wy_kernel(k_ptr, v_ptr, gcum_ptr, beta_ptr, sid_ptr, ainv_ptr, w_ptr, u_ptr,
                T, H, K, V, NC,
                CHUNK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-               HAS_SEQ_IDX: tl.constexpr, COMPUTE_INV: tl.constexpr, PRECISION: tl.constexpr):
+               HAS_SEQ_IDX: tl.constexpr, COMPUTE_INV: tl.constexpr, PRECISION: tl.constexpr,
+               LOG_BT: tl.constexpr):
     """One chunk: ``Tinv = (I + A)^-1`` (computed and stored, or loaded), then ``W`` and ``U~``.
 
     Grid ``(NC, B * H)``. ``ainv`` ``[B, NC, H, BT, BT]`` fp32; ``w`` ``[B, T, H, K]`` and ``u`` ``[B, T, H, V]``
     fp32 (rows of this chunk only).
     """
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     valid, beta, G, a, e, gamma, sid = _chunk_gates(gcum_ptr, beta_ptr, sid_ptr, i_b, i_c, i_h, T, H,
                                                     CHUNK, BT, HAS_SEQ_IDX)
@@ -145,7 +141,7 @@ def _wy_kernel(k_ptr, v_ptr, gcum_ptr, beta_ptr, sid_ptr, ainv_ptr, w_ptr, u_ptr
         D = _decay_matrix(valid, G, sid, BT)
         kk = tl.dot(kc, tl.trans(kc), input_precision=PRECISION)
         A = tl.where(offs[:, None] > offs[None, :], beta[:, None] * kk * D, 0.0)
-        tinv = _unit_lower_inverse(A, BT)
+        tinv = _unit_lower_inverse(A, BT, LOG_BT)
         tl.store(a_ptrs, tinv)
     else:
         tinv = tl.load(a_ptrs)
@@ -172,7 +168,7 @@ def _state_fwd_kernel(k_ptr, w_ptr, u_ptr, gcum_ptr, beta_ptr, sid_ptr, h0_ptr, 
     Grid ``(cdiv(V, BV), B * H)``. Stores ``h`` ``[B, NC, H, K, V]`` (the state entering each chunk),
     ``unew`` ``[B, T, H, V]`` (``U = U~ - W S0``) and the final state ``ht`` ``[B, H, K, V]``, all fp32.
     """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     offs = tl.arange(0, BT)
     ok = tl.arange(0, BK)
@@ -208,7 +204,8 @@ def _output_kernel(q_ptr, k_ptr, gcum_ptr, beta_ptr, sid_ptr, h_ptr, unew_ptr, o
                    CHUNK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                    HAS_SEQ_IDX: tl.constexpr, PRECISION: tl.constexpr):
     """``O = diag(a) Q S0 + (Q K^T o D) U`` for one chunk and block of V columns. Grid ``(cdiv(V, BV), NC, B * H)``."""
-    i_v, i_c, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_v, i_c, i_bh = (tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64),
+                     tl.program_id(2).to(tl.int64))
     i_b, i_h = i_bh // H, i_bh % H
     valid, beta, G, a, e, gamma, sid = _chunk_gates(gcum_ptr, beta_ptr, sid_ptr, i_b, i_c, i_h, T, H,
                                                     CHUNK, BT, HAS_SEQ_IDX)
@@ -242,7 +239,7 @@ def _state_bwd_kernel(q_ptr, k_ptr, w_ptr, gcum_ptr, beta_ptr, sid_ptr, do_ptr, 
     Grid ``(cdiv(V, BV), B * H)``. Stores ``dh`` ``[B, NC, H, K, V]`` (gradient of the state *leaving*
     each chunk), ``du`` ``[B, T, H, V]`` (gradient of ``U``) and ``dh0`` ``[B, H, K, V]``, all fp32.
     """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     offs = tl.arange(0, BT)
     ok = tl.arange(0, BK)
@@ -283,7 +280,7 @@ def _chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, beta_ptr, sid_ptr, ainv_ptr
                       CHUNK: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
                       HAS_SEQ_IDX: tl.constexpr, PRECISION: tl.constexpr):
     """Gradients of q, k, v, g and beta inside one chunk (formulas in the module docstring). Grid ``(NC, B * H)``."""
-    i_c, i_bh = tl.program_id(0), tl.program_id(1)
+    i_c, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     i_b, i_h = i_bh // H, i_bh % H
     valid, beta, G, a, e, gamma, sid = _chunk_gates(gcum_ptr, beta_ptr, sid_ptr, i_b, i_c, i_h, T, H,
                                                     CHUNK, BT, HAS_SEQ_IDX)
@@ -371,7 +368,7 @@ def _step_kernel(state_ptr, q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, o_ptr, scale, 
 
     The columns of the state evolve independently (``u`` is per column), so V blocks need no communication.
     """
-    i_v, i_bh = tl.program_id(0), tl.program_id(1)
+    i_v, i_bh = tl.program_id(0).to(tl.int64), tl.program_id(1).to(tl.int64)
     ok = tl.arange(0, BK)
     ov = i_v * BV + tl.arange(0, BV)
     s_ptrs = state_ptr + i_bh * K * V + ok[:, None] * V + ov[None, :]
@@ -426,7 +423,8 @@ def _wy(k, v, gcum, beta, sid, ainv, compute_inv, shape, meta):
     w = k.new_empty(batch, seqlen, heads, dk, dtype=torch.float32)
     u = k.new_empty(batch, seqlen, heads, dv, dtype=torch.float32)
     _wy_kernel[(nchunks, batch * heads)](k, v, gcum, beta, sid, ainv, w, u, seqlen, heads, dk, dv, nchunks,
-                                         BV=min(64, _block(dv)), COMPUTE_INV=compute_inv, **meta)
+                                         BV=min(64, _block(dv)), COMPUTE_INV=compute_inv,
+                                         LOG_BT=meta["BT"].bit_length() - 1, **meta)
     return ainv, w, u
 
 
@@ -482,7 +480,7 @@ class DeltaRuleChunkFn(torch.autograd.Function):
         dg = torch.empty_like(gcum, dtype=ctx.g_dtype)
         _chunk_bwd_kernel[(nchunks, batch * heads)](
             q, k, v, gcum, beta, sid, ainv, h, dh, unew, du, do, dq, dk_, dv_, dg, dbeta, ctx.scale,
-            seqlen, heads, dk, dv, nchunks, BV=min(64, _block(dv)), **meta)
+            seqlen, heads, dk, dv, nchunks, BV=min(64, _block(dv)), num_warps=8, **meta)  # many live tiles
         dinit = dh0.to(initial_state.dtype) if initial_state is not None else None
         return dq, dk_, dv_, dg, dbeta, dinit, None, None, None
 
