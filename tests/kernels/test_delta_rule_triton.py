@@ -6,7 +6,8 @@ an error is the largest absolute difference relative to the largest magnitude of
 (``max|got - want| <= rtol * max|want|``), for ``o``, the final state and the gradients of q, k, v, g,
 beta and the initial state (upstream gradients are random):
 
-* fp32: ``rtol = 1e-4`` everywhere (measured on the interpreter: at most ~1e-6);
+* fp32: ``rtol = 1e-4`` everywhere (measured on the interpreter: at most 1.4e-6, 4e-6 for dg with strong
+  gates);
 * bf16 (CUDA only; products in tf32): ``rtol = 3e-2`` for ``o``, the state and the gradients of q, k, v
   and the initial state, ``6e-2`` for those of g and beta (sums over a chunk of products of gradients).
 """
@@ -171,6 +172,7 @@ def test_step_updates_in_place_and_a_run_of_steps_equals_the_chunk_op(dtype):
 
 def test_dispatch_runs_the_triton_backend_by_name():
     (q, k, v, g, beta), init = inputs(20, seed=6)
+    q = torch.cat([q, q], -1)[..., :K]  # a strided view, as the mixer's head split gives
     state = init.clone()
     with kernels.use_backend("triton"):
         assert kernels.resolve("delta_rule_chunk", q, k, v, g, beta)[0] == "triton"

@@ -284,14 +284,11 @@ def _chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, beta_ptr, sid_ptr, ainv_ptr
     i_b, i_h = i_bh // H, i_bh % H
     valid, beta, G, a, e, gamma, sid = _chunk_gates(gcum_ptr, beta_ptr, sid_ptr, i_b, i_c, i_h, T, H,
                                                     CHUNK, BT, HAS_SEQ_IDX)
-    D = _decay_matrix(valid, G, sid, BT)
     offs = tl.arange(0, BT)
     ok = tl.arange(0, BK)
     row = (i_b * T + i_c * CHUNK + offs) * H + i_h
     k_off = row[:, None] * K + ok[None, :]
     k_mask = valid[:, None] & (ok[None, :] < K)
-    qc = tl.load(q_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32) * scale
-    kc = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)
     tinv = tl.load(ainv_ptr + ((i_b * NC + i_c) * H + i_h) * BT * BT + offs[:, None] * BT + offs[None, :])
     state_base = ((i_b * NC + i_c) * H + i_h) * K * V
 
@@ -324,6 +321,10 @@ def _chunk_bwd_kernel(q_ptr, k_ptr, v_ptr, gcum_ptr, beta_ptr, sid_ptr, ainv_ptr
         tl.store(dv_ptr + v_off, (beta[:, None] * tdu).to(dv_ptr.dtype.element_ty), mask=v_mask)
         dbeta += tl.reduce(vc * tdu, 1, _add)
 
+    # q, k and D are loaded and built only now: fewer tiles live through the loop over V
+    qc = tl.load(q_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32) * scale
+    kc = tl.load(k_ptr + k_off, mask=k_mask, other=0.0).to(tl.float32)
+    D = _decay_matrix(valid, G, sid, BT)
     # W = Tinv diag(beta a) K, with dW = -dU S0^T
     dtinv -= tl.dot(du_s, tl.trans((beta * a)[:, None] * kc), input_precision=PRECISION)
     tdw = -tl.dot(tl.trans(tinv), du_s, input_precision=PRECISION)
