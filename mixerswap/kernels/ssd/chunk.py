@@ -15,8 +15,9 @@ Layouts shared by all kernels (``Tp`` is ``T`` padded to a multiple of the chunk
 * ``seq_idx`` ``[B, Tp]`` int32, the padding repeating the last id.
 * states ``[B, nc, H, P, N]`` fp32, contiguous.
 
-Kernels take the whole padded head size ``P_PAD`` and state size ``N_PAD`` in one tile and split the
-chunk into blocks of ``BLOCK_L`` positions. Dots run on the input dtype (tensor cores for bf16/fp16)
+The scan kernels take the whole padded head size ``P_PAD`` and state size ``N_PAD`` in one tile, split
+the chunk into blocks of ``BLOCK_L`` positions and read a ``[P, N]`` fp32 state ``BLOCK_K`` rows or
+columns at a time (a whole one would not fit in registers). Dots run on the input dtype (tensor cores for bf16/fp16)
 with fp32 accumulation; with fp32 inputs ``PRECISION`` is ``"ieee"`` so they match the reference to
 rounding. On CUDA each kernel is autotuned over a few configurations; under ``TRITON_INTERPRET=1``
 one configuration is chosen from the shapes (autotuning under the interpreter is very slow).
@@ -36,13 +37,22 @@ def _pad(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _autotuned(configs: list[triton.Config], key: list[str]):
-    """``triton.autotune`` on a GPU; the bare kernel under the interpreter (the launcher passes its meta)."""
+def _autotuned(configs: dict[str, list[triton.Config]], key: list[str]):
+    """``triton.autotune`` on a GPU over ``configs[PRECISION]``; the bare kernel under the interpreter
+    (the launcher then passes its meta-parameters).
+
+    fp32 inputs (``"ieee"``) have their own list: their dots run without tensor cores and want smaller
+    tiles than bf16 / fp16 (``"tf32"``) to stay in registers.
+    """
+
+    def prune(candidates, named_args, **kwargs):
+        return [c for c in candidates if c in configs[kwargs["PRECISION"]]]
 
     def wrap(kernel):
         if triton_support.interpreting():
             return kernel
-        return triton.autotune(configs=configs, key=key)(kernel)
+        every = [c for choices in configs.values() for c in choices]
+        return triton.autotune(configs=every, key=key, prune_configs_by={"early_config_prune": prune})(kernel)
 
     return wrap
 
@@ -61,18 +71,36 @@ def _chunk_block(chunk_size: int) -> int:
     return min(INTERPRETER_MAX_BLOCK, _pad(chunk_size))
 
 
-_SCAN_CONFIGS = [
-    triton.Config({"BLOCK_L": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_L": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2),
-    triton.Config({"BLOCK_L": 32}, num_warps=8, num_stages=1),
-]
-_OUTER_CONFIGS = [
-    triton.Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 32, "BLOCK_N": 64, "BLOCK_L": 64}, num_warps=4, num_stages=2),
-    triton.Config({"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 32}, num_warps=8, num_stages=2),
-]
+def _state_k_block(headdim: int, dstate: int) -> int:
+    """Rows / columns of a ``[P, N]`` fp32 state that the scan kernels hold at once."""
+    cap = INTERPRETER_MAX_BLOCK if triton_support.interpreting() else 32
+    return min(cap, _pad(max(headdim, dstate)))
+
+
+_SCAN_CONFIGS = {
+    "tf32": [
+        triton.Config({"BLOCK_L": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_L": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2),
+    ],
+    "ieee": [
+        triton.Config({"BLOCK_L": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_L": 16}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_L": 32}, num_warps=8, num_stages=1),
+    ],
+}
+_OUTER_CONFIGS = {
+    "tf32": [
+        triton.Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 64}, num_warps=4, num_stages=2),
+        triton.Config({"BLOCK_P": 64, "BLOCK_N": 128, "BLOCK_L": 32}, num_warps=8, num_stages=2),
+    ],
+    "ieee": [
+        triton.Config({"BLOCK_P": 32, "BLOCK_N": 64, "BLOCK_L": 32}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 32, "BLOCK_N": 32, "BLOCK_L": 64}, num_warps=4, num_stages=1),
+        triton.Config({"BLOCK_P": 64, "BLOCK_N": 64, "BLOCK_L": 32}, num_warps=8, num_stages=1),
+    ],
+}
 _STATE_BLOCK = 1024  # elements of a [P, N] state per program in the (memory-bound) state passing
 
 
@@ -205,7 +233,7 @@ def _chunk_scan_fwd_kernel(
     s_yb, s_yt, s_yh, s_yp,
     P: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-    P_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    P_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Outputs of ``BLOCK_L`` positions of one chunk and head.
 
@@ -229,13 +257,19 @@ def _chunk_scan_fwd_kernel(
     C_ptr += b * s_cb + h * s_ch
     row = (b * H + h) * Tp
 
-    C_l = tl.load(C_ptr + t_l[:, None] * s_ct + offs_n[None, :] * s_cn,
-                  mask=mask_l[:, None] & (offs_n[None, :] < N), other=0.0)
     acum_l = tl.load(acum_ptr + row + t_l, mask=in_chunk_l, other=0.0)
     v_l = tl.load(v_ptr + row + t_l, mask=in_chunk_l, other=0.0)
-    entering = tl.load(entering_ptr + pid_bch * P * N + offs_n[:, None] + offs_p[None, :] * N,
-                       mask=(offs_n[:, None] < N) & (offs_p[None, :] < P), other=0.0)  # [N, P]
-    acc = tl.dot(C_l.to(tl.float32), entering, input_precision=PRECISION) * v_l[:, None]
+    acc = tl.full((BLOCK_L, P_PAD), 0.0, tl.float32)
+    for k0 in range(0, N, BLOCK_K):  # the entering state, BLOCK_K columns at a time (fewer registers)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        C_k = tl.load(C_ptr + t_l[:, None] * s_ct + offs_k[None, :] * s_cn,
+                      mask=mask_l[:, None] & (offs_k[None, :] < N), other=0.0)
+        entering = tl.load(entering_ptr + pid_bch * P * N + offs_k[:, None] + offs_p[None, :] * N,
+                           mask=(offs_k[:, None] < N) & (offs_p[None, :] < P), other=0.0)  # [K, P]
+        acc += tl.dot(C_k.to(tl.float32), entering, input_precision=PRECISION)
+    acc *= v_l[:, None]
+    C_l = tl.load(C_ptr + t_l[:, None] * s_ct + offs_n[None, :] * s_cn,
+                  mask=mask_l[:, None] & (offs_n[None, :] < N), other=0.0)
     if HAS_SEQ:
         sid_l = tl.load(seq_ptr + b * Tp + t_l, mask=in_chunk_l, other=0)
 
@@ -279,7 +313,7 @@ def _chunk_scan_bwd_dc_kernel(
     s_yb, s_yt, s_yh, s_yp,
     P: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     HAS_SEQ: tl.constexpr,
-    P_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    P_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Gradients carried by the rows ``l`` of one chunk and head: ``dC_l``, and of ``acum_l`` and ``v_l``.
 
@@ -337,9 +371,14 @@ def _chunk_scan_bwd_dc_kernel(
         dC += tl.dot(grad_scores.to(B_s.dtype), B_s, input_precision=PRECISION)
         dacum += _sum(grad_scores * scores, axis=1)
 
-    entering = tl.load(entering_ptr + pid_bch * P * N + offs_p[:, None] * N + offs_n[None, :],
-                       mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)  # [P, N]
-    dC_inter = tl.dot(dy_l.to(tl.float32), entering, input_precision=PRECISION)
+    dC_inter = tl.full((BLOCK_L, N_PAD), 0.0, tl.float32)  # dy_l S_in, BLOCK_K rows of the state at a time
+    for k0 in range(0, P, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        dy_k = tl.load(dy_ptr + t_l[:, None] * s_yt + offs_k[None, :] * s_yp,
+                       mask=mask_l[:, None] & (offs_k[None, :] < P), other=0.0)
+        entering = tl.load(entering_ptr + pid_bch * P * N + offs_k[:, None] * N + offs_n[None, :],
+                           mask=(offs_k[:, None] < P) & (offs_n[None, :] < N), other=0.0)  # [K, N]
+        dC_inter += tl.dot(dy_k.to(tl.float32), entering, input_precision=PRECISION)
     dC += v_l[:, None] * dC_inter
     dv = _sum(dC_inter * C_l.to(tl.float32), axis=1)
 
@@ -362,7 +401,7 @@ def _chunk_scan_bwd_dxdb_kernel(
     s_yb, s_yt, s_yh, s_yp,
     P: tl.constexpr, N: tl.constexpr, CHUNK: tl.constexpr, PRECISION: tl.constexpr,
     HAS_D: tl.constexpr, HAS_SEQ: tl.constexpr,
-    P_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    P_PAD: tl.constexpr, N_PAD: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     """Gradients carried by the columns ``s`` of one chunk and group, summed over the group's heads.
 
@@ -429,12 +468,27 @@ def _chunk_scan_bwd_dxdb_kernel(
         ddt = _sum(dx_intra * x_s.to(tl.float32), axis=1)
         dx += dt_s[:, None] * dx_intra
 
-        dstate = tl.load(dstates_ptr + ((b * nchunks + c) * H + h) * P * N + offs_p[:, None] * N + offs_n[None, :],
-                         mask=(offs_p[:, None] < P) & (offs_n[None, :] < N), other=0.0)  # [P, N]
-        x_dstate = tl.dot(x_s.to(tl.float32), dstate, input_precision=PRECISION)  # [s, N]
+        # Through the chunk's state dS_h [P, N], BLOCK_K rows or columns of it at a time.
+        dstate_ptr = dstates_ptr + ((b * nchunks + c) * H + h) * P * N
+        x_dstate = tl.full((BLOCK_L, N_PAD), 0.0, tl.float32)  # x_s dS_h
+        for k0 in range(0, P, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x_k = tl.load(x_ptr + t_s[:, None] * s_xt + offs_k[None, :] * s_xp,
+                          mask=mask_s[:, None] & (offs_k[None, :] < P), other=0.0)
+            dstate = tl.load(dstate_ptr + offs_k[:, None] * N + offs_n[None, :],
+                             mask=(offs_k[:, None] < P) & (offs_n[None, :] < N), other=0.0)  # [K, N]
+            x_dstate += tl.dot(x_k.to(tl.float32), dstate, input_precision=PRECISION)
         dB += w_s[:, None] * x_dstate
         dw = _sum(x_dstate * B_s.to(tl.float32), axis=1)
-        dx += w_s[:, None] * tl.dot(B_s.to(tl.float32), tl.trans(dstate), input_precision=PRECISION)
+        B_dstate = tl.full((BLOCK_L, P_PAD), 0.0, tl.float32)  # B_s dS_h^T
+        for k0 in range(0, N, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            B_k = tl.load(B_ptr + t_s[:, None] * s_bt + offs_k[None, :] * s_bn,
+                          mask=mask_s[:, None] & (offs_k[None, :] < N), other=0.0)
+            dstate = tl.load(dstate_ptr + offs_p[None, :] * N + offs_k[:, None],
+                             mask=(offs_p[None, :] < P) & (offs_k[:, None] < N), other=0.0)  # [K, P]
+            B_dstate += tl.dot(B_k.to(tl.float32), dstate, input_precision=PRECISION)
+        dx += w_s[:, None] * B_dstate
         if HAS_D:
             dy_s = tl.load(dy_head + t_s[:, None] * s_yt + offs_p[None, :] * s_yp, mask=mask_sp, other=0.0)
             dx += tl.load(D_ptr + h).to(tl.float32) * dy_s.to(tl.float32)
@@ -483,7 +537,8 @@ def chunk_outer(u, v, w, *, chunk_size: int, heads: int) -> torch.Tensor:
 
 
 def _state_block(numel: int) -> int:
-    return triton.next_power_of_2(numel) if triton_support.interpreting() else min(_STATE_BLOCK, triton.next_power_of_2(numel))
+    whole = triton.next_power_of_2(numel)
+    return whole if triton_support.interpreting() else min(_STATE_BLOCK, whole)
 
 
 def state_passing_fwd(states, carry, initial_state):
@@ -533,7 +588,8 @@ def chunk_scan_fwd(x, B, C, dt, acum, v, entering, D, seq_idx, *, chunk_size: in
         seqlen, tp, nchunks, heads, heads // x.shape[2],
         *_strides(x), *_strides(B), *_strides(C), *_strides(y),
         P=headdim, N=dstate, CHUNK=chunk_size, PRECISION=_precision(x), HAS_D=D is not None,
-        HAS_SEQ=seq_idx is not None, P_PAD=_pad(headdim), N_PAD=_pad(dstate), **meta,
+        HAS_SEQ=seq_idx is not None, P_PAD=_pad(headdim), N_PAD=_pad(dstate),
+        BLOCK_K=_state_k_block(headdim, dstate), **meta,
     )
     return y
 
@@ -556,7 +612,7 @@ def chunk_scan_bwd_dc(x, B, C, dy, dt, acum, v, entering, seq_idx, *, chunk_size
         seqlen, tp, nchunks, heads, heads // x.shape[2],
         *_strides(x), *_strides(B), *_strides(C), *_strides(dy),
         P=headdim, N=dstate, CHUNK=chunk_size, PRECISION=_precision(x), HAS_SEQ=seq_idx is not None,
-        P_PAD=_pad(headdim), N_PAD=_pad(dstate), **meta,
+        P_PAD=_pad(headdim), N_PAD=_pad(dstate), BLOCK_K=_state_k_block(headdim, dstate), **meta,
     )
     return dC, dacum, dv
 
@@ -580,6 +636,7 @@ def chunk_scan_bwd_dxdb(x, B, C, dy, dt, acum, w, dstates, D, seq_idx, *, chunk_
         seqlen, tp, nchunks, heads, heads // groups,
         *_strides(x), *_strides(B), *_strides(C), *_strides(dy),
         P=headdim, N=dstate, CHUNK=chunk_size, PRECISION=_precision(x), HAS_D=D is not None,
-        HAS_SEQ=seq_idx is not None, P_PAD=_pad(headdim), N_PAD=_pad(dstate), **meta,
+        HAS_SEQ=seq_idx is not None, P_PAD=_pad(headdim), N_PAD=_pad(dstate),
+        BLOCK_K=_state_k_block(headdim, dstate), **meta,
     )
     return dx, dB, ddt, dacum, dw
