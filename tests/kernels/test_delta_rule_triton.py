@@ -28,6 +28,8 @@ RTOL = {torch.float32: 1e-4, torch.bfloat16: 3e-2}
 GATE_RTOL = {torch.float32: 1e-4, torch.bfloat16: 6e-2}
 DTYPES = [torch.float32] + ([torch.bfloat16] if DEVICE == "cuda" else [])
 NAMES = ("q", "k", "v", "g", "beta", "initial_state")
+# odd lengths, chunk multiples, one past a chunk (also of the default 64), a chunk size not a power of two
+LENGTHS = [(1, 16), (63, 16), (130, 32), (64, 16), (17, 16), (65, 64), (40, 13)]
 # log decay g per token: "none" keeps everything, "mixed" a rate per head, "strong" down to e^-30 per token
 DECAYS = {
     "none": lambda shape, gen: torch.zeros(shape),
@@ -107,8 +109,7 @@ def check_against_reference(qkvgb, init, *, chunk_size=16, seq_idx=None, scale=N
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize(("seqlen", "chunk_size"), [(1, 16), (63, 16), (130, 32), (64, 16), (17, 16), (65, 64),
-                                                    (40, 13)], ids=lambda x: str(x))
+@pytest.mark.parametrize(("seqlen", "chunk_size"), LENGTHS, ids=[f"T{t}-chunk{c}" for t, c in LENGTHS])
 def test_chunk_matches_reference(seqlen, chunk_size, dtype):
     """Odd lengths, chunk multiples, one past a chunk, and a chunk size that is not a power of two."""
     qkvgb, init = inputs(seqlen, dtype=dtype)
