@@ -4,8 +4,8 @@ The chunk scan is checked on its outputs, its final state and the gradients of e
 A, B, C, D, initial state) under random upstream gradients on both ``y`` and the final state; the
 decoding step on its output and its in-place state update, and a run of steps against the chunk scan.
 On CPU the kernels run through triton's interpreter (``TRITON_INTERPRET=1``, set in
-tests/conftest.py), so shapes are small (the file takes about 30 s on 2 cores); the same file runs on
-CUDA, where bf16 and fp16 cases are added.
+tests/conftest.py), so shapes are small (the file takes about 35 s of CPU time); the same file runs on
+CUDA, with bf16 and larger shapes.
 
 Errors are relative Frobenius norms ``|ours - ref| / |ref|`` per tensor, the reference run in fp64 on
 the same (rounded) input values:
@@ -14,9 +14,10 @@ the same (rounded) input values:
   head, summed over every position from terms that partly cancel). Ours accumulates in fp32 with
   full-precision (``ieee``) dots; measured on the interpreter: at most ``8e-7``, ``dA`` and ``dD`` up
   to ``5e-6``.
-* bf16 (CUDA only): ``3e-2``; fp16 (CUDA only): ``5e-3``, for everything. The dots run on tensor
-  cores, with the attention-like scores rounded to the input dtype before they multiply ``x`` or
-  ``dy``.
+* fp16: ``5e-3``; bf16 (CUDA only: triton's interpreter multiplies bf16 tiles wrongly): ``3e-2``, for
+  everything. The dots run on the input dtype (tensor cores on a GPU), with the attention-like scores
+  rounded to it before they multiply ``x`` or ``dy``; measured on the interpreter in fp16: at most
+  ``4e-4``.
 """
 
 import pytest
@@ -31,7 +32,11 @@ from .test_ssd import make_inputs, rel_err
 pytestmark = requires_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-LOW_PRECISION = [torch.bfloat16, torch.float16] if DEVICE == "cuda" else []
+LOW_PRECISION = [
+    torch.float16,
+    pytest.param(torch.bfloat16,
+                 marks=pytest.mark.skipif(DEVICE == "cpu", reason="the interpreter's bf16 tl.dot is wrong")),
+]
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}
 RTOL_SUMS = {torch.float32: 5e-5, torch.bfloat16: 3e-2, torch.float16: 5e-3}  # dA and dD
 NAMES = ["x", "dt", "A", "B", "C", "D", "initial_state"]
@@ -144,10 +149,14 @@ def test_zero_dt_padding_matches_reference_and_is_invisible():
 
 
 @pytest.mark.parametrize("dtype", LOW_PRECISION, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("seqlen", [63, 256], ids=lambda t: f"T{t}")
-def test_low_precision_matches_reference(dtype, seqlen):
-    inputs = case_inputs(2, seqlen, headdim=64, dstate=64, rep=4, with_init=True, dtype=dtype)
-    check_against_reference(inputs, chunk_size=64, seq_idx=documents([seqlen // 3, seqlen - seqlen // 3], batch=2))
+def test_low_precision_matches_reference(dtype):
+    if DEVICE == "cuda":
+        batch, seqlen, chunk_size, size = 2, 255, 64, 64
+    else:
+        batch, seqlen, chunk_size, size = 1, 40, 16, 16
+    inputs = case_inputs(batch, seqlen, headdim=size, dstate=size, rep=4, with_init=True, dtype=dtype)
+    check_against_reference(inputs, chunk_size=chunk_size,
+                            seq_idx=documents([seqlen // 3, seqlen - seqlen // 3], batch=batch))
 
 
 @pytest.mark.slow

@@ -82,6 +82,7 @@ _SCAN_CONFIGS = {
         triton.Config({"BLOCK_L": 64}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_L": 32}, num_warps=4, num_stages=2),
         triton.Config({"BLOCK_L": 64}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_L": 32}, num_warps=8, num_stages=2),
     ],
     "ieee": [
         triton.Config({"BLOCK_L": 32}, num_warps=4, num_stages=1),
