@@ -29,6 +29,7 @@ SAFETENSORS_DTYPES = {
 }
 TORCH_TO_SAFETENSORS = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 COPY_CHUNK = 16 << 20
+MAX_HEADER_ROOM = 64 << 10  # room left for a shard's header: a few hundred tensors' entries
 WEIGHTS_NAME, WEIGHTS_INDEX = "model.safetensors", "model.safetensors.index.json"
 
 
@@ -140,6 +141,17 @@ class SafetensorsShard:
                 remaining -= len(chunk)
 
 
+def refuse_non_finite(model: torch.nn.Module, what: str, chunk: int = 1 << 24) -> None:
+    """Refuse a loaded model with a NaN or inf parameter (a damaged checkpoint), naming the tensor;
+    checked in chunks, so memory stays flat."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and param.device.type != "meta":
+            flat = param.detach().reshape(-1)
+            if not all(torch.isfinite(part).all() for part in flat.split(chunk)):
+                raise CheckpointError(f"{what}: weight {name} holds NaN or inf values; the checkpoint is damaged: "
+                                      "convert, export or download it again")
+
+
 def resolve_model_dir(name_or_path: str | os.PathLike, revision: str | None = None) -> Path:
     """A local folder as is; a ``.gguf`` file (or a folder holding only one) as its cached HF folder
     (:mod:`.gguf`); otherwise a Hugging Face hub id, downloaded (config, tokenizer, weights)."""
@@ -224,6 +236,10 @@ def list_shards(model_dir: Path) -> list[Path]:
     raise CheckpointError(f"no weights in {model_dir}: expected {WEIGHTS_NAME} or {WEIGHTS_INDEX}")
 
 
+def _round8(n: int) -> int:
+    return -(-n // 8) * 8
+
+
 def iter_shards(shards: list[Path]) -> Iterator[SafetensorsShard]:
     """Open shards one at a time (each is parsed and validated when reached)."""
     for path in shards:
@@ -233,8 +249,12 @@ def iter_shards(shards: list[Path]) -> Iterator[SafetensorsShard]:
 class ShardedWriter:
     """Write tensors into ``model-0000i-of-0000N.safetensors`` files of at most ``max_shard_bytes``.
 
-    Tensor bytes are streamed to a data file next to the shard; when a shard is full its header is
-    written and the data appended, so at most one tensor is in memory at a time.
+    Each shard is written once, in place, so the output is never on disk twice: tensor bytes go
+    straight into the shard file after room left for its header, and when the shard is full its
+    header is written into that room. A header that outgrows its room moves the shard's data up
+    within the file (later shards get more room); in a shard of up to 64 MiB the data moves down to
+    close the gap, in a larger one the rest of the room is left as spaces after the header, as the
+    format allows. At most one tensor is in memory at a time.
     """
 
     def __init__(self, directory: Path, max_shard_bytes: int = 5 << 30):
@@ -242,16 +262,18 @@ class ShardedWriter:
         self.max_shard_bytes = max_shard_bytes
         self.finished: list[tuple[Path, list[str], int]] = []  # (file, names, bytes)
         self._header: dict[str, dict] = {}
-        self._data = None
+        self._file = None
         self._offset = 0
+        self._room = _round8(min(max(max_shard_bytes // 1024, 512), MAX_HEADER_ROOM))
         self.total_bytes = 0
 
     def _ensure_room(self, nbytes: int) -> None:
-        if self._data is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
+        if self._file is not None and self._offset and self._offset + nbytes > self.max_shard_bytes:
             self._close_shard()
-        if self._data is None:
-            self._data_path = self.directory / f".shard-{len(self.finished)}.data"
-            self._data = open(self._data_path, "wb")
+        if self._file is None:
+            self._path = self.directory / f".shard-{len(self.finished)}.safetensors"
+            self._file = open(self._path, "w+b")
+            self._file.seek(8 + self._room)
             self._header, self._offset = {}, 0
 
     def _record(self, name: str, dtype: str, shape, nbytes: int) -> None:
@@ -266,7 +288,7 @@ class ShardedWriter:
         entry = shard.entries[name]
         nbytes = entry.end - entry.begin
         self._ensure_room(nbytes)
-        shard.copy_to(name, self._data)
+        shard.copy_to(name, self._file)
         self._record(new_name or name, entry.dtype, entry.shape, nbytes)
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -276,22 +298,38 @@ class ShardedWriter:
         nbytes = tensor.numel() * tensor.element_size()
         self._ensure_room(nbytes)
         if nbytes:
-            self._data.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
+            self._file.write(tensor.view(-1).view(torch.uint8).numpy().tobytes())
         self._record(name, TORCH_TO_SAFETENSORS[tensor.dtype], tensor.shape, nbytes)
 
     def _close_shard(self) -> None:
-        self._data.close()
         header = {"__metadata__": {"format": "pt"}, **self._header}
         blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * (-len(blob) % 8)
-        path = self.directory / f".shard-{len(self.finished)}.safetensors"
-        with open(path, "wb") as out, open(self._data_path, "rb") as data:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
-            shutil.copyfileobj(data, out, COPY_CHUNK)
-        self._data_path.unlink()
-        self.finished.append((path, list(self._header), self._offset))
-        self._data = None
+        room, need = self._room, _round8(len(blob))
+        if need > room:
+            self._room = _round8(need * 5 // 4)
+        if need > room or self._offset <= 4 * COPY_CHUNK:
+            self._move_data(8 + room, need - room)
+            room = need
+        self._file.seek(0)
+        self._file.write(struct.pack("<Q", room) + blob.ljust(room))
+        self._file.close()
+        self.finished.append((self._path, list(self._header), self._offset))
+        self._file = None
+
+    def _move_data(self, start: int, by: int) -> None:
+        """Move this shard's data (at ``start``) ``by`` bytes within its file: up from the last chunk
+        (the file grows by ``by`` bytes only), or down from the first and cut the file's end."""
+        if by == 0:
+            return
+        end = start + self._offset
+        chunks = range(start, end, COPY_CHUNK)
+        for begin in reversed(chunks) if by > 0 else chunks:
+            self._file.seek(begin)
+            chunk = self._file.read(min(COPY_CHUNK, end - begin))
+            self._file.seek(begin + by)
+            self._file.write(chunk)
+        if by < 0:
+            self._file.truncate(end + by)
 
     def written_shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor written so far (finished shards and the open one) with its shape."""
@@ -303,7 +341,7 @@ class ShardedWriter:
 
     def close(self) -> list[Path]:
         """Finish the last shard, give shards their final names, and write the index if sharded."""
-        if self._data is not None:
+        if self._file is not None:
             self._close_shard()
         count = len(self.finished)
         if count == 0:
@@ -339,6 +377,21 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) 
     if out.exists() and not overwrite and (not out.is_dir() or any(out.iterdir())):
         raise OutputExistsError(f"output {out} exists and is not empty; pass --overwrite to replace it")
     return out
+
+
+def check_output_file(path: str | os.PathLike, *, inputs=()) -> Path:
+    """The check of an output file (a report, a plot): refuse one that is an input of the run (a model
+    folder, a data file) or that would replace a file inside an input folder."""
+    path = Path(path)
+    target = path.resolve()
+    for item in inputs:
+        if item is None or not Path(item).exists():
+            continue
+        source = Path(item).resolve()
+        if source == target or target in source.parents or (path.exists() and source in target.parents):
+            raise ValueError(f"output {path} would replace an input of this run ({item}) or a file in it; choose "
+                             "another path")
+    return path
 
 
 class OutputLockedError(FileExistsError):
