@@ -1,0 +1,281 @@
+"""The recovery table: every student kind converted from one teacher, distilled with one fixed budget, measured.
+
+    python benchmarks/quality.py                                   # stories260k, every row (~1 h on 2 cores)
+    python benchmarks/quality.py --rows mamba2-25,mamba2-25-kl --tokens 60k
+    python benchmarks/quality.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf --text wikitext2-test.raw \
+        --rows mamba2-50,mamba2-50-kl --tokens 32k --seq-len 256 --out benchmarks/results/quality-smollm2.json
+
+Data. stories260k (the default, packaged with mixerswap) only knows TinyStories: the teacher writes its
+own corpus (``--stories`` seeded samples); the first 10% are held out, the next 40 calibrate every
+conversion. With ``--text`` (a raw WikiText-style file, articles split at `` = Title = `` lines) the
+first ``--held-out-docs`` articles are held out, the next ones calibrate, the rest train.
+
+Per row: ``convert`` (calibrated; ``select`` rows choose their attention layers by KL), ``distill``
+align → hidden → kd with ``--tokens`` split 1:1:2, then on the held-out documents: perplexity (the
+trainer's held-out perplexity, one definition for teacher, init and after every stage), next-token
+agreement with the teacher, greedy-generation agreement (share of ``--gen-tokens`` greedy tokens the
+student produces before it first departs from the teacher, over held-out prompts), MQAR when the
+teacher itself solves it, and the cache bytes per token after a prefill of 1K and 8K tokens.
+Writes one JSON row per student (``--out``), a PNG of perplexity against tokens, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from mixerswap.architectures.cache import HybridMixerCache
+from mixerswap.convert import convert
+from mixerswap.convert.checkpoint_io import resolve_model_dir
+from mixerswap.demo import packaged_teacher, sample_stories, top1_agreement
+from mixerswap.distill.recipe import DistillRecipe, parse_tokens
+from mixerswap.distill.trainer import run_distill
+from mixerswap.evals.probes import mqar_accuracy
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def rows_for(teacher_config) -> dict[str, dict]:
+    """Every student of the table: kind, attention kept, selection, settings, or a plan."""
+    head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
+    kv = 2 * teacher_config.num_key_value_heads * head_dim  # the teacher's cached values per token and layer
+    rope_dim = head_dim // 2
+
+    def mla(fraction: float) -> dict:
+        return {"to": "mla", "keep": 0.0, "kv_fraction": fraction,
+                "settings": {"kv_rank": int(fraction * kv) - rope_dim, "rope_dim": rope_dim, "rope_heads": 1}}
+
+    rows = {f"mamba2-{int(k * 100)}": {"to": "mamba2", "keep": k} for k in (0.5, 0.25, 0.0)}
+    rows |= {f"mamba2-{int(k * 100)}-kl": {"to": "mamba2", "keep": k, "select": "kl"} for k in (0.5, 0.25)}
+    window = min(64, teacher_config.max_position_embeddings // 8)
+    linear_family = {"swa": {"window": window}, "linear": {"window": window // 4}, "gla": {}, "gdn": {}}
+    for kind, settings in linear_family.items():
+        rows |= {f"{kind}-{int(k * 100)}": {"to": kind, "keep": k, "settings": settings} for k in (0.25, 0.0)}
+    rows |= {"mla-kv50": mla(0.5), "mla-kv25": mla(0.25)}
+    n = teacher_config.num_hidden_layers
+    rows["mixed"] = {"plan": {"default": {"kind": "gdn"},
+                              "layers": [{"layers": str(n // 2), "kind": "attention"},
+                                         {"layers": f"0,{n - 1}", "kind": "mla", **mla(0.5)["settings"]}]}}
+    return rows
+
+
+def split_articles(text: str) -> list[str]:
+    """WikiText: an article starts at a `` = Title = `` line (one pair of ``=``)."""
+    parts = re.split(r"\n(?= = [^=].* = \n)", "\n" + text)
+    return [p.strip() for p in parts if len(p.split()) > 50]
+
+
+@torch.inference_mode()
+def generation_agreement(model, teacher, prompts: list[torch.Tensor], new_tokens: int) -> float:
+    """Mean share of ``new_tokens`` greedy tokens produced before the student first departs from the teacher."""
+    shares = []
+    for ids in prompts:
+        outs = [m.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
+                           max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)[0, len(ids):]
+                for m in (model, teacher)]
+        same = (outs[0] == outs[1]).long()
+        shares.append(same.cumprod(0).sum().item() / new_tokens)
+    return sum(shares) / len(shares)
+
+
+@torch.inference_mode()
+def cache_bytes_per_token(model, lengths: list[int], vocab: int) -> dict[str, float]:
+    """Bytes the model's cache holds after a prefill of each length, per token (batch 1, model dtype)."""
+    out = {}
+    for length in lengths:
+        ids = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+        cache = model.make_cache() if hasattr(model, "make_cache") else transformers.DynamicCache(config=model.config)
+        model(ids, past_key_values=cache, use_cache=True)
+        nbytes = cache.nbytes() if isinstance(cache, HybridMixerCache) else sum(
+            t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values)
+            if isinstance(t, torch.Tensor))
+        out[f"{length}"] = round(nbytes / length, 1)
+    return out
+
+
+def held_out_prompts(tokenizer, docs: list[str], count: int, length: int) -> list[torch.Tensor]:
+    prompts = [torch.tensor(tokenizer(d)["input_ids"][:length]) for d in docs]
+    return [p for p in prompts if len(p) == length][:count]
+
+
+def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: Path, held: int, teacher, tokenizer,
+            held_docs: list[str], teacher_mqar: float | None) -> dict:
+    started = time.perf_counter()
+    student = work / name / "student"
+    plan_file = None
+    if "plan" in row:
+        import yaml
+
+        plan_file = work / name / "plan.yaml"
+        plan_file.parent.mkdir(parents=True, exist_ok=True)
+        plan_file.write_text(yaml.safe_dump(row["plan"], sort_keys=False))
+        conversion = convert(args.teacher_dir, student, plan=plan_file, calibration=calibration, overwrite=True,
+                             progress=False)
+    else:
+        conversion = convert(args.teacher_dir, student, to=row["to"], keep_attention=row["keep"],
+                             mixer_settings=row.get("settings"), select=row.get("select"), calibration=calibration,
+                             overwrite=True, progress=False)
+    quarter = parse_tokens(args.tokens) // 4
+    recipe = DistillRecipe.validated({
+        "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held,
+        "stages": [{"name": "align", "tokens": quarter, "lr": 3e-3}, {"name": "hidden", "tokens": quarter, "lr": 1e-3},
+                   {"name": "kd", "tokens": 2 * quarter, "lr": 5e-4}]})
+    result = run_distill(recipe, overwrite=True, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
+    ids = torch.cat([torch.tensor(tokenizer(d)["input_ids"]) for d in held_docs])[: args.agreement_tokens]
+    with torch.inference_mode():
+        agreement = top1_agreement(model, teacher, ids, seq=args.seq_len)
+    prompts = held_out_prompts(tokenizer, held_docs, args.gen_prompts, 16)
+    kinds = [e["kind"] for e in conversion.plan]
+    out = {
+        "name": name, "kind": "+".join(sorted(set(kinds) - {"attention"})), "plan": kinds,
+        "select": row.get("select"), "attention_kept": round(kinds.count("attention") / len(kinds), 3),
+        "kv_fraction": row.get("kv_fraction"), "teacher": str(args.teacher), "teacher_ppl": result.perplexity_teacher,
+        "student_ppl_init": result.perplexity_before,
+        "stage_ppl": {r["stage"]: r["perplexity"] for r in result.stage_perplexity},
+        "student_ppl_final": result.perplexity_after, "next_token_agreement": round(agreement, 4),
+        "gen_agreement": round(generation_agreement(model, teacher, prompts, args.gen_tokens), 4),
+        "mqar": (round(mqar_accuracy(model, [args.mqar_length])[0].accuracy, 4) if teacher_mqar is not None else None),
+        "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
+        "tokens": 4 * quarter, "seconds": round(time.perf_counter() - started, 1),
+    }
+    shutil.rmtree(work / name, ignore_errors=True)
+    return out
+
+
+def plot(rows: list[dict], teacher_ppl: float, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for row in rows:
+        quarter = row["tokens"] / 4
+        xs, ys = [0.0], [row["student_ppl_init"]]
+        for stage, tokens in zip(("align", "hidden", "kd"), (quarter, quarter, 2 * quarter)):
+            if stage in row["stage_ppl"]:
+                xs.append(xs[-1] + tokens)
+                ys.append(row["stage_ppl"][stage])
+        ax.plot(xs, ys, marker="o", label=row["name"])
+    ax.axhline(teacher_ppl, color="black", linestyle="--", label="teacher")
+    ax.set_yscale("log")
+    ax.set_xlabel("distillation tokens")
+    ax.set_ylabel("held-out perplexity")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("student", "attn", "ppl init", "align", "hidden", "kd", "next-tok", "gen", "MQAR", "cache B/tok 1K", "8K", "s")
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" for s in ("align", "hidden", "kd")]
+        cache = list(r["cache_bytes_per_token"].values())
+        lines.append("| " + " | ".join([
+            r["name"], f"{r['attention_kept']:.2f}", f"{r['student_ppl_init']:.2f}", *stage,
+            f"{r['next_token_agreement']:.1%}", f"{r['gen_agreement']:.1%}",
+            "n/a" if r["mqar"] is None else f"{r['mqar']:.2f}", *[f"{c:.0f}" for c in cache], f"{r['seconds']:.0f}"]) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--teacher", default=None, help="HF folder or .gguf (default: the packaged stories260k)")
+    parser.add_argument("--text", type=Path, help="raw text (WikiText articles) instead of teacher-written stories")
+    parser.add_argument("--rows", help="comma-separated row names (default: all); --list shows them")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--stories", type=int, default=400)
+    parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
+    parser.add_argument("--tokens", default="120k", help="distillation tokens per student (align/hidden/kd = 1/1/2)")
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--gen-prompts", type=int, default=16)
+    parser.add_argument("--gen-tokens", type=int, default=32)
+    parser.add_argument("--agreement-tokens", type=int, default=4096)
+    parser.add_argument("--mqar-length", type=int, default=64)
+    parser.add_argument("--cache-lengths", default="1024,8192")
+    parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--workdir", type=Path)
+    args = parser.parse_args()
+    args.cache_lengths = [int(x) for x in args.cache_lengths.split(",")]
+    args.teacher = args.teacher or str(packaged_teacher())
+    args.teacher_dir = resolve_model_dir(args.teacher)
+    rows = rows_for(AutoConfig.from_pretrained(args.teacher_dir))
+    if args.list:
+        print("\n".join(f"{k}: {v}" for k, v in rows.items()))
+        return
+    chosen = args.rows.split(",") if args.rows else list(rows)
+    unknown = sorted(set(chosen) - set(rows))
+    if unknown:
+        raise SystemExit(f"unknown rows {unknown}; known: {', '.join(rows)}")
+
+    started = time.perf_counter()
+    torch.manual_seed(0)
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="mixerswap-quality-"))
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.teacher_dir)
+    teacher = AutoModelForCausalLM.from_pretrained(args.teacher_dir, dtype=torch.float32).eval()
+    if args.text is None:
+        docs = sample_stories(teacher, tokenizer, args.stories)
+        held = max(1, len(docs) // 10)
+        data_note = f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out"
+    else:
+        docs = split_articles(args.text.read_text(encoding="utf-8"))
+        held = args.held_out_docs
+        data_note = f"{len(docs)} articles of {args.text.name}, the first {held} held out"
+    held_docs, calibration_docs = docs[:held], docs[held : held + 40]
+    corpus = work / "corpus.jsonl"  # held-out documents first: distillation holds out the first `held`
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:held] + docs[held + 40 :]))
+    calibration = work / "calibration.txt"
+    calibration.write_text("\n\n".join(calibration_docs))
+    teacher_mqar = mqar_accuracy(teacher, [args.mqar_length])[0].accuracy
+    if teacher_mqar < 0.2:
+        print(f"teacher MQAR accuracy {teacher_mqar:.2f} at length {args.mqar_length}: no recall circuit, MQAR left out")
+        teacher_mqar = None
+
+    teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
+    report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "teacher_row": teacher_row, "rows": [],
+              "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
+              "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    results = report["rows"]
+    for name in chosen:  # the file is rewritten after every row, so an interrupted run keeps what it measured
+        print(f"== {name}", flush=True)
+        results.append(run_row(name, rows[name], args, work, corpus, calibration, held, teacher, tokenizer,
+                               held_docs, teacher_mqar))
+        print(json.dumps(results[-1]), flush=True)
+        teacher_row["teacher_ppl"] = results[0]["teacher_ppl"]
+        report["seconds"] = round(time.perf_counter() - started, 1)
+        args.out.write_text(json.dumps(report, indent=2) + "\n")
+    report["complete"] = True
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    plot(results, teacher_row["teacher_ppl"], args.out.with_suffix(".png"))
+    print(f"teacher {args.teacher}: held-out perplexity {teacher_row['teacher_ppl']:.3f}, cache bytes/token "
+          f"{teacher_row['cache_bytes_per_token']}; {data_note}; {args.tokens} distillation tokens per student")
+    print(table(results))
+    print(f"wrote {args.out} and {args.out.with_suffix('.png')} ({report['seconds']:.0f} s)")
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    if any(math.isnan(r["student_ppl_final"]) for r in results):
+        raise SystemExit("a student's perplexity is NaN")
+
+
+if __name__ == "__main__":
+    main()
