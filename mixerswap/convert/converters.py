@@ -9,11 +9,20 @@ A converter turns one teacher attention layer into one mixer:
   relative to the mixer), from the layer's attention weights, the teacher config (RoPE, norms, ...)
   and optional calibration statistics of the layer. Tensors come back in any floating dtype; the
   pipeline casts them to the output dtype, except the mixer's declared ``fp32_parameters``.
+
+Optionally, a plan-wide request (e.g. MLA's ``kv_budget``: one KV-cache budget shared by all its
+layers) that sets per-layer settings from measurements. Its names are the converter's ``plan_wide``
+overrides; ``settings`` checks them and completes a provisional entry; then, before any weight is
+written, the pipeline calls ``profile(attn, settings, teacher_config, stats=, layer_idx=)`` on each layer that
+asked, reading one layer's attention weights at a time (a profile is small, e.g. an error curve),
+and ``allocate(layers, teacher_config, request)`` with all profiles, which returns the final
+settings per layer (ordinary settings: the saved student loads as usual).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from pydantic import BaseModel
@@ -82,18 +91,19 @@ class MixerConverter:
     """Base of converters; subclasses set ``tunable`` and implement the two methods."""
 
     tunable: frozenset[str] = frozenset()
+    plan_wide: frozenset[str] = frozenset()  # overrides that request :meth:`allocate` (not settings of one layer)
 
     def check_overrides(self, kind: str, overrides: dict | None) -> dict:
         """The user's settings for ``kind``, refused (one line) if unknown or not tunable."""
         from ..architectures.mixers import mixer_kind
 
         overrides = dict(overrides or {})
-        known = set(mixer_kind(kind).module.Settings.model_fields)
+        known = set(mixer_kind(kind).module.Settings.model_fields) | self.plan_wide
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))}; "
                              f"tunable: {', '.join(sorted(self.tunable)) or 'none'}")
-        fixed = set(overrides) - self.tunable
+        fixed = set(overrides) - self.tunable - self.plan_wide
         if fixed:
             raise ValueError(
                 f"{kind} settings {sorted(fixed)} follow from the teacher's attention and cannot be set; "
@@ -107,3 +117,14 @@ class MixerConverter:
     def from_attention(self, attn: AttentionWeights, settings: BaseModel, teacher_config: PreTrainedConfig, *,
                        stats: LayerStats | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
         raise NotImplementedError
+
+    def profile(self, attn: AttentionWeights, settings: BaseModel, teacher_config: PreTrainedConfig, *,
+                stats: LayerStats | None = None, layer_idx: int = 0) -> Any:
+        """What :meth:`allocate` needs to know of one layer (kept small: all layers' profiles are held at once)."""
+        raise NotImplementedError(f"{type(self).__name__} has no plan-wide settings")
+
+    def allocate(self, layers: dict[int, tuple[BaseModel, Any]], teacher_config: PreTrainedConfig,
+                 request: dict) -> dict[int, BaseModel]:
+        """Final settings of each layer that asked for ``request`` (the ``plan_wide`` overrides), from
+        ``layers[idx] = (provisional settings, profile)``."""
+        raise NotImplementedError(f"{type(self).__name__} has no plan-wide settings")

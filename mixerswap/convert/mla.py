@@ -35,6 +35,16 @@ windows. The mixer computes the teacher's function, up to rounding; its cache pe
    ``c_g = E[rms] / E[rms^2]`` of the head's pre-norm keys on the calibration inputs (the
    least-squares scalar), or ``1 / rms`` of the weights without them. The query norm stays exact.
 
+4. *Rank per layer under a global budget* (``kv_budget = F``, instead of ``kv_rank``): the MLA
+   layers together cache at most ``F`` times the teacher's ``2 G d`` values per token and layer.
+   Before any weight is written, each layer is profiled alone (:meth:`MLAConverter.profile`): its
+   error at every rank, measured as the converted mixer's output error against the teacher
+   attention output on the calibration inputs (the factorization's own error, weight-only,
+   without calibration). After the RoPE keys, the latent channels are shared greedily, each to the
+   layer whose error drops most (:func:`allocate_kv_ranks`); the chosen ranks are ordinary
+   ``kv_rank`` settings in the plan. Without an explicit ``rope_dim``, the RoPE key takes at most
+   half the budget (``rope_dim <= F d``).
+
 Cache per token: ``kv_rank + G * rope_dim`` values. Defaults: ``rope_dim`` = half the rotary
 width (even, at least 2), ``kv_rank = G d`` (so 3/4 of the teacher's KV cache for a fully rotary
 teacher).
@@ -42,15 +52,24 @@ teacher).
 
 from __future__ import annotations
 
+import heapq
+import logging
+import math
+
 import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import get_layer_types_and_kwargs
 
 from ..architectures.mixers.mla import MLAMixer, MLASettings
 from .adapters import AttentionShape, AttentionWeights
+from .calibration import replay_mixer
 from .converters import AttentionLayout, LayerStats, MixerConverter
 
+logger = logging.getLogger(__name__)
+
 COMPRESSION = ("kv_rank", "rope_dim", "rope_freqs", "latent_norm")
+MIN_RANK = 1  # latent channels every layer keeps under a kv_budget
+PROFILE_POINTS = 24  # ranks at which a layer's error is measured for a kv_budget
 
 
 def rotary_width(config: PreTrainedConfig, head_dim: int) -> int:
@@ -78,6 +97,7 @@ class MLAConverter(MixerConverter):
     """Attention → MLA; see the module docstring."""
 
     tunable = frozenset({"exact", "cache_block", *COMPRESSION})
+    plan_wide = frozenset({"kv_budget"})
 
     def settings(self, teacher_config: PreTrainedConfig, layout: AttentionLayout,
                  overrides: dict | None = None) -> MLASettings:
@@ -93,8 +113,9 @@ class MLAConverter(MixerConverter):
             norm_eps=getattr(teacher_config, "rms_norm_eps", 1e-6), qkv_bias=layout.qkv_bias,
             out_bias=layout.out_bias, **sliding_settings(teacher_config),
         )
+        budget = overrides.pop("kv_budget", None)
         if overrides.pop("exact", False):
-            given = sorted(set(overrides) & set(COMPRESSION))
+            given = sorted(set(overrides) & set(COMPRESSION) | ({"kv_budget"} if budget is not None else set()))
             if given:
                 raise ValueError(f"exact mla fixes {', '.join(given)}; drop them or drop --exact")
             if layout.qk_norm and rot < d:
@@ -102,7 +123,11 @@ class MLAConverter(MixerConverter):
                                  "and pass-through channels)")
             return MLASettings(kv_rank=G * (2 * d - rot), rope_dim=rot, nope_dim=d - rot, k_norm=layout.qk_norm,
                                exact=True, **common, **overrides)
-        rope_dim = overrides.pop("rope_dim", max(2, rot // 4 * 2))
+        rope_dim = max(2, rot // 4 * 2)
+        if budget is not None:
+            check_kv_budget(budget, overrides)
+            rope_dim = max(2, min(rope_dim, int(budget * d) // 2 * 2))  # the RoPE key takes at most half the budget
+        rope_dim = overrides.pop("rope_dim", rope_dim)
         if not isinstance(rope_dim, int) or rope_dim <= 0 or rope_dim % 2:
             raise ValueError(f"rope_dim must be a positive even number (RoPE rotates channel pairs), got {rope_dim}")
         if rope_dim > d:
@@ -114,7 +139,11 @@ class MLAConverter(MixerConverter):
             raise ValueError(f"rope_freqs must index the teacher's {rot // 2} RoPE frequencies, got {freqs}")
         rows = G * (2 * d - rope_dim)
         max_rank = min(rows, shape.hidden_size + int(layout.qkv_bias))
-        kv_rank = overrides.pop("kv_rank", min(G * d, max_rank))
+        if budget is not None and budget * 2 * G * d < G * rope_dim + MIN_RANK:
+            raise ValueError(f"kv_budget {budget} leaves {budget * 2 * G * d:g} cached values per token of the "
+                             f"teacher's {2 * G * d}, less than the RoPE key ({G * rope_dim}) plus {MIN_RANK} latent "
+                             "channel; lower rope_dim or raise the budget")
+        kv_rank = overrides.pop("kv_rank", min(G * d, max_rank))  # under a kv_budget: until allocate() sets it
         if not isinstance(kv_rank, int) or not 0 < kv_rank <= max_rank:
             raise ValueError(f"kv_rank must be in 1..{max_rank} (the rank of [K_nope; V] with rope_dim {rope_dim}), "
                              f"got {kv_rank}; --exact converts without compression")
@@ -135,30 +164,18 @@ class MLAConverter(MixerConverter):
         s = settings
         shape = AttentionShape.from_config(teacher_config)
         H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
-        rot = rotary_width(teacher_config, d)
-        freqs = s.rope_freqs if s.rope_freqs is not None else list(range(s.rope_dim // 2))
-        rope_idx = freqs + [f + rot // 2 for f in freqs]
-        nope_idx = [i for i in range(d) if i not in set(rope_idx)]
+        rope_idx, nope_idx = rope_channels(s, rotary_width(teacher_config, d), d)
         order = nope_idx + rope_idx  # the mixer's channel order in a query head
         f64 = torch.float64
         inputs = None if stats is None else stats.inputs.reshape(-1, hidden).to(f64)
-
-        def bias(t, rows):
-            return t.to(f64) if t is not None else torch.zeros(rows, dtype=f64)
-
-        wq = attn.q.to(f64).view(H, d, hidden)[:, order]
-        wk = attn.k.to(f64).view(G, d, hidden)
-        bk = bias(attn.k_bias, G * d).view(G, d)
-        if attn.k_norm is not None and not s.k_norm:  # compressed: the k norm is linearized
-            scale = attn.k_norm.to(f64)[None] * key_norm_scale(wk, bk, inputs, s.norm_eps)[:, None]  # [G, d]
-            wk, bk = wk * scale[..., None], bk * scale
+        wk, bk = _keys(attn, s, shape, inputs)
         state = {
-            "q_proj.weight": wq.reshape(H * d, hidden),
+            "q_proj.weight": attn.q.to(f64).view(H, d, hidden)[:, order].reshape(H * d, hidden),
             "k_rope_proj.weight": wk[:, rope_idx].reshape(-1, hidden),
             "o_proj.weight": attn.o.to(f64),
         }
         if s.qkv_bias:
-            state["q_proj.bias"] = bias(attn.q_bias, H * d).view(H, d)[:, order].reshape(-1)
+            state["q_proj.bias"] = _bias(attn.q_bias, H * d).view(H, d)[:, order].reshape(-1)
             state["k_rope_proj.bias"] = bk[:, rope_idx].reshape(-1)
         if s.out_bias:
             state["o_proj.bias"] = attn.o_bias.to(f64)
@@ -168,8 +185,7 @@ class MLAConverter(MixerConverter):
             state["k_norm"] = attn.k_norm.to(f64)[rope_idx]
 
         nope = len(nope_idx)
-        m = torch.cat([wk[:, nope_idx].reshape(G * nope, hidden), attn.v.to(f64)])
-        b = torch.cat([bk[:, nope_idx].reshape(-1), bias(attn.v_bias, G * d)]) if s.qkv_bias else None
+        m, b = _latent_rows(attn, s, wk, bk, nope_idx)
         if s.exact:
             down, down_bias, up = m, b, torch.eye(m.shape[0], dtype=f64)
         else:
@@ -186,6 +202,106 @@ class MLAConverter(MixerConverter):
         return {name: t.float().contiguous() if t.dtype == f64 and attn.q.dtype != f64 else t.contiguous()
                 for name, t in state.items()}
 
+    def profile(self, attn: AttentionWeights, settings: MLASettings, teacher_config: PreTrainedConfig, *,
+                stats: LayerStats | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """``[max_rank + 1]``: the layer's error at every ``kv_rank`` (entry 0 unused).
+
+        With calibration statistics, the measured squared error of the converted mixer's output
+        against the teacher attention output on the calibration inputs (what a rank costs where it
+        matters, keys through the softmax and values through ``o_proj``), at up to
+        ``PROFILE_POINTS`` ranks, linear in between; the factorization is computed once, as rank
+        ``k`` keeps its first ``k`` latent channels. Without them, :func:`kv_error_curve` (weight-only).
+        """
+        shape = AttentionShape.from_config(teacher_config)
+        G, d = shape.num_kv_heads, shape.head_dim
+        if stats is None:
+            _, nope_idx = rope_channels(settings, rotary_width(teacher_config, d), d)
+            m, b = _latent_rows(attn, settings, *_keys(attn, settings, shape, None), nope_idx)
+            return kv_error_curve(m, b, key_rows=G * len(nope_idx))
+        inputs = stats.inputs.reshape(-1, shape.hidden_size).to(torch.float64)
+        top = min(G * (2 * d - settings.rope_dim), shape.hidden_size + int(settings.qkv_bias))
+        full = self.from_attention(attn, settings.model_copy(update={"kv_rank": top}), teacher_config, stats=stats)
+        ranks = torch.linspace(MIN_RANK, top, min(PROFILE_POINTS, top)).round().long().unique().tolist()
+        errors = []
+        for k in ranks:
+            state = {name: t[:k] if name.startswith(("kv_down", "latent_norm")) else
+                     t[:, :k] if name in ("k_up.weight", "v_up.weight") else t for name, t in full.items()}
+            if settings.latent_norm:
+                state["latent_norm"] = latent_norm_weight(state["kv_down.weight"].double(),
+                                                          state.get("kv_down.bias"), inputs).to(full["latent_norm"])
+            mixer = MLAMixer(settings.model_copy(update={"kv_rank": k}), shape.hidden_size, layer_idx)
+            mixer.load_state_dict(state)
+            errors.append((replay_mixer(mixer, stats).double() - stats.outputs.double()).pow(2).sum())
+        curve = torch.stack(errors) / stats.outputs.double().pow(2).sum().clamp_min(1e-300)
+        at = torch.arange(top + 1, dtype=torch.float64).clamp_min(MIN_RANK)
+        return _interpolate(at, torch.tensor(ranks, dtype=torch.float64), curve)
+
+    def allocate(self, layers: dict[int, tuple[MLASettings, torch.Tensor]], teacher_config: PreTrainedConfig,
+                 request: dict) -> dict[int, MLASettings]:
+        """``kv_rank`` per layer under ``request["kv_budget"]``; see :func:`allocate_kv_ranks`."""
+        shape = AttentionShape.from_config(teacher_config)
+        budget = request["kv_budget"]
+        total = math.floor(budget * 2 * shape.num_kv_heads * shape.head_dim * len(layers) + 1e-9)
+        rope = {idx: s.rope_heads * s.rope_dim for idx, (s, _) in layers.items()}
+        latent = total - sum(rope.values())
+        ranks = allocate_kv_ranks({idx: curve for idx, (_, curve) in layers.items()}, latent)
+        if ranks is None:
+            raise ValueError(f"kv_budget {budget} allows {total} cached values per token over the {len(layers)} "
+                             f"layers, less than their RoPE keys ({sum(rope.values())}) plus {MIN_RANK} latent "
+                             "channel each; lower rope_dim or raise the budget")
+        if sum(ranks.values()) < latent:
+            logger.info("kv_budget %s: %d of %d latent channels used; more would lower no layer's measured error",
+                        budget, sum(ranks.values()), latent)
+        return {idx: MLASettings(**{**s.model_dump(), "kv_rank": ranks[idx]}) for idx, (s, _) in layers.items()}
+
+
+def check_kv_budget(budget, overrides: dict) -> None:
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= 1:
+        raise ValueError(f"kv_budget must be a fraction of the teacher's KV cache in (0, 1], got {budget!r}")
+    if "kv_rank" in overrides:
+        raise ValueError("kv_budget chooses kv_rank per layer; give kv_budget or kv_rank, not both")
+
+
+def _interpolate(x: torch.Tensor, xp: torch.Tensor, fp: torch.Tensor) -> torch.Tensor:
+    """Piecewise-linear ``fp(xp)`` at ``x`` (``xp`` increasing, ``x`` within its range)."""
+    if len(xp) == 1:
+        return fp.expand(len(x)).clone()
+    i = (torch.searchsorted(xp, x, right=True) - 1).clamp(0, len(xp) - 2)
+    t = (x - xp[i]) / (xp[i + 1] - xp[i])
+    return fp[i] + t * (fp[i + 1] - fp[i])
+
+
+def rope_channels(settings: MLASettings, rot: int, d: int) -> tuple[list[int], list[int]]:
+    """The teacher's key channels of a head that keep RoPE (``rope_freqs`` pairs, rotate-half) and the rest."""
+    freqs = settings.rope_freqs if settings.rope_freqs is not None else list(range(settings.rope_dim // 2))
+    rope_idx = freqs + [f + rot // 2 for f in freqs]
+    return rope_idx, [i for i in range(d) if i not in set(rope_idx)]
+
+
+def _bias(t: torch.Tensor | None, rows: int) -> torch.Tensor:
+    return t.to(torch.float64) if t is not None else torch.zeros(rows, dtype=torch.float64)
+
+
+def _keys(attn: AttentionWeights, s: MLASettings, shape: AttentionShape,
+          inputs: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key weights ``[G, d, hidden]`` and biases ``[G, d]`` (fp64), the k norm linearized when compressed."""
+    G, d = shape.num_kv_heads, shape.head_dim
+    wk = attn.k.to(torch.float64).view(G, d, shape.hidden_size)
+    bk = _bias(attn.k_bias, G * d).view(G, d)
+    if attn.k_norm is not None and not s.k_norm:
+        scale = attn.k_norm.to(torch.float64)[None] * key_norm_scale(wk, bk, inputs, s.norm_eps)[:, None]  # [G, d]
+        wk, bk = wk * scale[..., None], bk * scale
+    return wk, bk
+
+
+def _latent_rows(attn: AttentionWeights, s: MLASettings, wk: torch.Tensor, bk: torch.Tensor,
+                 nope_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``M = [K_nope; V]`` ``[G (d - rope_dim) + G d, hidden]`` and its bias (``None`` without qkv biases)."""
+    G, _, hidden = wk.shape
+    m = torch.cat([wk[:, nope_idx].reshape(-1, hidden), attn.v.to(torch.float64)])
+    b = torch.cat([bk[:, nope_idx].reshape(-1), _bias(attn.v_bias, attn.v.shape[0])]) if s.qkv_bias else None
+    return m, b
+
 
 def key_norm_scale(wk: torch.Tensor, bk: torch.Tensor, inputs: torch.Tensor | None, eps: float) -> torch.Tensor:
     """``[G]``: the scalar per KV head that best replaces its key RMSNorm's ``1 / rms`` (least squares)."""
@@ -195,6 +311,22 @@ def key_norm_scale(wk: torch.Tensor, bk: torch.Tensor, inputs: torch.Tensor | No
     keys = torch.einsum("nh,gdh->ngd", inputs, wk) + bk  # [tokens, G, d]
     rms = (keys.pow(2).mean(-1) + eps).sqrt()
     return rms.mean(0) / rms.pow(2).mean(0)
+
+
+def _balanced_kv(m: torch.Tensor, b: torch.Tensor | None, inputs: torch.Tensor | None, key_rows: int):
+    """``a = [m | b]``, the key/value balancing row weights ``D`` and ``D a S^{1/2}``, whose truncated SVD is the
+    best factorization (``S`` the inputs' second moment, ``I`` without inputs)."""
+    a = m if b is None else torch.cat([m, b[:, None]], 1)
+    seen = a
+    if inputs is not None:
+        x = inputs if b is None else torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1)
+        evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
+        seen = a @ (evecs * evals.clamp_min(0).sqrt())  # S = root root^T
+    weight = torch.ones(a.shape[0], dtype=a.dtype)
+    energy = seen.pow(2).sum(1)
+    if 0 < key_rows < a.shape[0] and energy[:key_rows].sum() > 0:
+        weight[:key_rows] = (energy[key_rows:].mean() / energy[:key_rows].mean()).sqrt()
+    return a, weight, weight[:, None] * seen
 
 
 def factorize_kv(m: torch.Tensor, b: torch.Tensor | None, rank: int, *, inputs: torch.Tensor | None = None,
@@ -207,23 +339,66 @@ def factorize_kv(m: torch.Tensor, b: torch.Tensor | None, rank: int, *, inputs: 
     Returns:
         ``down [rank, hidden]``, ``down_bias [rank]`` (``None`` without ``b``), ``up [R, rank]``.
     """
-    a = m if b is None else torch.cat([m, b[:, None]], 1)
-    if inputs is not None:
-        x = inputs if b is None else torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1)
-        evals, evecs = torch.linalg.eigh(x.T @ x / len(x))
-        root = evecs * evals.clamp_min(0).sqrt()  # S = root root^T
-    else:
-        root = None
-    seen = a if root is None else a @ root
-    weight = torch.ones(a.shape[0], dtype=a.dtype)
-    energy = seen.pow(2).sum(1)
-    if 0 < key_rows < a.shape[0] and energy[:key_rows].sum() > 0:
-        weight[:key_rows] = (energy[key_rows:].mean() / energy[:key_rows].mean()).sqrt()
-    left, _, _ = torch.linalg.svd(weight[:, None] * seen, full_matrices=False)
+    a, weight, seen = _balanced_kv(m, b, inputs, key_rows)
+    left, _, _ = torch.linalg.svd(seen, full_matrices=False)
     top = left[:, :rank]
     down = top.T @ (weight[:, None] * a)
     up = top / weight[:, None]
     return (down, None, up) if b is None else (down[:, :-1], down[:, -1], up)
+
+
+def kv_error_curve(m: torch.Tensor, b: torch.Tensor | None, *, inputs: torch.Tensor | None = None,
+                   key_rows: int = 0) -> torch.Tensor:
+    """``[max_rank + 1]``: :func:`factorize_kv`'s relative error at every rank ``k``,
+    ``E||D (M - U A) [x; 1]||^2 / E||D M [x; 1]||^2`` (the tail of the squared singular values; 1 at
+    rank 0, 0 at full rank), ``x`` the calibration inputs or unit inputs without them."""
+    _, _, seen = _balanced_kv(m, b, inputs, key_rows)
+    energy = torch.linalg.svdvals(seen).pow(2)
+    tail = energy.flip(0).cumsum(0).flip(0)
+    return torch.cat([tail, tail.new_zeros(1)]) / tail[0].clamp_min(1e-300)
+
+
+def allocate_kv_ranks(curves: dict[int, torch.Tensor], values: int) -> dict[int, int] | None:
+    """Share ``values`` latent channels among layers, greedy on measured error (``None`` if too few).
+
+    ``curves[idx][k]`` is layer ``idx``'s error at rank ``k``. Every layer starts at ``MIN_RANK``;
+    each further channel goes to the layer whose error drops most by it (a channel costs every
+    layer the same: one cached value per token), the drops read from the curve's lower convex
+    hull (so a measured curve that flattens and then falls again is seen as falling all along,
+    and the greedy choice is the best split of the channels). Stops when the channels are spent,
+    every layer has its full rank, or no error would drop any more (no channel is wasted on a layer
+    already exact).
+    """
+    if values < MIN_RANK * len(curves):
+        return None
+    drops = {idx: -convex_minorant(c[MIN_RANK:]).diff() for idx, c in curves.items()}
+    ranks = {idx: MIN_RANK for idx in curves}
+    heap = [(-d[0].item(), idx) for idx, d in drops.items() if len(d)]
+    heapq.heapify(heap)
+    for _ in range(values - MIN_RANK * len(curves)):
+        if not heap or -heap[0][0] <= 1e-12 * max(c[MIN_RANK].item() for c in curves.values()):
+            break
+        _, idx = heapq.heappop(heap)
+        ranks[idx] += 1
+        step = ranks[idx] - MIN_RANK
+        if step < len(drops[idx]):
+            heapq.heappush(heap, (-drops[idx][step].item(), idx))
+    return ranks
+
+
+def convex_minorant(y: torch.Tensor) -> torch.Tensor:
+    """The lower convex hull of the points ``(k, y[k])``, at every ``k`` (its steps only grow)."""
+    hull = [0]
+    for k in range(1, len(y)):
+        while len(hull) > 1:
+            a, b = hull[-2], hull[-1]
+            if (y[b] - y[a]) * (k - a) >= (y[k] - y[a]) * (b - a):  # b lies on or above the chord a-k
+                hull.pop()
+            else:
+                break
+        hull.append(k)
+    xs = torch.tensor(hull, dtype=torch.float64)
+    return _interpolate(torch.arange(len(y), dtype=torch.float64), xs, y[hull].double())
 
 
 def latent_norm_weight(down: torch.Tensor, down_bias: torch.Tensor | None, inputs: torch.Tensor | None) -> torch.Tensor:

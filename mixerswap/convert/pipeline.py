@@ -49,6 +49,7 @@ from .calibration import (
     replay_mixer,
 )
 from .converters import AttentionLayout, LayerStats
+from .kv_report import MLA, held_out_perplexity, kv_cache_report, log_report, report_lines
 from .plan_file import read_plan_file, shorthand_plan
 from .selection import select_attention_layers
 
@@ -148,13 +149,15 @@ def convert(
     else:
         kept = select_attention_layers(num_layers, keep_attention=keep_attention, attention_layers=attention_layers)
         requested = shorthand_plan(num_layers, to, kept, mixer_settings)
-    layer_plan, layer_names = _complete_plan(requested, teacher_config, family, names)
+    layer_plan, layer_names, requests = _complete_plan(requested, teacher_config, family, names)
     kept = [i for i, entry in enumerate(layer_plan) if entry["kind"] == ATTENTION]
 
     replaced = [i for i, entry in enumerate(layer_plan) if entry["kind"] != ATTENTION]
     stats: dict[int, LayerStats] = {}
     if calibration is not None and replaced:
         stats = collect_layer_stats(model_dir, replaced, calibration, tokens=calibration_tokens, seed=seed)
+    if requests:
+        _allocate(layer_plan, requests, teacher_config, family, shards, stats)
 
     target_dtype = DTYPES[dtype]
     kinds = sorted({entry["kind"] for entry in layer_plan} - {ATTENTION})
@@ -209,6 +212,12 @@ def convert(
 
         config.save_pretrained(tmp)
         write_remote_code(tmp)
+        if any(entry["kind"] == MLA for entry in plan):
+            provenance["kv_cache"] = kv_cache_report(plan, teacher_config, config.dtype)
+            if calibration is not None:
+                provenance["held_out"] = held_out_perplexity(model_dir, tmp, calibration,
+                                                             calibration_tokens=calibration_tokens, seed=seed)
+            log_report(provenance["kv_cache"], provenance.get("held_out"))
         for file in COPIED_FILES:
             if (model_dir / file).exists():
                 shutil.copy2(model_dir / file, tmp / file)
@@ -221,9 +230,10 @@ def convert(
 
 
 def _complete_plan(requested: list[tuple[str, dict]], teacher_config, family, names: set[str]):
-    """Each layer's full plan entry (the converter completes the user's settings from the teacher) and,
-    for replaced layers, the checkpoint names of the attention tensors their converter reads."""
-    plan, layer_names = [], {}
+    """Each layer's full plan entry (the converter completes the user's settings from the teacher),
+    for replaced layers the checkpoint names of the attention tensors their converter reads, and the
+    plan-wide requests (the converter's ``plan_wide`` overrides) per layer that makes one."""
+    plan, layer_names, requests = [], {}, {}
     for idx, (kind, overrides) in enumerate(requested):
         if kind == ATTENTION:
             plan.append({"kind": ATTENTION})
@@ -245,7 +255,40 @@ def _complete_plan(requested: list[tuple[str, dict]], teacher_config, family, na
             raise PlanError(f"layer {idx} ({kind}): {' '.join(str(err).split())}") from None
         plan.append({"kind": kind, **settings.model_dump()})
         layer_names[idx] = {roles[r] for r in present}
-    return plan, layer_names
+        request = {k: v for k, v in overrides.items() if k in converter.plan_wide}
+        if request:
+            requests[idx] = request
+    return plan, layer_names, requests
+
+
+def _allocate(plan: list[dict], requests: dict[int, dict], teacher_config, family, shards, stats) -> None:
+    """Settle plan-wide requests (e.g. ``kv_budget``) in ``plan``: per kind, the converter profiles each
+    layer that asked (its attention weights read alone, then dropped) and allocates their settings."""
+    where = {name: shard for shard in shards for name in shard.entries}
+    shape = AttentionShape.from_config(teacher_config)
+    for kind in sorted({plan[idx]["kind"] for idx in requests}):
+        layers = [idx for idx in requests if plan[idx]["kind"] == kind]
+        request = requests[layers[0]]
+        if any(requests[idx] != request for idx in layers):
+            raise PlanError(f"{kind} layers ask for different {', '.join(sorted(request))}: one value covers "
+                            "all the layers that ask")
+        converter = mixer_kind(kind).load_converter()
+        profiles = {}
+        for idx in layers:
+            settings = parse_layer(plan[idx], idx)[1]
+            attn = read_attention(family, shape, idx, lambda name: where[name].read(name) if name in where else None)
+            profiles[idx] = (settings, converter.profile(attn, settings, teacher_config, stats=stats.get(idx),
+                                                                layer_idx=idx))
+            del attn
+        try:
+            chosen = converter.allocate(profiles, teacher_config, request)
+        except ValueError as err:
+            raise PlanError(f"{kind}: {' '.join(str(err).split())}") from None
+        for idx, settings in chosen.items():
+            plan[idx] = {"kind": kind, **settings.model_dump()}
+        logger.info("%s: %s per layer: %s", kind, ", ".join(sorted(request)),
+                    {idx: {k: v for k, v in plan[idx].items() if profiles[idx][0].model_dump().get(k) != v}
+                     for idx in layers})
 
 
 def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats) -> dict | None:
@@ -312,6 +355,7 @@ def model_card(teacher, family_name: str, plan: list[dict], provenance: dict, co
         "```python", "import mixerswap  # or pass trust_remote_code=True", "from transformers import AutoModelForCausalLM",
         "model = AutoModelForCausalLM.from_pretrained('<this folder>')", "```", "",
         *calibration_table(provenance.get("calibration")),
+        *report_lines(provenance.get("kv_cache"), provenance.get("held_out")),
         *selection_lines(provenance.get("selection")),
         f"<sub>python {platform.python_version()}, transformers {provenance['transformers_version']}</sub>", "",
     ]
