@@ -97,6 +97,20 @@ def test_bad_budgets_are_one_line_errors_and_nothing_is_written(to, settings, me
     assert not (tmp_path / "s").exists()
 
 
+def test_one_budget_covers_the_layers_that_ask(teacher_dir, tmp_path):
+    """A plan file: layer 1 keeps attention, layers 0 and 2 share one budget; two budgets are refused."""
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("default: {kind: mla, kv_budget: 0.5}\nlayers:\n  - {layers: '1', kind: attention}\n")
+    result = convert(teacher_dir("llama"), tmp_path / "s", plan=plan, progress=False)
+    assert result.attention_layers == [1] and cached_values([result.plan[0], result.plan[2]]) == 0.5 * 2 * 32
+    report = yaml.safe_load((tmp_path / "s" / "mixerswap.yaml").read_text())["kv_cache"]
+    assert report["layers"][1] == {"kind": "attention", "teacher": 128, "student": 128}
+    plan.write_text("default: {kind: mla, kv_budget: 0.5}\nlayers:\n  - {layers: '1', kind: mla, kv_budget: 0.75}\n")
+    with pytest.raises(PlanError, match="mla layers ask for different kv_budget"):
+        convert(teacher_dir("llama"), tmp_path / "x", plan=plan, progress=False)
+    assert not (tmp_path / "x").exists()
+
+
 def test_cli_kv_budget(teacher_dir, tmp_path):
     from click.testing import CliRunner
 
