@@ -284,11 +284,11 @@ def _allocate(plan: list[dict], requests: dict[int, dict], teacher_config, famil
             chosen = converter.allocate(profiles, teacher_config, request)
         except ValueError as err:
             raise PlanError(f"{kind}: {' '.join(str(err).split())}") from None
+        changed = {}
         for idx, settings in chosen.items():
-            plan[idx] = {"kind": kind, **settings.model_dump()}
-        logger.info("%s: %s per layer: %s", kind, ", ".join(sorted(request)),
-                    {idx: {k: v for k, v in plan[idx].items() if profiles[idx][0].model_dump().get(k) != v}
-                     for idx in layers})
+            before, plan[idx] = plan[idx], {"kind": kind, **settings.model_dump()}
+            changed[idx] = {k: v for k, v in plan[idx].items() if before.get(k) != v}
+        logger.info("%s %s: per layer %s", kind, request, changed)
 
 
 def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats) -> dict | None:
