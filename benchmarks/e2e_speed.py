@@ -6,7 +6,8 @@
 Builds a random-weight checkpoint with Llama-3.2-1B's shapes (no download; ``convert_memory.py``'s
 builder), converts it with 50%, 25% and 0% of the layers keeping attention, and runs
 ``mixerswap.evals.speed.bench`` on the four models in one run (each loaded for its turn), bf16 on
-CUDA (CUDA events, one warm-up) or float32 on CPU (wall clock). Long prompts are prefilled in
+CUDA (CUDA events) or float32 on CPU (wall clock, or ``--timing cpu``); one warm-up and
+``--repeats`` timed runs per configuration, medians with [min-max]. Long prompts are prefilled in
 chunks of ``--prefill-chunk`` tokens so that batch 64 fits; a configuration that does not fit
 is recorded as ``oom``. Prints the table, the kernel backends that ran, and the issue's targets:
 
@@ -82,6 +83,9 @@ def main() -> int:
     parser.add_argument("--batch", help="default 1,64 (tiny: 1,4)")
     parser.add_argument("--decode-tokens", type=int, help="default 32 (tiny: 8)")
     parser.add_argument("--prefill-chunk", type=int, help="default 8192 (tiny: whole prompt)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed repeats per configuration (medians reported)")
+    parser.add_argument("--timing", choices=["wall", "cpu"], default="wall",
+                        help="CPU only: wall clock or this process's CPU time (steadier on a shared machine)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"],
                         help="default bfloat16 on CUDA, float32 on CPU")
@@ -109,13 +113,14 @@ def main() -> int:
         loaders = {name: (lambda p=path: load_model(p, dtype=dtype, device=args.device)[0])
                    for name, path in paths.items()}
         report = bench(loaders, contexts=contexts, batches=batches, decode_tokens=decode_tokens, reference="teacher",
-                       prefill_chunk=prefill_chunk, echo=lambda line: print(line, flush=True))
+                       repeats=args.repeats, timing=args.timing, prefill_chunk=prefill_chunk,
+                       echo=lambda line: print(line, flush=True))
         for name, path in paths.items():
             report.models[name]["path"] = str(path)
         print(report.table())
-        print(f"device {report.device_name} ({report.device}), {report.dtype}, timing {report.timing}, "
-              f"prefill chunk {prefill_chunk or 'none'}, kernels requested {report.kernels['requested']}: "
+        print(f"prefill chunk {prefill_chunk or 'none'}, kernels requested {report.kernels['requested']}: "
               + ", ".join(f"{op}={b}" for op, b in report.kernels["ops"].items()))
+        print("\n".join(report.notes()))
         failed = False
         if args.tiny:
             print("targets: not checked with --tiny (they are for the full-size models on an H100)")

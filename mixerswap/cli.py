@@ -7,11 +7,12 @@ import logging
 import os
 import shlex
 import sys
+from pathlib import Path
 
 import click
 import yaml
 
-EXPECTED_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError, PermissionError)
+EXPECTED_ERRORS = (ValueError, KeyError, OSError)  # bad input; files and disks (missing, read-only, full)
 
 
 def setup_logging(quiet: bool) -> None:
@@ -30,17 +31,45 @@ def setup_logging(quiet: bool) -> None:
 
 
 def user_errors(fn):
-    """Turn expected failures into a one-line ``Error: ...`` and exit status 1 (no traceback)."""
+    """Turn expected failures into a one-line ``Error: ...`` and exit status 1 (no traceback): bad input,
+    file and disk errors, and mixerswap's own runtime errors (``DistillError``, a missing kernel backend)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except EXPECTED_ERRORS as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise click.ClickException(" ".join(str(message).split())) from None
+        except (*EXPECTED_ERRORS, RuntimeError) as err:
+            if isinstance(err, RuntimeError) and not type(err).__module__.startswith("mixerswap."):
+                raise  # a bug (ours or a library's): the traceback is what helps
+            raise click.ClickException(error_line(err)) from None
 
     return wrapper
+
+
+def error_line(err: BaseException) -> str:
+    """One line saying what went wrong (and what to do, where the error is about the machine)."""
+    import errno
+
+    from pydantic import ValidationError
+
+    if isinstance(err, ValidationError):  # e.g. --batch-size 0: name the option, not the pydantic model
+        ctx = click.get_current_context(silent=True)
+        options = {p.name: p.opts[0] for p in ctx.command.params if p.opts[0].startswith("--")} if ctx else {}
+        parts = []
+        for e in err.errors():
+            loc, msg = e["loc"], e["msg"][:1].lower() + e["msg"][1:]
+            parts.append(f"{options.get(loc[0], '.'.join(map(str, loc)))} {e['input']!r}: {msg}" if loc else msg)
+        message = "; ".join(parts)
+    elif isinstance(err, KeyError) and err.args:
+        message = err.args[0]
+    elif isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        message = (f"no space left on the disk while writing {err.filename or 'the output'}: free some space or "
+                   "write --out to another disk, then run again")
+    elif isinstance(err, OSError) and err.errno == errno.EROFS:
+        message = f"cannot write {err.filename or 'the output'}: read-only file system; choose an --out on a writable disk"
+    else:
+        message = str(err)
+    return " ".join(str(message).split())
 
 
 def parse_settings(pairs: tuple[str, ...]) -> dict:
@@ -213,8 +242,21 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
         settings = DistillRecipe.from_yaml(recipe, **options)
     else:
         settings = DistillRecipe.validated({k: v for k, v in options.items() if v is not None})
-    result = run_distill(settings, resume=resume, overwrite=overwrite, progress=not quiet,
-                         keep_checkpoints=keep_checkpoints, _fail_after_step=fail_after_step)
+    try:
+        result = run_distill(settings, resume=resume, overwrite=overwrite, progress=not quiet,
+                             keep_checkpoints=keep_checkpoints, _fail_after_step=fail_after_step)
+    except OSError as err:  # a full disk: say what survived, so the run can go on from there
+        import errno
+
+        from .distill.checkpoint import latest_checkpoint
+        from .distill.trainer import work_dir
+
+        last = latest_checkpoint(work_dir(settings.out) / "checkpoints")
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT) or last is None:
+            raise
+        raise click.ClickException(f"no space left on the disk while writing {err.filename or settings.out}; the last "
+                                   f"good checkpoint {last} is kept: free some space, then run the same command "
+                                   "with --resume") from None
     if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
         stages = "".join(f" -> {_fmt(s['perplexity'])} ({s['stage']})" for s in result.stage_perplexity)
         click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)}{stages}; "
@@ -249,6 +291,15 @@ def export(student, out, format_, allow_approximate, max_shard_size, overwrite, 
                f"difference| vs the student {diff}" + "".join(f"\n  not expressed: {i}" for i in result.issues))
 
 
+def _check_local_model(model: str) -> None:
+    """``out/no_such_student`` looks like a hub id, but when ``out/`` is a folder here it is a typo of a
+    local path: say so instead of asking the hub."""
+    path = Path(model)
+    if not path.exists() and len(path.parts) > 1 and Path(path.parts[0]).is_dir():
+        raise FileNotFoundError(f"no such model folder: {model} ({path.parts[0]}/ exists here, so this is not a hub "
+                                "id); check the path")
+
+
 @main.command()
 @click.argument("model")
 @click.argument("prompt")
@@ -266,6 +317,7 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, dt
     setup_logging(quiet)
     from .generation import generate_text, load_model_and_tokenizer
 
+    _check_local_model(model)
     lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     text = generate_text(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=temperature, top_p=top_p, seed=seed)
@@ -338,6 +390,9 @@ def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot,
     _quiet_eval_logs(quiet)
     from .evals.evaluate import EvalOptions, evaluate
 
+    _check_local_model(model)
+    if vs:
+        _check_local_model(vs)
     options = EvalOptions(
         tasks=[t for t in (tasks or "").split(",") if t.strip()], include_path=list(include_path),
         batch_size=batch_size, limit=int(limit) if limit and limit >= 1 else limit, num_fewshot=num_fewshot,
@@ -357,7 +412,11 @@ def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot,
 @click.option("--context", "contexts", default="1k,4k", show_default=True, callback=_lengths_option)
 @click.option("--batch", "batches", default="1,8", show_default=True, callback=_lengths_option)
 @click.option("--decode-tokens", default=32, show_default=True, help="Timed decode steps per configuration.")
-@click.option("--warmup", type=int, help="Untimed repetitions per configuration (default: 1 on CUDA, 0 on CPU).")
+@click.option("--warmup", default=1, show_default=True, help="Untimed repetitions per configuration.")
+@click.option("--repeats", default=5, show_default=True,
+              help="Timed repetitions per configuration; tokens/s are medians with [min-max].")
+@click.option("--timing", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
+              help="CPU only: wall clock, or this process's CPU time (steadier on a shared machine).")
 @click.option("--prefill-chunk", type=int, help="Prefill this many tokens per forward (default: whole prompt).")
 @click.option("--max-memory", help="CUDA only: cap allocations, e.g. 40GB (runs over it are recorded as oom).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
@@ -366,8 +425,8 @@ def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot,
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def bench(model, vs, contexts, batches, decode_tokens, warmup, prefill_chunk, max_memory, plot, json_path, dtype,
-          device, quiet):
+def bench(model, vs, contexts, batches, decode_tokens, warmup, repeats, timing, prefill_chunk, max_memory, plot,
+          json_path, dtype, device, quiet):
     """Prefill/decode speed, latency and memory of MODEL (and --vs) over context lengths and batch sizes."""
     setup_logging(quiet)
     from .convert.checkpoint_io import parse_size
@@ -379,11 +438,13 @@ def bench(model, vs, contexts, batches, decode_tokens, warmup, prefill_chunk, ma
     reference = next((label for label, (_, role) in labels.items() if role == "vs"), None)
     report = bench_paths({label: path for label, (path, _) in labels.items()}, contexts=contexts, batches=batches,
                          decode_tokens=decode_tokens, dtype=dtype, device=device, reference=reference, warmup=warmup,
-                         prefill_chunk=prefill_chunk, max_memory_bytes=parse_size(max_memory) if max_memory else None,
+                         repeats=repeats, timing=timing, prefill_chunk=prefill_chunk, max_memory_bytes=parse_size(max_memory) if max_memory else None,
                          echo=None if quiet else click.echo)
     click.echo(report.table())
     click.echo(f"kernels: {report.kernels['requested']} -> " +
                ", ".join(f"{op}={backend}" for op, backend in report.kernels["ops"].items()))
+    for line in report.notes():
+        click.echo(line)
     if json_path:
         click.echo(f"wrote {save_report(report, json_path)}")
     if plot:

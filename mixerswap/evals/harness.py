@@ -14,17 +14,21 @@ YAMLs) is only built when a name is not found in the local folders.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import TASKS_DIR
-from .tables import delta, format_table
+from .tables import delta, format_table, format_value
 
 logger = logging.getLogger(__name__)
 RESULT_SKIP = {"alias", "name", "sample_len", " "}
+OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
 
 
 class _DropCustomDatasetHint(logging.Filter):
@@ -95,6 +99,37 @@ def resolve_tasks(specs: str | list[str], include_paths: list[str | Path] | None
     return selection
 
 
+def offline_message(tasks: list[str], err: BaseException) -> str:
+    """One line for a task whose dataset cannot be downloaded: what failed and how to use local data."""
+    offline = any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in OFFLINE_VARIABLES)
+    why = f"offline mode is on ({' / '.join(OFFLINE_VARIABLES)})" if offline else "the Hub could not be reached"
+    return (f"the dataset of lm-eval task(s) {', '.join(tasks)} could not be fetched: {' '.join(str(err).split())}; "
+            f"{why}. Run once with network access (datasets caches it), or copy the task's YAML into a folder, "
+            "point dataset_path / dataset_kwargs (data_files) at local files, and pass that folder to --tasks or "
+            "--include-path (the bundled tasks in `mixerswap tasks --path` are examples)")
+
+
+@contextlib.contextmanager
+def _quiet_git_hash():
+    """lm-eval records the git commit of the working folder with ``git describe``, whose ``fatal: not a git
+    repository`` goes straight to the terminal outside a repository (even under ``-q``): same lookup, with
+    git's stderr dropped."""
+    from lm_eval import evaluator
+    from lm_eval.loggers.utils import get_commit_from_path
+
+    def commit() -> str | None:
+        try:
+            return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+        except (subprocess.CalledProcessError, OSError):
+            return get_commit_from_path(os.getcwd())
+
+    original, evaluator.get_git_commit_hash = evaluator.get_git_commit_hash, commit
+    try:
+        yield
+    finally:
+        evaluator.get_git_commit_hash = original
+
+
 def run_lm_eval(model, tokenizer, selection: TaskSelection, *, batch_size: int = 8, limit: int | float | None = None,
                 num_fewshot: int | None = None, bootstrap_iters: int = 100000, log_samples: bool = False) -> dict:
     """``simple_evaluate`` on ``model``; returns lm-eval's result dict made JSON-safe (no samples unless asked).
@@ -108,10 +143,14 @@ def run_lm_eval(model, tokenizer, selection: TaskSelection, *, batch_size: int =
     if tokenizer is None:
         raise ValueError("lm-eval tasks need a tokenizer, and the model folder has none")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm, tasks=selection.names, task_manager=selection.task_manager(), limit=limit,
-        num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
-    )
+    try:
+        with _quiet_git_hash():
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=selection.names, task_manager=selection.task_manager(), limit=limit,
+                num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples,
+            )
+    except ConnectionError as err:  # datasets' "Couldn't reach 'Rowan/hellaswag' on the Hub", offline or not
+        raise ValueError(offline_message(selection.names, err)) from None
     if results is None:  # only non-zero ranks of a distributed run get None
         return {}
     return json.loads(json.dumps(results, default=handle_non_serializable))
@@ -128,17 +167,43 @@ def metric_rows(results: dict) -> dict[tuple[str, str], float]:
     return rows
 
 
+def _stderr(results: dict, task: str, metric: str) -> float | None:
+    """lm-eval's standard error of ``metric`` (``"acc,none"`` → ``"acc_stderr,none"``), if it computed one."""
+    name, _, filt = metric.partition(",")
+    value = results.get("results", {}).get(task, {}).get(f"{name}_stderr,{filt}" if filt else f"{name}_stderr")
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _samples(results: dict, task: str) -> int | None:
+    """Documents lm-eval scored for ``task`` (``n-samples``' ``effective``: after ``--limit``)."""
+    count = results.get("n-samples", {}).get(task, {})
+    return count.get("effective", count.get("original")) if isinstance(count, dict) else None
+
+
+def _with_error(value, stderr) -> str | None:
+    if value is None:
+        return None
+    return format_value(value) if stderr is None else f"{format_value(value)} ± {format_value(stderr, 2)}"
+
+
 def lm_eval_table(results_by_model: dict[str, dict]) -> str:
-    """Task, metric, one column per model and, for two models, ``delta`` = first - second."""
+    """Task, metric, documents scored (n), one ``value ± stderr`` column per model and, for two models,
+    ``delta`` = first - second ``± sqrt(se1² + se2²)`` (both models see the same documents, so this
+    unpaired error is an upper bound)."""
     labels = list(results_by_model)
     per_model = {label: metric_rows(res) for label, res in results_by_model.items()}
     keys = sorted({k for rows in per_model.values() for k in rows})
     rows = []
     for task, metric in keys:
         values = [per_model[label].get((task, metric)) for label in labels]
-        row = [task, metric.replace(",none", ""), *values]
+        errors = [_stderr(results_by_model[label], task, metric) for label in labels]
+        counts = {_samples(results_by_model[label], task) for label in labels} - {None}
+        row = [task, metric.replace(",none", ""), "/".join(map(str, sorted(counts))) or None,
+               *(_with_error(v, e) for v, e in zip(values, errors))]
         if len(labels) == 2:
-            row.append(delta(*values))
+            difference = delta(*values)
+            both = None if None in errors or difference is None else math.hypot(*errors)
+            row.append(_with_error(difference, both))
         rows.append(row)
-    headers = ["task", "metric", *labels] + (["delta"] if len(labels) == 2 else [])
+    headers = ["task", "metric", "n", *labels] + (["delta"] if len(labels) == 2 else [])
     return format_table(headers, rows)

@@ -3,29 +3,40 @@
 For each model, batch size ``B`` and context length ``L`` (one *configuration*): a prefill of
 ``B x L`` random tokens that builds the cache (logits kept for the last position only), then
 ``decode_tokens`` greedy decode steps of ``B`` tokens through that cache, each timed on its own.
-On CUDA, ``warmup`` untimed repetitions come first and times are CUDA events; on CPU, wall clock.
+Every configuration runs ``warmup`` untimed times (first calls pay for lazy initialization), then
+``repeats`` timed times; throughputs are medians over the repeats with their min and max, ratios
+are ratios of medians. Times are CUDA events on a GPU; on CPU, wall clock or (``timing="cpu"``)
+the CPU time of this process, which other processes on a shared machine do not inflate.
 A configuration that runs out of memory is recorded with status ``"oom"`` and the run goes on;
 longer contexts of the same model and batch are then recorded as ``"oom"`` without being tried.
 
-JSON written by :meth:`BenchReport.to_dict` (``mixerswap bench --json``), ``schema`` 1:
+On CPU the mixers run on the torch reference kernels (plain PyTorch, written to be checked against,
+not to be fast); ``BenchReport.notes`` says so whenever a reference kernel ran.
+
+JSON written by :meth:`BenchReport.to_dict` (``mixerswap bench --json``), ``schema`` 2:
 
 - ``schema``, ``created`` (ISO time), ``versions`` (mixerswap, torch, transformers)
-- ``device`` (e.g. ``cuda:0``), ``device_name``, ``dtype``, ``timing`` (``cuda_events`` | ``wall_clock``),
-  ``warmup``, ``decode_tokens``, ``prefill_chunk`` (tokens per prefill forward, null: whole prompt),
-  ``reference`` (model the ratios divide by, or null)
+- ``device`` (e.g. ``cuda:0``), ``device_name``, ``dtype``, ``timing`` (``cuda_events`` | ``wall_clock`` |
+  ``process_cpu_time``), ``warmup``, ``repeats``, ``decode_tokens``, ``prefill_chunk`` (tokens per prefill
+  forward, null: whole prompt), ``reference`` (model the ratios divide by, or null)
 - ``memory_kind``: what ``peak_memory_bytes`` measures: ``cuda_max_allocated`` (bytes allocated on
-  the device during the configuration, weights included) or ``cpu_peak_rss`` (peak resident set of
-  the whole process, weights and Python included), or ``unavailable``
+  the device during the configuration, weights and activations included) or ``model_and_cache``
+  (CPU: bytes of the model's parameters and buffers plus its cache; activations are not counted)
 - ``kernels``: ``requested`` (``MIXERSWAP_KERNELS``) and ``ops`` (operator → backend that ran)
+- ``reference_kernels``: the operators the models' mixers call that ran on the torch reference kernels
 - ``models``: name → ``path``, ``kind`` (``student`` | ``teacher``), ``plan`` (layer kinds),
   ``parameters``, ``attn_implementation``
 - ``runs``: one per configuration: ``model``, ``batch``, ``context``, ``status`` (``ok`` | ``oom``),
-  ``prefill_seconds``, ``prefill_tokens_per_s`` (B·L / prefill time), ``decode_tokens_per_s``
-  (B·steps / decode time), ``decode_latency_ms_p50``, ``decode_latency_ms_p90`` (per decode step),
+  ``prefill_seconds`` (median), ``prefill_tokens_per_s`` (B·L / prefill time, median over repeats),
+  ``prefill_tokens_per_s_min``, ``prefill_tokens_per_s_max``, ``decode_tokens_per_s`` (B·steps / decode
+  time, median over repeats), ``decode_tokens_per_s_min``, ``decode_tokens_per_s_max``,
+  ``decode_latency_ms_p50``, ``decode_latency_ms_p90`` (per decode step, over all repeats),
   ``peak_memory_bytes``, ``cache_bytes`` (cache after prefill and decode), ``error`` (on ``oom``)
 - ``ratios``: per other model, batch and context where both ran: ``model``, ``batch``, ``context``,
-  ``prefill_speedup`` and ``decode_speedup`` (model tokens/s ÷ reference tokens/s),
-  ``cache_reduction`` (reference cache bytes ÷ model cache bytes), ``peak_memory_ratio`` (model ÷ reference)
+  ``prefill_speedup`` and ``decode_speedup`` (model tokens/s ÷ reference tokens/s, medians),
+  ``prefill_speedup_min``, ``prefill_speedup_max``, ``decode_speedup_min``, ``decode_speedup_max``
+  (the widest the min/max of both allow), ``cache_reduction`` (reference cache bytes ÷ model cache
+  bytes), ``peak_memory_ratio`` (model ÷ reference)
 """
 
 from __future__ import annotations
@@ -45,10 +56,12 @@ import torch
 from .. import __version__, kernels
 from ..architectures.cache import cache_nbytes
 from ..architectures.mixers import registered_kinds
+from ..kernels.dispatch import REFERENCE as REFERENCE_BACKEND
 from .lengths import check_lengths
-from .tables import format_table
+from .tables import format_table, format_value
 
-SCHEMA = 1
+SCHEMA = 2
+TIMINGS = ("wall", "cpu")
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator")
 
 
@@ -60,7 +73,11 @@ class BenchRun:
     status: str = "ok"
     prefill_seconds: float | None = None
     prefill_tokens_per_s: float | None = None
+    prefill_tokens_per_s_min: float | None = None
+    prefill_tokens_per_s_max: float | None = None
     decode_tokens_per_s: float | None = None
+    decode_tokens_per_s_min: float | None = None
+    decode_tokens_per_s_max: float | None = None
     decode_latency_ms_p50: float | None = None
     decode_latency_ms_p90: float | None = None
     peak_memory_bytes: int | None = None
@@ -78,6 +95,7 @@ class BenchReport:
     decode_tokens: int
     memory_kind: str
     kernels: dict
+    repeats: int = 1
     reference: str | None = None
     prefill_chunk: int | None = None
     models: dict = field(default_factory=dict)
@@ -97,7 +115,11 @@ class BenchReport:
             out.append({
                 "model": r.model, "batch": r.batch, "context": r.context,
                 "prefill_speedup": _ratio(r.prefill_tokens_per_s, ref.prefill_tokens_per_s),
+                "prefill_speedup_min": _ratio(r.prefill_tokens_per_s_min, ref.prefill_tokens_per_s_max),
+                "prefill_speedup_max": _ratio(r.prefill_tokens_per_s_max, ref.prefill_tokens_per_s_min),
                 "decode_speedup": _ratio(r.decode_tokens_per_s, ref.decode_tokens_per_s),
+                "decode_speedup_min": _ratio(r.decode_tokens_per_s_min, ref.decode_tokens_per_s_max),
+                "decode_speedup_max": _ratio(r.decode_tokens_per_s_max, ref.decode_tokens_per_s_min),
                 "cache_reduction": _ratio(ref.cache_bytes, r.cache_bytes),
                 "peak_memory_ratio": _ratio(r.peak_memory_bytes, ref.peak_memory_bytes),
             })
@@ -107,22 +129,46 @@ class BenchReport:
         return {
             "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "device": self.device, "device_name": self.device_name, "dtype": self.dtype,
-            "timing": self.timing, "warmup": self.warmup, "decode_tokens": self.decode_tokens,
+            "timing": self.timing, "warmup": self.warmup, "repeats": self.repeats, "decode_tokens": self.decode_tokens,
             "prefill_chunk": self.prefill_chunk,
             "reference": self.reference, "memory_kind": self.memory_kind, "kernels": self.kernels,
+            "reference_kernels": self.reference_kernels(),
             "models": self.models, "runs": [asdict(r) for r in self.runs], "ratios": self.ratios(),
         }
 
+    def reference_kernels(self) -> list[str]:
+        """Operators the benchmarked mixers call that ran on the torch reference kernels (not meant to be fast)."""
+        used = set(kernel_ops({kind for model in self.models.values() for kind in model.get("plan", [])}))
+        return sorted(op for op, backend in self.kernels.get("ops", {}).items()
+                      if backend == REFERENCE_BACKEND and op in used)
+
+    def notes(self) -> list[str]:
+        """What a reader of the table must know: how it was measured, and when reference kernels ran."""
+        memory = {"cuda_max_allocated": "peak MiB: CUDA allocations during the configuration",
+                  "model_and_cache": "model MiB: parameters, buffers and cache (activations not counted)"}
+        lines = [f"{self.device_name} ({self.device}), {self.dtype}; timing {self.timing}, {self.warmup} warm-up and "
+                 f"{self.repeats} timed repeat(s) per configuration: tok/s are medians [min-max]"
+                 + (f"; {memory[self.memory_kind]}" if self.memory_kind in memory else "")]
+        reference = self.reference_kernels()
+        if reference:
+            lines.append(f"note: {', '.join(reference)} ran on the torch reference kernels (plain PyTorch, written "
+                         "to be correct, not fast): their speed here says little about the fused kernels")
+        return lines
+
     def table(self) -> str:
         ratios = {(q["model"], q["batch"], q["context"]): q for q in self.ratios()}
+        memory = {"model_and_cache": "model MiB", "cuda_max_allocated": "peak MiB"}.get(self.memory_kind)
         headers = ["model", "batch", "context", "status", "prefill tok/s", "decode tok/s", "p50 ms", "p90 ms",
-                   "cache MiB", "peak MiB"]
+                   "cache MiB"] + ([memory] if memory else [])
         if self.reference:
             headers += ["prefill x", "decode x", "cache ÷"]
         rows = []
         for r in self.runs:
-            row = [r.model, r.batch, r.context, r.status, r.prefill_tokens_per_s, r.decode_tokens_per_s,
-                   r.decode_latency_ms_p50, r.decode_latency_ms_p90, _mib(r.cache_bytes), _mib(r.peak_memory_bytes)]
+            row = [r.model, r.batch, r.context, r.status,
+                   _spread(r.prefill_tokens_per_s, r.prefill_tokens_per_s_min, r.prefill_tokens_per_s_max),
+                   _spread(r.decode_tokens_per_s, r.decode_tokens_per_s_min, r.decode_tokens_per_s_max),
+                   r.decode_latency_ms_p50, r.decode_latency_ms_p90, _mib(r.cache_bytes)]
+            row += [_mib(r.peak_memory_bytes)] if memory else []
             if self.reference:
                 q = ratios.get((r.model, r.batch, r.context), {})
                 row += [q.get("prefill_speedup"), q.get("decode_speedup"), q.get("cache_reduction")]
@@ -136,6 +182,15 @@ def _ratio(a, b):
 
 def _mib(n):
     return None if n is None else n / 2**20
+
+
+def _spread(median, low, high) -> str | None:
+    """``1234 [1100-1300]``: a median with its min and max (just the median when they are missing)."""
+    if median is None:
+        return None
+    if low is None or high is None:
+        return format_value(median)
+    return f"{format_value(median)} [{format_value(low, 3)}-{format_value(high, 3)}]"
 
 
 def _versions() -> dict:
@@ -152,17 +207,20 @@ def is_oom(err: BaseException) -> bool:
 
 
 class _Clock:
-    """Seconds between ``start`` and ``stop``: CUDA events on a GPU (read after sync), else wall clock."""
+    """Seconds between ``start`` and ``stop``: CUDA events on a GPU (read after sync), else wall clock
+    or, with ``cpu_time``, the CPU time of this process (all its threads)."""
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, cpu_time: bool = False):
         self.cuda = device.type == "cuda"
+        self.read = time.process_time if cpu_time else time.perf_counter
+        self.kind = "cuda_events" if self.cuda else "process_cpu_time" if cpu_time else "wall_clock"
 
     def start(self):
         if self.cuda:
             event = torch.cuda.Event(enable_timing=True)
             event.record()
             return event
-        return time.perf_counter()
+        return self.read()
 
     def elapsed(self, begin, end) -> float:
         if self.cuda:
@@ -174,42 +232,33 @@ class _Clock:
 
 
 class _PeakMemory:
-    """Peak memory of one configuration: CUDA allocator statistics, or the process's peak RSS on Linux."""
+    """Memory of one configuration: the CUDA allocator's peak, or on CPU the model's own bytes
+    (parameters, buffers and cache; the process's resident size would mostly measure Python and torch)."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        if device.type == "cuda":
-            self.kind = "cuda_max_allocated"
-        else:
-            self.kind = "cpu_peak_rss" if self._reset_rss() else "unavailable"
-
-    @staticmethod
-    def _reset_rss() -> bool:
-        try:  # "5" resets the VmHWM high-water mark of this process (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-            return True
-        except OSError:
-            return False
+        self.kind = "cuda_max_allocated" if device.type == "cuda" else "model_and_cache"
 
     def reset(self) -> None:
         if self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
-        elif self.kind == "cpu_peak_rss":
-            self._reset_rss()
 
-    def peak(self) -> int | None:
+    def peak(self, model, cache_bytes: int | None) -> int | None:
         if self.kind == "cuda_max_allocated":
             return torch.cuda.max_memory_allocated(self.device)
-        if self.kind == "cpu_peak_rss":
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-        return None
+        return model_bytes(model) + (cache_bytes or 0)
 
 
-def kernel_ops() -> list[str]:
-    """The operators the registered mixer kinds declare they call (``Mixer.kernel_ops``)."""
-    return sorted({op for kind in registered_kinds().values() for op in kind.module.kernel_ops})
+def model_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters and buffers of ``model`` (shared tensors counted once)."""
+    tensors = {id(t): t for t in (*model.parameters(), *model.buffers())}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def kernel_ops(kinds: set[str] | None = None) -> list[str]:
+    """The operators the registered mixer kinds (or those of ``kinds``) declare they call (``Mixer.kernel_ops``)."""
+    return sorted({op for name, kind in registered_kinds().items() if kinds is None or name in kinds
+                   for op in kind.module.kernel_ops})
 
 
 def kernel_backends(device: torch.device, dtype: torch.dtype) -> dict:
@@ -270,8 +319,9 @@ def _free(device: torch.device) -> None:
 
 
 def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]], *, contexts: list[int],
-          batches: list[int], decode_tokens: int = 32, reference: str | None = None, warmup: int | None = None,
-          prefill_chunk: int | None = None, max_memory_bytes: int | None = None, seed: int = 0,
+          batches: list[int], decode_tokens: int = 32, reference: str | None = None, warmup: int = 1,
+          repeats: int = 5, timing: str = "wall", prefill_chunk: int | None = None,
+          max_memory_bytes: int | None = None, seed: int = 0,
           echo: Callable[[str], None] | None = None) -> BenchReport:
     """Measure every model at every ``(batch, context)``; see the module docstring.
 
@@ -279,7 +329,10 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
         models: name → model, or → zero-argument loader (the model is then loaded for its turn
             only and freed after it, so large models need not fit together). Models share one device.
         reference: name of the model that ratios divide by (e.g. the teacher).
-        warmup: untimed repetitions per configuration (default: 1 on CUDA, 0 on CPU).
+        warmup: untimed repetitions per configuration (a short decode each).
+        repeats: timed repetitions per configuration; throughputs are their medians, with min and max.
+        timing: on CPU, ``"wall"`` (wall clock) or ``"cpu"`` (CPU time of this process: steadier on a
+            shared machine, and it counts every thread's time). CUDA always uses CUDA events.
         prefill_chunk: prefill this many tokens per forward through the cache (default: the whole
             prompt at once); long prompts at large batch need it to fit activations in memory.
         max_memory_bytes: CUDA only: cap this process's allocations (a smaller GPU); running over
@@ -291,6 +344,10 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
         raise ValueError(f"reference {reference!r} is not one of the models: {', '.join(models)}")
     if decode_tokens < 1:
         raise ValueError("decode_tokens must be at least 1")
+    if repeats < 1 or warmup < 0:
+        raise ValueError("repeats must be at least 1 and warmup at least 0")
+    if timing not in TIMINGS:
+        raise ValueError(f"timing must be one of {', '.join(TIMINGS)}, got {timing!r}")
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError("prefill_chunk must be at least 1 token")
     contexts, batches = sorted(set(contexts)), sorted(set(batches))
@@ -300,7 +357,7 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
         check_lengths(model, contexts, extra=decode_tokens, what="bench context")
         device, dtype = model.device, model.dtype
         if report is None:
-            report = _new_report(device, dtype, warmup, decode_tokens, reference, prefill_chunk)
+            report = _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk)
             _cap_memory(device, max_memory_bytes)
         report.models[name] = describe_model(model)
         peak = _PeakMemory(device)
@@ -323,12 +380,12 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
     return report
 
 
-def _new_report(device, dtype, warmup, decode_tokens, reference, prefill_chunk) -> BenchReport:
+def _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk) -> BenchReport:
     cuda = device.type == "cuda"
     return BenchReport(
         device=str(device), device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
-        dtype=str(dtype).removeprefix("torch."), timing="cuda_events" if cuda else "wall_clock",
-        warmup=(1 if cuda else 0) if warmup is None else warmup, decode_tokens=decode_tokens,
+        dtype=str(dtype).removeprefix("torch."), timing=_Clock(device, timing == "cpu").kind,
+        warmup=warmup, repeats=repeats, decode_tokens=decode_tokens,
         memory_kind=_PeakMemory(device).kind, kernels=kernel_backends(device, dtype), reference=reference,
         prefill_chunk=prefill_chunk)
 
@@ -347,23 +404,33 @@ def _measure(model, name, batch, context, report: BenchReport, peak: _PeakMemory
     device = model.device
     gen = torch.Generator().manual_seed(seed + context * 7919 + batch)
     ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
-    clock = _Clock(device)
+    clock = _Clock(device, report.timing == "process_cpu_time")
     try:
         for _ in range(report.warmup):
             _prefill_and_decode(model, ids, min(2, report.decode_tokens), clock, report.prefill_chunk)
         _free(device)
         peak.reset()
-        _synchronize(device)
-        prefill, steps, cache = _prefill_and_decode(model, ids, report.decode_tokens, clock, report.prefill_chunk)
-        _synchronize(device)
+        prefill_rates, decode_rates, steps, prefills = [], [], [], []
+        for _ in range(report.repeats):
+            _synchronize(device)
+            prefill, repeat_steps, cache = _prefill_and_decode(model, ids, report.decode_tokens, clock,
+                                                               report.prefill_chunk)
+            _synchronize(device)
+            prefills.append(prefill)
+            steps += repeat_steps
+            if prefill > 0:
+                prefill_rates.append(batch * context / prefill)
+            if sum(repeat_steps) > 0:
+                decode_rates.append(batch * len(repeat_steps) / sum(repeat_steps))
+            cache_bytes = cache_nbytes(cache)
+            del cache
         run = BenchRun(
-            name, batch, context, "ok", prefill_seconds=prefill,
-            prefill_tokens_per_s=batch * context / prefill if prefill > 0 else None,
-            decode_tokens_per_s=batch * len(steps) / sum(steps) if sum(steps) > 0 else None,
+            name, batch, context, "ok", prefill_seconds=statistics.median(prefills),
+            **_median_min_max("prefill_tokens_per_s", prefill_rates),
+            **_median_min_max("decode_tokens_per_s", decode_rates),
             decode_latency_ms_p50=1000 * statistics.median(steps),
             decode_latency_ms_p90=1000 * _percentile(steps, 0.9),
-            peak_memory_bytes=peak.peak(), cache_bytes=cache_nbytes(cache))
-        del cache
+            peak_memory_bytes=peak.peak(model, cache_bytes), cache_bytes=cache_bytes)
     except (RuntimeError, torch.OutOfMemoryError) as err:
         if not is_oom(err):
             raise
@@ -371,6 +438,13 @@ def _measure(model, name, batch, context, report: BenchReport, peak: _PeakMemory
     del ids
     _free(device)
     return run
+
+
+def _median_min_max(name: str, values: list[float]) -> dict:
+    """``{name: median, name_min: ..., name_max: ...}``, all None without values (a clock too coarse)."""
+    if not values:
+        return {name: None, f"{name}_min": None, f"{name}_max": None}
+    return {name: statistics.median(values), f"{name}_min": min(values), f"{name}_max": max(values)}
 
 
 def bench_paths(paths: Mapping[str, str], *, contexts: list[int], decode_tokens: int = 32, dtype: str = "auto",
@@ -389,7 +463,10 @@ def bench_paths(paths: Mapping[str, str], *, contexts: list[int], decode_tokens:
 
 
 def save_report(report: BenchReport, path: str | Path) -> Path:
-    path = Path(path)
+    """Write the report's JSON to ``path``, never over a benchmarked model or a file in its folder."""
+    from ..convert.checkpoint_io import check_output_file
+
+    path = check_output_file(path, inputs=[m.get("path") for m in report.models.values()])
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report.to_dict(), indent=1))
     return path

@@ -30,7 +30,7 @@ def demo_eval_report(teacher, student, tokenizer, held_out: torch.Tensor | str |
     Args:
         held_out: token ids ``[T]`` or text, scored with a sliding window (context: the model's limit, at most
             256); ``None`` leaves perplexity out (when the caller reports it already).
-        contexts: bench context lengths (batch 1), clipped to the model's limit.
+        contexts: bench context lengths (batch 1), clipped to the model's limit; speeds are medians of 3 repeats.
     """
     limit = position_limit(teacher) or 256
     contexts = [c for c in contexts if c + decode_tokens <= limit] or [max(2, limit - decode_tokens)]
@@ -39,7 +39,7 @@ def demo_eval_report(teacher, student, tokenizer, held_out: torch.Tensor | str |
     lengths = [n for n in mqar_lengths if n <= limit]
     models = {"teacher": teacher, "student": student}
     report = bench(models, contexts=contexts, batches=[1], decode_tokens=decode_tokens, reference="teacher",
-                   seed=seed)
+                   repeats=3, seed=seed)
     values: dict[str, dict[str, float | None]] = {}
     for name, model in models.items():
         column = {}
@@ -59,5 +59,4 @@ def demo_eval_report(teacher, student, tokenizer, held_out: torch.Tensor | str |
         t, s = values["teacher"][measure], values["student"][measure]
         rows.append([measure, t, s, s / t if t and s is not None else None])
     table = format_table(["measure", "teacher", "student", "student / teacher"], rows)
-    backends = ", ".join(sorted(set(report.kernels["ops"].values())))
-    return f"{table}\n({report.device}, {report.dtype}, {report.timing}, mixer kernels: {backends})"
+    return "\n".join([table, *report.notes()])

@@ -35,6 +35,8 @@ def test_bench_command_writes_table_json_and_plot(pico_student, teacher_dir, tmp
     assert result.exit_code == 0, result.output
     assert "| pico-student" in result.output and "kernels: auto -> " in result.output
     assert "ssd_chunk_scan=" in result.output  # every op the registered kinds call, with its backend
+    assert "1 warm-up and 5 timed repeat(s)" in result.output and "model MiB" in result.output
+    assert "ran on the torch reference kernels" in result.output
     report = json.loads((tmp_path / "b.json").read_text())
     assert report["reference"] == teacher_dir("llama").name
     assert len(report["runs"]) == 8 and len(report["ratios"]) == 4
@@ -78,9 +80,10 @@ def assert_one_error_line(result, *fragments):
         (["--perplexity", "./absent.txt"], ["no such text file"]),
         (["--passkey", "4q"], ["Invalid value for '--passkey'", "bad length '4q'"]),
         ([], ["nothing to evaluate"]),
+        (["--mqar", "--batch-size", "0"], ["--batch-size 0: input should be greater than or equal to 1"]),
     ],
     ids=["missing-task-folder", "missing-include-path", "passkey-too-long", "mqar-too-long", "missing-text",
-         "bad-length", "nothing-to-do"],
+         "bad-length", "nothing-to-do", "batch-size-0"],
 )
 def test_eval_bad_input(stories_student, args, fragments):
     assert_one_error_line(run("eval", stories_student, *args), *fragments)
@@ -112,3 +115,42 @@ def test_bench_bad_input(pico_student, args, fragments):
 def test_missing_model_folder(tmp_path):
     assert_one_error_line(run("bench", tmp_path / "nope"), "no such model folder")
     assert_one_error_line(run("eval", tmp_path / "nope", "--mqar"), "no such model folder")
+
+
+def test_eval_and_bench_outputs_never_replace_an_input(pico_student, tmp_path):
+    """--out of eval may not be the model or a folder holding it (or the text); bench's --json / --plot may
+    not replace a file of a benchmarked model. The inputs stay intact."""
+    import shutil
+
+    model = tmp_path / "models" / "student"
+    shutil.copytree(pico_student, model)
+    before = {p.name: p.read_bytes() for p in model.iterdir()}
+    text = tmp_path / "texts" / "held-out.txt"
+    text.parent.mkdir()
+    text.write_text(bundled_text()[:300])
+    for out, word in ((model, "is"), (model.parent, "contains")):
+        assert_one_error_line(run("eval", model, "--mqar", "--mqar-lengths", "64", "--out", out, "-q"),
+                              f"output {out} {word} an input of this run")
+    assert_one_error_line(run("eval", model, "--perplexity", text, "--out", text.parent, "-q"),
+                          f"contains an input of this run ({text})")
+    for option in ("--json", "--plot"):
+        result = run("bench", model, "--context", "16", "--batch", "1", "--decode-tokens", "2", option,
+                     model / "config.json", "-q")
+        assert_one_error_line(result, f"output {model / 'config.json'} would replace an input of this run")
+    assert {p.name: p.read_bytes() for p in model.iterdir()} == before
+
+
+def test_eval_refuses_a_model_with_non_finite_weights(pico_student, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "nan-student"
+    shutil.copytree(pico_student, model)
+    weights = load_file(model / "model.safetensors")
+    name = next(n for n in weights if "mlp" in n)
+    weights[name][0, :4] = float("nan")
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    assert_one_error_line(run("eval", model, "--mqar", "--mqar-lengths", "64", "--out", tmp_path / "e", "-q"),
+                          f"weight {name} holds NaN or inf values")
+    assert not (tmp_path / "e").exists()

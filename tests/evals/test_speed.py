@@ -9,8 +9,8 @@ from transformers import AutoModelForCausalLM
 
 from mixerswap.convert import convert
 from mixerswap.evals import speed
-from mixerswap.evals.plots import plot_bench
-from mixerswap.evals.speed import bench, is_oom, save_report
+from mixerswap.evals.plots import compact_number, plot_bench
+from mixerswap.evals.speed import bench, is_oom, model_bytes, save_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 DOCUMENTED = set(re.findall(r"``(\w+)``", speed.__doc__))
@@ -96,3 +96,52 @@ def test_bad_bench_options(pico):
         bench({"teacher": teacher}, contexts=[16], batches=[1], reference="student")
     with pytest.raises(ValueError, match="CUDA"):
         bench({"teacher": teacher}, contexts=[16], batches=[1], decode_tokens=1, max_memory_bytes=10**9)
+    with pytest.raises(ValueError, match="repeats"):
+        bench({"teacher": teacher}, contexts=[16], batches=[1], repeats=0)
+    with pytest.raises(ValueError, match="timing"):
+        bench({"teacher": teacher}, contexts=[16], batches=[1], timing="gpu")
+
+
+@pytest.mark.parametrize("timing", ["wall", "cpu"])
+def test_warm_up_then_repeats_give_medians_with_spread(pico, timing):
+    teacher, student = pico
+    prefills = []
+    handle = student.register_forward_pre_hook(
+        lambda module, args: prefills.append(args[0].shape[1]) if args[0].shape[1] > 1 else None)
+    try:
+        report = bench({"student": student, "teacher": teacher}, contexts=[24], batches=[2], decode_tokens=3,
+                       reference="teacher", warmup=2, repeats=3, timing=timing)
+    finally:
+        handle.remove()
+    assert prefills == [24] * 5  # 2 warm-up + 3 timed prefills, nothing more
+    assert report.timing == {"wall": "wall_clock", "cpu": "process_cpu_time"}[timing]
+    assert (report.warmup, report.repeats) == (2, 3)
+    for run in report.runs:
+        assert run.prefill_tokens_per_s_min <= run.prefill_tokens_per_s <= run.prefill_tokens_per_s_max
+        assert run.decode_tokens_per_s_min <= run.decode_tokens_per_s <= run.decode_tokens_per_s_max
+    (ratio,) = report.ratios()
+    for measure in ("prefill_speedup", "decode_speedup"):
+        assert ratio[f"{measure}_min"] <= ratio[measure] <= ratio[f"{measure}_max"]
+    assert "[" in report.table()  # "median [min-max]" cells
+
+
+def test_cpu_memory_is_the_models_own_bytes_and_reference_kernels_are_named(pico):
+    teacher, student = pico
+    report = bench({"student": student, "teacher": teacher}, contexts=[16], batches=[1], decode_tokens=2,
+                   reference="teacher", repeats=1)
+    assert report.memory_kind == "model_and_cache"
+    for name, model in (("student", student), ("teacher", teacher)):
+        run = report.run(name, 1, 16)
+        assert run.peak_memory_bytes == model_bytes(model) + run.cache_bytes
+    assert model_bytes(teacher) == sum(p.numel() * 4 for p in teacher.parameters()) + sum(
+        b.numel() * b.element_size() for b in teacher.buffers())
+    assert "model MiB" in report.table() and "peak MiB" not in report.table()
+    assert report.reference_kernels() == ["causal_conv1d", "causal_conv1d_step", "gated_rmsnorm", "ssd_chunk_scan",
+                                          "ssd_step"]  # what Mamba-2 calls, not every registered kind's ops
+    assert any("torch reference kernels" in line and "not fast" in line for line in report.notes())
+    assert report.to_dict()["reference_kernels"] == report.reference_kernels()
+
+
+def test_axis_labels_read_as_plain_numbers():
+    assert [compact_number(v) for v in (0.25, 4, 512, 1000, 1500, 16384, 2e6, 3e9)] == [
+        "0.25", "4", "512", "1K", "1.5K", "16.4K", "2M", "3G"]

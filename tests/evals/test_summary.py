@@ -23,7 +23,8 @@ def test_demo_eval_report_on_the_demo_models(tmp_path):
         assert any(line.startswith(f"| {measure}") for line in lines), measure
     cache = cells(next(line for line in lines if line.startswith("| cache KiB @ 192+8")))
     assert float(cache[2]) < float(cache[1])  # 3 of 5 layers keep a fixed-size state instead of keys/values
-    assert "mixer kernels: " in lines[-1]
+    assert any("timing wall_clock, 1 warm-up and 3 timed repeat(s)" in line for line in lines)
+    assert "torch reference kernels" in lines[-1]  # on CPU: said, since their speed is not the point
     text_report = demo_eval_report(teacher, student, tokenizer, demo_text())
     from_text = cells(text_report.splitlines()[2])
     from_ids = cells(lines[2])
