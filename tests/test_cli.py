@@ -170,3 +170,79 @@ def test_demo_runs(tmp_path):
     assert (tmp_path / "demo" / "student-distilled" / "config.json").exists()
     result = run("demo", "--help")
     assert result.exit_code == 0 and "--stories" in result.output
+
+def test_read_only_or_full_disk_is_one_line_and_leaves_nothing(teacher_dir, tmp_path, monkeypatch):
+    """A read-only output file system and a disk that fills up mid-write end in one line saying what to do."""
+    import errno
+    import os
+
+    from mixerswap.convert.checkpoint_io import SafetensorsShard
+
+    real_open = os.open
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path / "ro")):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_open(path, *args, **kwargs)
+
+    (tmp_path / "ro").mkdir()
+    out = tmp_path / "ro" / "student"
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "open", read_only)
+        assert_clean_failure(run("convert", teacher_dir("llama"), "--out", out, "-q"), out, "read-only file system",
+                             "choose an --out on a writable disk")
+
+    def disk_full(self, name, target):
+        raise OSError(errno.ENOSPC, "No space left on device", getattr(target, "name", None))
+
+    monkeypatch.setattr(SafetensorsShard, "copy_to", disk_full)
+    out = tmp_path / "full"
+    assert_clean_failure(run("convert", teacher_dir("llama"), "--out", out, "-q"), out, "no space left on the disk",
+                         "free some space")
+
+
+def test_folders_that_are_not_models_or_students_are_one_line(teacher_dir, tmp_path, monkeypatch):
+    """Invalid config.json, random files as a student, and a path typo in generate: one line each."""
+    import os
+
+    teacher = copy_teacher(teacher_dir, tmp_path)
+    (teacher / "config.json").write_text("{not json")
+    out = tmp_path / "out"
+    assert_clean_failure(run("convert", teacher, "--out", out), out, "config.json", "not a valid JSON")
+
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json"):
+        (junk / name).write_bytes(os.urandom(300))
+    assert_clean_failure(run("generate", junk, "hi"), out)
+    text = tmp_path / "d.txt"
+    text.write_text("some text\n")
+    assert_clean_failure(run("distill", junk, "--teacher", teacher_dir("llama"), "--data", text, "--stages", "kd:1k",
+                             "--out", out), out, "is not a student", "mixerswap convert")
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "students").mkdir()
+    assert_clean_failure(run("generate", "students/no_such_student", "hi"), out,
+                         "no such model folder: students/no_such_student", "not a hub id")
+
+
+def test_a_plan_that_does_not_fit_the_weights_is_one_line(teacher_dir, tmp_path):
+    out = tmp_path / "student"
+    assert run("convert", teacher_dir("llama"), "--out", out, "--calibration", "none", "-q").exit_code == 0
+    config = json.loads((out / "config.json").read_text())
+    config["plan"][0]["n_heads"] *= 2
+    (out / "config.json").write_text(json.dumps(config))
+    result = run("generate", out, "hi")
+    assert result.exit_code == 1 and [line for line in result.output.splitlines() if line.startswith("Error")] == [
+        "Error: the checkpoint's weights do not have the shapes the student's plan gives them; the plan in "
+        "config.json was edited or does not belong to these weights: convert the teacher again"], result.output
+
+
+def test_convert_warns_when_the_teacher_has_no_tokenizer(teacher_dir, tmp_path, caplog):
+    import logging
+
+    from mixerswap.convert import convert
+
+    with caplog.at_level(logging.WARNING, logger="mixerswap"):
+        convert(teacher_dir("llama"), tmp_path / "student", calibration=None, progress=False)
+    assert "has no tokenizer files, so neither has the student" in caplog.text

@@ -218,6 +218,9 @@ def convert(
                 provenance["held_out"] = held_out_perplexity(model_dir, tmp, calibration,
                                                              calibration_tokens=calibration_tokens, seed=seed)
             log_report(provenance["kv_cache"], provenance.get("held_out"))
+        if not any((model_dir / file).exists() for file in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+            logger.warning("%s has no tokenizer files, so neither has the student: copy the teacher's tokenizer into "
+                           "%s before distill, eval or generate", teacher, out)
         for file in COPIED_FILES:
             if (model_dir / file).exists():
                 shutil.copy2(model_dir / file, tmp / file)

@@ -142,13 +142,17 @@ def save_checkpoint(root: Path, model, optimizer, scheduler, progress: Progress)
     final, tmp = root / name, root / f"{name}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    save_file(model_state, str(tmp / "student.safetensors"))
-    save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
-    rng_tensors, rng_meta = rng_state()
-    save_file(rng_tensors, str(tmp / "rng.safetensors"))
-    trainer = {"format": FORMAT, "param_groups": groups, "scheduler": scheduler.state_dict(), "rng": rng_meta}
-    (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, default=_no_tensor))
-    (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
+    try:
+        save_file(model_state, str(tmp / "student.safetensors"))
+        save_file(optim_tensors, str(tmp / "optimizer.safetensors"))
+        rng_tensors, rng_meta = rng_state()
+        save_file(rng_tensors, str(tmp / "rng.safetensors"))
+        trainer = {"format": FORMAT, "param_groups": groups, "scheduler": scheduler.state_dict(), "rng": rng_meta}
+        (tmp / "trainer.json").write_text(json.dumps(trainer, indent=1, default=_no_tensor))
+        (tmp / "progress.json").write_text(json.dumps(asdict(progress), indent=1))
+    except BaseException:  # a full disk, an interrupt: the half-written folder goes, the last checkpoint stays
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)

@@ -153,7 +153,7 @@ def _read_txt(path: Path, fields: Fields, data_format: str) -> Iterator[str]:
                     yield "\n".join(block)
                     block = []
     except UnicodeDecodeError as e:
-        raise ValueError(f"cannot read data file {path}: not UTF-8 text ({e.reason})") from None
+        raise _not_utf8(path, e) from None
     if block:
         yield "\n".join(block)
 
@@ -173,7 +173,19 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
                     raise ValueError(f"{path}:{number}: a {type(record).__name__}, not a JSON object of fields")
                 yield f"{path}:{number}", record
     except UnicodeDecodeError as e:
-        raise ValueError(f"cannot read data file {path}: not UTF-8 text ({e.reason})") from None
+        raise _not_utf8(path, e) from None
+
+
+def _not_utf8(path: Path, error: UnicodeDecodeError) -> ValueError:
+    """The error for a file that is not UTF-8 text, naming its first bad line (read again, in bytes)."""
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError:
+                return ValueError(f"cannot read data file {path}: not UTF-8 text at line {number} ({error.reason}); "
+                                  "re-encode the file as UTF-8 or remove that line")
+    return ValueError(f"cannot read data file {path}: not UTF-8 text ({error.reason})")
 
 
 def _read_jsonl(path: Path, fields: Fields, data_format: str) -> Iterator[Document]:
@@ -261,8 +273,8 @@ class Documents:
     without a non-blank assistant turn, and (parquet, ``datasets``) rows with a null field.
     Problems are reported here, before any training: a missing path (``FileNotFoundError``), an
     unknown extension, a file that cannot be read, missing fields or columns (checked on each
-    file's first record; a later bad record fails when it is reached, naming file and line), and
-    data without any document (``ValueError``).
+    file's first record; a later bad record fails when it is reached, naming file and line, or at
+    once with :meth:`check`, as ``distill`` does), and data without any document (``ValueError``).
     """
 
     def __init__(self, source: str | Path, *, text_field: str = "text", split: str = "train",
@@ -340,6 +352,14 @@ class Documents:
             documents = (document for file, data_format in self._files.items() if data_format is not None
                          for document in READERS[file.suffix](file, self.fields, data_format))
         return _texts(documents)
+
+    def check(self) -> int:
+        """Read every local file to its end, so that a bad line anywhere (not UTF-8, a record without
+        the field) fails now rather than when training reaches it; the number of documents. A
+        ``datasets`` source is checked by its columns only (it may be streamed or large)."""
+        if self._dataset is not None:
+            return 0
+        return sum(1 for _ in self)
 
     def __repr__(self) -> str:
         return f"Documents({self.source!r}, formats={sorted(self.formats)})"

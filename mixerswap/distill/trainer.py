@@ -35,7 +35,13 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .. import __version__
-from ..convert.checkpoint_io import atomic_output_dir, check_output, folder_fingerprint, output_lock
+from ..convert.checkpoint_io import (
+    atomic_output_dir,
+    check_output,
+    folder_fingerprint,
+    output_lock,
+    refuse_non_finite,
+)
 from ..convert.gguf import hf_model_path
 from .checkpoint import (
     Progress,
@@ -127,11 +133,17 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     out = check_output(recipe.out, overwrite=overwrite,
                        inputs=(recipe.student, recipe.teacher, recipe.data, recipe.teacher_cache))
     work = work_dir(out)
+    student_config = _check_student(recipe.student)
     teacher_path = hf_model_path(recipe.teacher)  # a .gguf teacher: its dequantized HF folder
-    _check_teacher_identity(recipe, teacher_path)
+    _check_teacher_identity(recipe, student_config, teacher_path)
     if not resume and latest_checkpoint(work / "checkpoints") is not None:
         raise FileExistsError(f"{work} holds checkpoints of an earlier run; pass --resume to continue it "
                               "or delete that folder to start over")
+    # all of the data is read once now, so a bad line anywhere stops the run before it starts
+    documents = read_documents(recipe.data, text_field=recipe.text_field, prompt_field=recipe.prompt_field,
+                               response_field=recipe.response_field, messages_field=recipe.messages_field,
+                               data_format=recipe.data_format)
+    documents.check()
 
     matrix = any(s.name == "align" and s.mode == "matrix" for s in recipe.stages)
     _forget_other_precision(recipe.mixed_precision)
@@ -149,13 +161,12 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     teacher = AutoModelForCausalLM.from_pretrained(teacher_path, dtype=teacher_dtype,
                                                    **({"attn_implementation": "eager"} if matrix else {}))
     teacher = teacher.eval().requires_grad_(False)
+    refuse_non_finite(student, f"student {recipe.student}")
+    refuse_non_finite(teacher, f"teacher {recipe.teacher}")
     check_vocab(teacher.config, student.config)
     tokenizer = _load_tokenizer(recipe.student, teacher_path)
     check_seq_len(recipe.seq_len, teacher.config)
 
-    documents = read_documents(recipe.data, text_field=recipe.text_field, prompt_field=recipe.prompt_field,
-                               response_field=recipe.response_field, messages_field=recipe.messages_field,
-                               data_format=recipe.data_format)
     train_docs, held_out = held_out_split(documents, recipe.held_out_docs)
     eval_rows = _eval_rows(held_out, tokenizer, recipe.seq_len)
     ppl_before = _perplexity(lambda o, b: o(b), HeldOutNLL(student), eval_rows, device)
@@ -174,6 +185,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     else:
         torch.manual_seed(recipe.seed)
     metrics_path = work / "metrics.jsonl"
+    if resume and accelerator.is_main_process:
+        _forget_metrics_after(metrics_path, state.global_step)
     work.mkdir(parents=True, exist_ok=True)
 
     world, rank, main = engine.world, engine.rank, accelerator.is_main_process
@@ -219,7 +232,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
                 with engine.sync(model, micro == len(micros) - 1):
                     with engine.autocast():
                         loss = model(batch, key=f"stage{stage_index}-step{step:08d}-micro{micro}-rank{rank}")
-                    _check_finite(loss, step, config, ckpt_root)
+                    _check_finite(loss, step, config, ckpt_root, stage, batch, engine)
                     engine.backward(loss / recipe.grad_accum)
                 parts = stage.metrics
                 step_loss += loss.item() / recipe.grad_accum
@@ -261,8 +274,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
                         config.name, ppl, ppl_teacher, ppl_before)
             if main:
                 with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"stage": config.name, "event": "stage_end", "held_out_perplexity": ppl,
-                                        "teacher_perplexity": ppl_teacher}) + "\n")
+                    f.write(json.dumps({"stage": config.name, "event": "stage_end", "global_step": state.global_step,
+                                        "held_out_perplexity": ppl, "teacher_perplexity": ppl_teacher}) + "\n")
 
     if lora_added:
         merge_lora(student)
@@ -301,26 +314,74 @@ def _unwrap(obj):
     return obj.scheduler if isinstance(obj, AcceleratedScheduler) else obj
 
 
-def _check_finite(loss: torch.Tensor, step: int, config: StageConfig, ckpt_root: Path) -> None:
-    """Stop on a NaN/inf loss, on every rank together when one of them sees it."""
+def _check_finite(loss: torch.Tensor, step: int, config: StageConfig, ckpt_root: Path, stage, batch: dict,
+                  engine) -> None:
+    """Stop on a NaN/inf loss, on every rank together when one of them sees it, saying which side went
+    non-finite: the teacher's outputs on this batch (its weights or precision), or the student."""
     bad = torch.tensor(float(not torch.isfinite(loss.detach()).item()), device=loss.device)
     if dist.is_initialized():
         dist.all_reduce(bad)
-    if bad.item():
-        last = latest_checkpoint(ckpt_root)
-        raise DistillError(
-            f"loss became {loss.item()} at step {step + 1} of stage {config.name}; stopping. "
-            f"Last good checkpoint: {last or 'none yet'}. Try a lower learning rate for this stage "
-            "or mixed_precision 'no'."
-        )
-
-
-def _check_teacher_identity(recipe: DistillRecipe, teacher_path) -> None:
-    """Refuse a teacher whose weights are not those the student was converted from, unless allowed."""
-    config = Path(recipe.student) / "config.json"
-    if recipe.allow_other_teacher or not config.is_file():
+    if not bad.item():
         return
-    recorded = (json.loads(config.read_text()).get("conversion") or {}).get("teacher_fingerprint")
+    with torch.no_grad(), engine.autocast():
+        hidden = stage.teacher("hidden", {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")})
+    teacher_bad = torch.tensor(float(not torch.isfinite(hidden).all().item()), device=loss.device)
+    if dist.is_initialized():
+        dist.all_reduce(teacher_bad)
+    last = latest_checkpoint(ckpt_root)
+    where = f"loss became {loss.item()} at step {step + 1} of stage {config.name}; stopping. "
+    kept = f"Last good checkpoint: {last or 'none yet'}."
+    if teacher_bad.item():
+        raise DistillError(f"{where}The teacher's own outputs are NaN/inf on this batch (the student is not at "
+                           f"fault): its weights or its precision are; try mixed_precision 'no' (an fp32 teacher) "
+                           f"or check the teacher's checkpoint. {kept}")
+    raise DistillError(f"{where}The teacher's outputs are finite, so the student's went non-finite: try a lower "
+                       f"learning rate for this stage or mixed_precision 'no'. {kept}")
+
+
+def _forget_metrics_after(path: Path, global_step: int) -> None:
+    """On resume, drop the lines a crashed run logged after the checkpoint it resumes from; the steps
+    are run again and logged again, so every step has exactly one line."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
+
+
+def _check_student(student) -> dict:
+    """The config of a student folder, read before anything is loaded: a folder that is not a mixerswap
+    student (a plain teacher, random files) is refused at once, saying what it is."""
+    folder = Path(student)
+    config = folder / "config.json"
+    if not folder.is_dir():
+        text = str(student)
+        if folder.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1 or Path(folder.parts[0]).is_dir():
+            raise FileNotFoundError(f"no such student folder: {student}")
+        return {}  # a hub id: the model class itself refuses a config that is not a student's
+    if not config.is_file():
+        raise ValueError(f"{student} has no config.json, so it is not a student; `mixerswap convert TEACHER --out "
+                         "DIR` makes students")
+    try:
+        settings = json.loads(config.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{config} is not valid JSON ({err}), so {student} is not a student; `mixerswap convert "
+                         "TEACHER --out DIR` makes students") from None
+    kind = settings.get("model_type") if isinstance(settings, dict) else None
+    if kind != "mixerswap" or not settings.get("teacher_config"):
+        what = f"a {kind!r} model" if kind and kind != "mixerswap" else "not a complete student config"
+        raise ValueError(f"{student} is {what}, not a mixerswap student; `mixerswap convert TEACHER --out DIR` "
+                         "makes students from a teacher")
+    return settings
+
+
+def _check_teacher_identity(recipe: DistillRecipe, student_config: dict, teacher_path) -> None:
+    """Refuse a teacher whose weights are not those the student was converted from, unless allowed."""
+    if recipe.allow_other_teacher:
+        return
+    recorded = (student_config.get("conversion") or {}).get("teacher_fingerprint")
     found = folder_fingerprint(teacher_path) if recorded else None
     if found is not None and found != recorded:
         raise ValueError(f"teacher {recipe.teacher} is not the model {recipe.student} was converted from (weights "

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
+from ..convert.checkpoint_io import check_output
 from .harness import lm_eval_table, resolve_tasks, run_lm_eval
 from .lengths import check_lengths, position_limit
 from .loading import load_config, load_model, model_labels
@@ -110,6 +112,9 @@ def evaluate(model_path: str | Path, options: EvalOptions, *, vs: str | Path | N
     """Run what ``options`` asks for on ``model_path`` and on ``vs``; write results (see module docstring)."""
     if not (options.tasks or options.perplexity or options.passkey or options.needle or options.mqar):
         raise ValueError("nothing to evaluate: give --tasks, --perplexity, --passkey, --needle or --mqar")
+    # results go beside the inputs, never over them (the models, the text, task folders)
+    check_output(out, overwrite=True, inputs=(model_path, vs, options.perplexity, options.haystack,
+                                              *options.tasks, *options.include_path))
     selection = resolve_tasks(options.tasks, options.include_path) if options.tasks else None
     documents = read_documents(options.perplexity) if options.perplexity else None
     if options.haystack and not options.haystack.is_file():
@@ -171,9 +176,16 @@ def evaluate(model_path: str | Path, options: EvalOptions, *, vs: str | Path | N
     report.out.mkdir(parents=True, exist_ok=True)
     if probe_rows:
         report.plots.append(plot_probes(probe_rows, report.out / "probes.png"))
-    (report.out / "results.json").write_text(json.dumps(results, indent=1))
-    (report.out / "summary.md").write_text(report.text() + "\n")
+    _write_whole(report.out / "results.json", json.dumps(results, indent=1))
+    _write_whole(report.out / "summary.md", report.text() + "\n")
     return report
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def perplexity_table(by_model: dict[str, dict]) -> str:

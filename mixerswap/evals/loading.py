@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..convert.checkpoint_io import refuse_non_finite
 from ..generation import check_model_path, load_model_and_tokenizer
 
 
 def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = None):
-    """``(model, tokenizer or None)`` in eval mode, from a local folder or hub id."""
-    return load_model_and_tokenizer(path, dtype=dtype, device=device, require_tokenizer=False)
+    """``(model, tokenizer or None)`` in eval mode, from a local folder or hub id; a model with NaN or inf
+    weights is refused (its scores would mean nothing)."""
+    model, tokenizer = load_model_and_tokenizer(path, dtype=dtype, device=device, require_tokenizer=False)
+    refuse_non_finite(model, str(path))
+    return model, tokenizer
 
 
 def load_config(path: str | Path):

@@ -90,6 +90,13 @@ def test_resume_after_crash_is_bit_exact(setup, tmp_path):
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+    # the steps the crashed run logged after its last checkpoint are logged once, by the resumed run
+    logs = {run: [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+            for run in "ab"}
+    steps = {run: [(line["stage"], line.get("step"), line.get("loss")) for line in lines]
+             for run, lines in logs.items()}
+    assert [line["global_step"] for line in logs["b"] if "loss" in line] == list(range(1, 25))
+    assert steps["a"] == steps["b"]
 
 
 def test_nan_loss_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
@@ -105,7 +112,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
 
     monkeypatch.setattr(stages_module.HiddenStage, "loss", poisoned)
     settings = recipe(setup, tmp_path / "out", parse_stages("align:1k,hidden:4k"))
-    with pytest.raises(DistillError, match="loss became nan at step 3 of stage hidden.*Last good checkpoint"):
+    with pytest.raises(DistillError, match="loss became nan at step 3 of stage hidden.*teacher's outputs are finite, "
+                                           "so the student's went non-finite.*Last good checkpoint"):
         run_distill(settings, progress=False)
     assert not (tmp_path / "out").exists()
     assert (tmp_path / "out.work" / "checkpoints" / "latest").exists()
@@ -127,17 +135,67 @@ def assert_one_line_error(result, fragment):
         ({"data": "missing.jsonl"}, "missing.jsonl"),
         ({"data": "empty.txt"}, "empty"),
         ({"seq_len": 100000}, "seq_len"),
+        ({"data": "late-bad-byte.txt"}, "late-bad-byte.txt: not UTF-8 text at line 301"),
+        ({"data": "late-no-text.jsonl"}, "late-no-text.jsonl:301: no field 'text'"),
     ],
-    ids=["unreadable-data", "empty-data", "seq-len"],
+    ids=["unreadable-data", "empty-data", "seq-len", "bad-utf8-mid-file", "jsonl-line-without-text"],
 )
 def test_bad_inputs_fail_before_training(setup, tmp_path, change, fragment):
+    """Every input is checked before training starts, the whole data included (a bad line far into a
+    file): one line naming it, and no output or work folder left."""
     (tmp_path / "empty.txt").write_text("\n\n")
+    (tmp_path / "late-bad-byte.txt").write_bytes(b"a fine line of text\n\n" * 150 + b"caf\xe9 \xff\n")
+    (tmp_path / "late-no-text.jsonl").write_text('{"text": "fine"}\n' * 300 + '{"txt": "oops"}\n')
     args = {"teacher": setup["teacher"], "data": setup["data"], "seq_len": 32}
     args.update({k: (tmp_path / v if k == "data" else v) for k, v in change.items()})
     result = run_cli("distill", setup["student"], "--teacher", args["teacher"], "--data", args["data"],
                      "--stages", "align:1k", "--seq-len", args["seq_len"], "--out", tmp_path / "out", "-q")
     assert_one_line_error(result, fragment)
-    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work" / "checkpoints").exists()
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
+def test_a_non_finite_teacher_is_blamed_in_one_line(setup, tmp_path, monkeypatch):
+    """A teacher whose outputs turn NaN stops training with one line (no traceback) that says the teacher,
+    not the learning rate, is at fault."""
+    from mixerswap.distill.teacher import TeacherModel
+
+    real, calls = TeacherModel.forward, {"n": 0}
+
+    def poisoned(self, mode, inputs, *args, **kwargs):
+        out = real(self, mode, inputs, *args, **kwargs)
+        calls["n"] += mode == "hidden"
+        return out * float("nan") if mode == "hidden" and calls["n"] >= 3 else out
+
+    monkeypatch.setattr(TeacherModel, "forward", poisoned)
+    result = run_cli("distill", setup["student"], "--teacher", setup["teacher"], "--data", setup["data"], "--stages",
+                     "kd:2k", "--seq-len", "32", "--batch-size", "4", "--held-out-docs", "2", "--out", tmp_path / "out",
+                     "-q")
+    assert_one_line_error(result, "The teacher's own outputs are NaN/inf on this batch")
+    assert "Traceback" not in result.output and not (tmp_path / "out").exists()
+
+
+def test_a_full_disk_keeps_the_last_checkpoint_and_says_resume(setup, tmp_path, monkeypatch):
+    import errno
+
+    from mixerswap.distill import checkpoint
+
+    real, calls = checkpoint.save_file, {"n": 0}
+
+    def fills_up(tensors, path, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3:  # the second checkpoint finds the disk full
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real(tensors, path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "save_file", fills_up)
+    result = run_cli("distill", setup["student"], "--teacher", setup["teacher"], "--data", setup["data"], "--stages",
+                     "align:2k", "--seq-len", "32", "--batch-size", "4", "--held-out-docs", "2",
+                     "--checkpoint-every", "2", "--out", tmp_path / "out", "-q")
+    assert_one_line_error(result, "no space left on the disk")
+    assert "step-00000002 is kept" in result.output and "--resume" in result.output
+    checkpoints = tmp_path / "out.work" / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-00000002"]
+    assert not (tmp_path / "out").exists()
 
 
 def test_vocab_mismatch_is_caught(setup, tmp_path, teacher_dir):
