@@ -233,9 +233,11 @@ def test_a_plan_that_does_not_fit_the_weights_is_one_line(teacher_dir, tmp_path)
     config["plan"][0]["n_heads"] *= 2
     (out / "config.json").write_text(json.dumps(config))
     result = run("generate", out, "hi")
-    assert result.exit_code == 1 and [line for line in result.output.splitlines() if line.startswith("Error")] == [
-        "Error: the checkpoint's weights do not have the shapes the student's plan gives them; the plan in "
-        "config.json was edited or does not belong to these weights: convert the teacher again"], result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert result.exit_code == 1 and len(errors) == 1, result.output
+    assert errors[0].startswith("Error: the checkpoint's weights do not have the shapes the student's plan gives "
+                                "them (layer 0, mamba2: ") and "in the checkpoint, the plan's settings give" in errors[0]
+    assert errors[0].endswith("was edited or does not belong to these weights: convert the teacher again")
 
 
 def test_convert_warns_when_the_teacher_has_no_tokenizer(teacher_dir, tmp_path, caplog):

@@ -90,8 +90,9 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         except RuntimeError as err:
             if "mismatch" not in str(err):
                 raise
-            raise ValueError("the checkpoint's weights do not have the shapes the student's plan gives them; the "
-                             "plan in config.json was edited or does not belong to these weights: convert the "
+            raise ValueError("the checkpoint's weights do not have the shapes the student's plan gives them"
+                             f"{_first_mismatch(cls, args[0] if args else kwargs.get('pretrained_model_name_or_path'))}"
+                             "; the plan in config.json was edited or does not belong to these weights: convert the "
                              "teacher again") from None
         tied = set(getattr(model, "all_tied_weights_keys", None) or {})
         missing = sorted(set(info.get("missing_keys", ())) - tied)
@@ -198,6 +199,32 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         write_remote_code(save_directory)
+
+
+def _first_mismatch(cls, folder) -> str:
+    """`` (layer 0, mamba2: in_proj.weight is [160, 32] in the checkpoint, the plan gives [192, 32])`` for the
+    first weight whose stored shape differs from the plan's, or ``""`` when it cannot be told."""
+    try:
+        from safetensors import safe_open
+
+        config = cls.config_class.from_pretrained(folder)
+        with torch.device("meta"):
+            shapes = {n: list(t.shape) for n, t in cls(config).state_dict().items()}
+        for path in sorted(Path(folder).glob("*.safetensors")):
+            with safe_open(path, "pt") as f:
+                for name in f.keys():
+                    stored = list(f.get_slice(name).get_shape())
+                    if name in shapes and shapes[name] != stored:
+                        match = re.search(r"layers\.(\d+)\.[^.]+\.(.+)$", name)
+                        if not match:
+                            return f" ({name} is {stored} in the checkpoint, the plan gives {shapes[name]})"
+                        idx = int(match.group(1))
+                        kind = config.plan[idx].get("kind", "?") if idx < len(config.plan) else "?"
+                        return (f" (layer {idx}, {kind}: {match.group(2)} is {stored} in the checkpoint, the plan's "
+                                f"settings give {shapes[name]})")
+    except Exception:  # the plain message still holds
+        return ""
+    return ""
 
 
 def lm_logits(model, hidden_states: torch.Tensor) -> torch.Tensor:
