@@ -49,13 +49,8 @@ RESULTS = Path(__file__).parent / "results"
 
 def rows_for(teacher_config) -> dict[str, dict]:
     """Every student of the table: kind, attention kept, selection, settings, or a plan."""
-    head_dim = getattr(teacher_config, "head_dim", None) or teacher_config.hidden_size // teacher_config.num_attention_heads
-    kv = 2 * teacher_config.num_key_value_heads * head_dim  # the teacher's cached values per token and layer
-    rope_dim = head_dim // 2
-
-    def mla(fraction: float) -> dict:
-        return {"to": "mla", "keep": 0.0, "kv_fraction": fraction,
-                "settings": {"kv_rank": int(fraction * kv) - rope_dim, "rope_dim": rope_dim, "rope_heads": 1}}
+    def mla(fraction: float) -> dict:  # ranks per layer chosen under the budget (convert's kv_budget)
+        return {"to": "mla", "keep": 0.0, "kv_fraction": fraction, "settings": {"kv_budget": fraction}}
 
     rows = {f"mamba2-{int(k * 100)}": {"to": "mamba2", "keep": k} for k in (0.5, 0.25, 0.0)}
     rows |= {f"mamba2-{int(k * 100)}-kl": {"to": "mamba2", "keep": k, "select": "kl"} for k in (0.5, 0.25)}
