@@ -17,6 +17,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
 
 from ..architectures import MixerSwapConfig, family_for
 from ..architectures.plan import parse_layer
+from ..convert.adapters import AttentionShape
 
 
 class ExportError(ValueError):
@@ -36,6 +37,10 @@ class Issue:
     approximable: bool = True
 
 
+# teacher families whose blocks are Llama-shaped (RMSNorm pre-norms, SwiGLU MLP): what the stock classes build
+LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
 class StockFormat:
     """One stock ``transformers`` architecture a student can be written as; see the module docstring."""
 
@@ -50,6 +55,7 @@ class StockFormat:
         self.family = family_for(self.teacher.model_type)
         self.plan = [parse_layer(entry, i) for i, entry in enumerate(config.plan)]
         self.names = names
+        self.shape = AttentionShape.from_config(self.teacher)
 
     def issues(self) -> list[Issue]:
         raise NotImplementedError

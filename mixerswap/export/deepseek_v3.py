@@ -38,12 +38,11 @@ import torch
 from transformers import DeepseekV3Config
 
 from ..architectures.plan import ATTENTION
-from ..convert.adapters import AttentionShape, attention_tensor_names, read_attention
+from ..convert.adapters import attention_tensor_names, read_attention
 from ..convert.converters import AttentionLayout
 from ..convert.mla import CONVERTER as MLA_CONVERTER
-from .base import Issue, StockFormat, common_config, like, teacher_rotary
+from .base import LLAMA_SHAPED, Issue, StockFormat, common_config, like, teacher_rotary
 
-LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 STATIC_ROPE = ("default", "linear", "llama3", "yarn")
 CONSTANT_MARGIN = 2.0**16
 
@@ -58,7 +57,6 @@ class DeepseekV3Format(StockFormat):
 
     def __init__(self, config, names):
         super().__init__(config, names)
-        self.shape = AttentionShape.from_config(self.teacher)
         self.layers = [settings if kind == "mla" else self._exact_settings(i) if kind == ATTENTION else None
                        for i, (kind, settings) in enumerate(self.plan)]
         first = next((s for s in self.layers if s is not None), None)

@@ -28,11 +28,10 @@ from transformers import GraniteMoeHybridConfig
 
 from ..architectures.mixers.gdn import SILU_INVERSE_OF_ONE
 from ..architectures.plan import ATTENTION
-from ..convert.adapters import AttentionShape, attention_tensor_names, read_attention
+from ..convert.adapters import attention_tensor_names, read_attention
 from ..convert.mla import rotary_width
-from .base import Issue, StockFormat, common_config, like, sliding_window_layers
+from .base import LLAMA_SHAPED, Issue, StockFormat, common_config, like, sliding_window_layers
 
-LLAMA_SHAPED = ("llama", "mistral", "qwen2", "qwen3", "phi3")
 
 
 class GraniteMoeHybridFormat(StockFormat):
@@ -45,7 +44,6 @@ class GraniteMoeHybridFormat(StockFormat):
 
     def __init__(self, config, names):
         super().__init__(config, names)
-        self.shape = AttentionShape.from_config(self.teacher)
         self.mamba = next((s for kind, s in self.plan if kind == "mamba2"), None)
         roles = [attention_tensor_names(self.family, i) for i in range(len(self.plan))]
         self.attn_bias = any(names & {r.get("q_bias"), r.get("qkv_bias"), r.get("o_bias")} for r in roles)
