@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import shlex
 import sys
 from pathlib import Path
@@ -16,18 +15,22 @@ EXPECTED_ERRORS = (ValueError, KeyError, OSError)  # bad input; files and disks 
 
 
 def setup_logging(quiet: bool) -> None:
+    """INFO logs, unless ``-q`` or on a process other than rank 0 of torchrun (warnings only). Libraries'
+    progress bars are off then too, and when stderr is not a terminal (ours write plain lines there:
+    :mod:`mixerswap.progress`)."""
+    from .progress import is_main_process, is_terminal, silence_library_bars
+
+    main = is_main_process()
     logging.basicConfig(
-        level=logging.WARNING if quiet else logging.INFO,
+        level=logging.WARNING if quiet or not main else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         force=True,
     )
     for noisy in ("httpx", "huggingface_hub", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if quiet:
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
+    if quiet or not main or not is_terminal(sys.stderr):
+        silence_library_bars()
 
 
 def user_errors(fn):
@@ -232,6 +235,7 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
     setup_logging(quiet)
     from .distill.recipe import DistillRecipe, parse_stages
     from .distill.trainer import run_distill
+    from .progress import is_main_process
 
     options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
                "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
@@ -257,7 +261,7 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
         raise click.ClickException(f"no space left on the disk while writing {err.filename or settings.out}; the last "
                                    f"good checkpoint {last} is kept: free some space, then run the same command "
                                    "with --resume") from None
-    if os.environ.get("RANK", "0") == "0":  # one line per run, not per process
+    if is_main_process():  # one line per run, not per process
         stages = "".join(f" -> {_fmt(s['perplexity'])} ({s['stage']})" for s in result.stage_perplexity)
         click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)}{stages}; "
                    f"teacher {_fmt(result.perplexity_teacher)}")
@@ -401,7 +405,7 @@ def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot,
         mqar=mqar or bool(mqar_lengths), mqar_lengths=mqar_lengths, mqar_pairs=mqar_pairs, probe_samples=samples,
         seed=seed, dtype=dtype, device=device,
     )
-    report = evaluate(model, options, vs=vs, out=out, echo=(lambda _: None) if quiet else click.echo)
+    report = evaluate(model, options, vs=vs, out=out, echo=(lambda _: None) if quiet else click.echo, progress=not quiet)
     click.echo(report.text())
     click.echo(f"wrote {report.out / 'results.json'}" + "".join(f", {p}" for p in report.plots))
 

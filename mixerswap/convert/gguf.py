@@ -39,7 +39,9 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     """The cached HF folder of ``gguf``, made on first use (see the module docstring)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    from ..progress import library_bars
     from .checkpoint_io import atomic_output_dir
 
     stat = gguf.stat()
@@ -49,7 +51,9 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
         return folder
     logger.info("reading %s (dequantizing; once, cached in %s)", gguf, folder)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # its de-quantizing bar is a plain tqdm that ignores transformers' switch (off under -q and in logs)
+    with library_bars(["transformers.modeling_gguf_pytorch_utils"], enabled=hf_logging.is_progress_bar_enabled()):
+        loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..architectures import MixerSwapForCausalLM, family_for
+from ..progress import progress_bar
 from .calibration import describe_calibration, load_calibration_rows, load_teacher_fp32, output_match, record_layer_stats
 from .checkpoint_io import resolve_model_dir
 from .selection import evenly_spaced
@@ -189,7 +189,7 @@ def score_layers(
                        "scores", teacher_mqar, MQAR_MIN_TEACHER_ACCURACY)
 
     scores = []
-    for i in tqdm(range(num_layers), desc="score layers", disable=not progress):
+    for i in progress_bar(range(num_layers), desc="score layers", enabled=progress):
         model = swap.use({i})
         with torch.no_grad():
             out, _ = swap.mixers[i](stats[i].inputs, **stats[i].kwargs)
@@ -222,7 +222,7 @@ def _greedy(selection: Selection, swap: _Swapper, rows, reference, batch_size: i
     if not adding:
         kept = set(everything)
     steps = count if adding else num_layers - count
-    for _ in tqdm(range(steps), desc="greedy set", disable=not progress):
+    for _ in progress_bar(range(steps), desc="greedy set", enabled=progress):
         candidates = sorted(everything - kept if adding else kept)
         trials = {}
         for i in candidates:

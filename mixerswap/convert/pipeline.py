@@ -20,7 +20,6 @@ import torch
 import transformers
 import yaml
 from pydantic import ValidationError
-from tqdm.auto import tqdm
 from transformers import AutoConfig
 
 from .. import __version__
@@ -28,6 +27,7 @@ from ..architectures import MixerSwapConfig, MixerSwapForCausalLM, describe_plan
 from ..architectures.mixers import mixer_kind, registered_kinds
 from ..architectures.modeling import AUTO_MAP, write_remote_code
 from ..architectures.plan import ATTENTION, PlanError, describe_validation_error, parse_layer
+from ..progress import progress_bar
 from .adapters import AttentionShape, attention_tensor_names, read_attention
 from .checkpoint_io import (
     CheckpointError,
@@ -188,7 +188,7 @@ def convert(
     with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         writer = ShardedWriter(tmp, parse_size(max_shard_size))
         total = sum(e.end - e.begin for s in shards for e in s.entries.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not progress) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc="convert", enabled=progress) as bar:
             for shard in shards:
                 for name, entry in shard.entries.items():
                     bar.update(entry.end - entry.begin)

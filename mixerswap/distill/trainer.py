@@ -32,7 +32,6 @@ import torch
 import torch.distributed as dist
 import yaml
 from torch import nn
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..convert.checkpoint_io import (
@@ -43,6 +42,7 @@ from ..convert.checkpoint_io import (
     refuse_non_finite,
 )
 from ..convert.gguf import hf_model_path
+from ..progress import progress_bar
 from .checkpoint import (
     Progress,
     full_model_state,
@@ -217,7 +217,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
             loader.load_state_dict(state.loader_state)
         batches = iter(loader)
         student.train()
-        bar = tqdm(total=total_steps, initial=start, desc=f"{config.name}", disable=not (progress and main))
+        bar = progress_bar(total=total_steps, initial=start, desc=f"{config.name}", enabled=progress and main)
         started, tokens_at_start = time.perf_counter(), state.tokens_seen
         for step in range(start, total_steps):
             micros = list(islice(batches, recipe.grad_accum))

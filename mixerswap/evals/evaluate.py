@@ -108,8 +108,9 @@ def _check_model(path: str, options: EvalOptions, label: str) -> None:
 
 
 def evaluate(model_path: str | Path, options: EvalOptions, *, vs: str | Path | None = None,
-             out: str | Path = "eval-results", echo=print) -> EvalReport:
-    """Run what ``options`` asks for on ``model_path`` and on ``vs``; write results (see module docstring)."""
+             out: str | Path = "eval-results", echo=print, progress: bool = True) -> EvalReport:
+    """Run what ``options`` asks for on ``model_path`` and on ``vs``; write results (see module docstring).
+    ``progress``: lm-eval's progress bars."""
     if not (options.tasks or options.perplexity or options.passkey or options.needle or options.mqar):
         raise ValueError("nothing to evaluate: give --tasks, --perplexity, --passkey, --needle or --mqar")
     # results go beside the inputs, never over them (the models, the text, task folders)
@@ -137,7 +138,7 @@ def evaluate(model_path: str | Path, options: EvalOptions, *, vs: str | Path | N
             echo(f"{label}: lm-eval {', '.join(selection.names)}")
             results["lm_eval"][label] = run_lm_eval(
                 model, tokenizer, selection, batch_size=options.batch_size, limit=options.limit,
-                num_fewshot=options.num_fewshot, bootstrap_iters=options.bootstrap_iters)
+                num_fewshot=options.num_fewshot, bootstrap_iters=options.bootstrap_iters, progress=progress)
         if documents is not None:
             echo(f"{label}: perplexity of {options.perplexity}")
             results["perplexity"][label] = perplexity(

@@ -23,12 +23,16 @@ import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..progress import library_bars
 from . import TASKS_DIR
 from .tables import delta, format_table, format_value
 
 logger = logging.getLogger(__name__)
 RESULT_SKIP = {"alias", "name", "sample_len", " "}
 OFFLINE_VARIABLES = ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+# lm-eval's modules that draw bars with their own ``tqdm`` name; "tqdm" itself for the stderr bootstrap,
+# which imports ``tqdm.tqdm`` inside the function
+LM_EVAL_BAR_MODULES = ["lm_eval.api.model", "lm_eval.api.task", "lm_eval.models.huggingface", "tqdm"]
 
 
 class _DropCustomDatasetHint(logging.Filter):
@@ -131,10 +135,12 @@ def _quiet_git_hash():
 
 
 def run_lm_eval(model, tokenizer, selection: TaskSelection, *, batch_size: int = 8, limit: int | float | None = None,
-                num_fewshot: int | None = None, bootstrap_iters: int = 100000, log_samples: bool = False) -> dict:
+                num_fewshot: int | None = None, bootstrap_iters: int = 100000, log_samples: bool = False,
+                progress: bool = True) -> dict:
     """``simple_evaluate`` on ``model``; returns lm-eval's result dict made JSON-safe (no samples unless asked).
 
-    Seeds (few-shot sampling and the like) are lm-eval's defaults, as in its command line.
+    Seeds (few-shot sampling and the like) are lm-eval's defaults, as in its command line. lm-eval's
+    progress bars are :func:`mixerswap.progress.progress_bar`\ s (plain lines in a log; off without ``progress``).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM
@@ -144,7 +150,7 @@ def run_lm_eval(model, tokenizer, selection: TaskSelection, *, batch_size: int =
         raise ValueError("lm-eval tasks need a tokenizer, and the model folder has none")
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", batch_size=batch_size)
     try:
-        with _quiet_git_hash():
+        with _quiet_git_hash(), library_bars(LM_EVAL_BAR_MODULES, enabled=progress):
             results = lm_eval.simple_evaluate(
                 model=lm, tasks=selection.names, task_manager=selection.task_manager(), limit=limit,
                 num_fewshot=num_fewshot, bootstrap_iters=bootstrap_iters, log_samples=log_samples,

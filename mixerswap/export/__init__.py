@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 import transformers
-from tqdm.auto import tqdm
 
 from .. import __version__
 from ..architectures import ATTENTION, MixerSwapConfig, describe_plan
@@ -38,6 +37,7 @@ from ..convert.checkpoint_io import (
     parse_size,
 )
 from ..convert.pipeline import COPIED_FILES
+from ..progress import progress_bar
 from .base import ExportError, Issue, StockFormat
 from .deepseek_v3 import DeepseekV3Format
 from .granitemoehybrid import GraniteMoeHybridFormat
@@ -154,7 +154,7 @@ def export_student(
     with atomic_output_dir(out, overwrite=overwrite, inputs=(student_dir,)) as tmp:
         writer = ShardedWriter(tmp, parse_size(max_shard_size))
         total = sum(e.end - e.begin for s in shards for e in s.entries.values())
-        with tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
+        with progress_bar(total=total, unit="B", unit_scale=True, desc="export", enabled=progress) as bar:
             for shard in shards:
                 for name, entry in shard.entries.items():
                     bar.update(entry.end - entry.begin)

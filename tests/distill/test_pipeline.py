@@ -241,17 +241,22 @@ def test_lora_on_kept_attention_is_merged_and_resumable(setup, tmp_path):
 
 
 def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
-    """`torchrun --nproc_per_node 2` (CPU, gloo): each rank takes half of every batch, gradients are averaged."""
+    """`torchrun --nproc_per_node 2` (CPU, gloo): each rank takes half of every batch, gradients are averaged;
+    only rank 0 logs, draws progress (plain lines: stderr is a pipe) and says "wrote"."""
     import subprocess
     import sys
 
     common = ["distill", str(setup["student"]), "--teacher", str(setup["teacher"]), "--data", str(setup["data"]),
-              "--stages", "align:1k,hidden:1k,kd:1k", "--seq-len", "32", "--held-out-docs", "2", "-q"]
-    assert run_cli(*common, "--batch-size", "8", "--out", tmp_path / "one").exit_code == 0
+              "--stages", "align:1k,hidden:1k,kd:1k", "--seq-len", "32", "--held-out-docs", "2"]
+    assert run_cli(*common, "--batch-size", "8", "--out", tmp_path / "one", "-q").exit_code == 0
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                            "--master_port", "29533", "-m", "mixerswap", *common, "--batch-size", "4",
                            "--out", str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("wrote ") == 1 and proc.stderr.count("trainer: wrote ") == 1, proc.stdout + proc.stderr
+    assert "\r" not in proc.stderr
+    for stage in ("align", "hidden", "kd"):
+        assert sum(line.startswith(f"{stage}: ") for line in proc.stderr.splitlines()) == 1, proc.stderr
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     for name in one:
