@@ -342,6 +342,25 @@ def demo(out, stories, distill_tokens, quiet):
     run_demo(out, stories=stories, distill_tokens=distill_tokens, progress=not quiet, echo=click.echo)
 
 
+@main.command()
+@click.option("--path", "folder_only", is_flag=True, help="Print only the folder, for lm_eval's --include_path.")
+def tasks(folder_only):
+    """List the offline lm-eval tasks shipped with mixerswap, and the folder that holds them.
+
+    `mixerswap eval --tasks NAME` finds them by itself; plain lm-eval needs the folder:
+    lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True --tasks mixerswap_stories
+    --include_path "$(mixerswap tasks --path)"
+    """
+    from .evals import TASKS_DIR, bundled_tasks
+
+    if folder_only:
+        click.echo(TASKS_DIR)
+        return
+    for tag, names in bundled_tasks().items():
+        click.echo(f"{tag}: {', '.join(names)}")
+    click.echo(f"folder (lm_eval --include_path): {TASKS_DIR}")
+
+
 def _lengths_option(ctx, param, value):
     """Click callback: ``1k,4k`` → ``[1024, 4096]`` (None stays None)."""
     from .evals.lengths import parse_lengths

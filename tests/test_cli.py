@@ -54,6 +54,18 @@ def test_mixed_plan_and_extra_setting_options(teacher_dir, tmp_path):
     assert (entry["chunk_size"], entry["norm"]) == (16, "rms")
 
 
+def test_tasks_command_lists_the_bundled_tasks_and_prints_their_folder_for_lm_eval():
+    from lm_eval.tasks import TaskManager
+
+    listing = run("tasks")
+    assert listing.exit_code == 0 and listing.output.startswith(
+        "mixerswap_stories: mixerswap_stories_choice, mixerswap_stories_cloze, mixerswap_stories_next_word\n")
+    folder = run("tasks", "--path").output
+    assert folder.count("\n") == 1 and folder.strip() in listing.output
+    found = TaskManager(include_path=folder.strip(), include_defaults=False).all_tasks  # what lm_eval --include_path reads
+    assert {"mixerswap_stories", "mixerswap_stories_cloze"} <= set(found)
+
+
 def test_generate_command(stories_dir, tmp_path):
     out = tmp_path / "student"
     assert run("convert", stories_dir, "--keep-attention", "1", "--out", out, "-q").exit_code == 0

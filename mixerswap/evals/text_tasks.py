@@ -35,7 +35,7 @@ BUNDLED_SOURCE = "mixerswap/data/demo_stories.txt"
 _SENTENCE_END = re.compile(r'(?<=[.!?])\s+|(?<=[.!?]")\s+')
 _LAST_WORD = re.compile(r'^(?P<head>.*\S)\s+(?P<word>[A-Za-z]+) ?(?P<tail>[.!?]"?)$')  # "word ." too (WikiText)
 
-BUNDLED_FOLDER_HINT = "\"$(python -c 'import mixerswap.evals as e; print(e.TASKS_DIR)')\""
+BUNDLED_FOLDER_HINT = '"$(mixerswap tasks --path)"'
 _YAML_HEAD = """\
 # Built by mixerswap.evals.text_tasks.build_story_tasks from {source}; edit that, not this file.
 # Run: mixerswap eval MODEL --tasks {task}{include}
