@@ -348,8 +348,10 @@ def tasks(folder_only):
     """List the offline lm-eval tasks shipped with mixerswap, and the folder that holds them.
 
     `mixerswap eval --tasks NAME` finds them by itself; plain lm-eval needs the folder:
-    lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True --tasks mixerswap_stories
-    --include_path "$(mixerswap tasks --path)"
+
+    \b
+    lm_eval --model hf --model_args pretrained=MODEL,trust_remote_code=True \\
+      --tasks mixerswap_stories --include_path "$(mixerswap tasks --path)"
     """
     from .evals import TASKS_DIR, bundled_tasks
 
