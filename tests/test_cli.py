@@ -95,12 +95,14 @@ def test_unknown_family(tmp_path):
         (["--set", "n_heads=2"], "cannot be set"),
         (["--set", "chunk_size=0"], "chunk_size"),
         (["--chunk-sise", "8"], "mamba2 has no setting 'chunk_sise'"),
+        (["--set", "chunk=3"], "mamba2 has no setting 'chunk' (did you mean 'chunk_size'?); tunable: A_init_max, "
+                               "A_init_min, chunk_size, conv_activation, conv_kernel, dt_max, dt_min, norm,"),
         (["--plan", "MISSING"], "plan file"),
         (["--plan", "BADKIND"], "layer 1: unknown mixer kind 'rwkv'"),
         (["--plan", "OVERLAP"], "layer 2 is in plan entries 1 and 2"),
         (["--plan", "NOTFIT"], "layer 0 (mamba2): mamba2 settings ['d_state'] follow from the teacher"),
     ],
-    ids=["index", "not-int", "ratio-high", "ratio-low", "both", "kind", "fixed-setting", "bad-setting", "typo-option",
+    ids=["index", "not-int", "ratio-high", "ratio-low", "both", "kind", "fixed-setting", "bad-setting", "typo-option", "typo-set",
          "plan-missing", "plan-kind", "plan-overlap", "plan-misfit"],
 )
 def test_bad_plan_options(teacher_dir, tmp_path, args, message):

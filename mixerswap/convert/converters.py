@@ -21,6 +21,7 @@ settings per layer (ordinary settings: the saved student loads as usual).
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -100,8 +101,10 @@ class MixerConverter:
         overrides = dict(overrides or {})
         known = set(mixer_kind(kind).module.Settings.model_fields) | self.plan_wide
         unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))}; "
+        if unknown:  # a typo, not a derived setting: name the tunable ones (and the likely intended one)
+            guesses = [g for name in unknown for g in difflib.get_close_matches(name, sorted(self.tunable), n=1)]
+            hint = f" (did you mean {', '.join(map(repr, guesses))}?)" if guesses else ""
+            raise ValueError(f"{kind} has no setting {', '.join(map(repr, unknown))}{hint}; "
                              f"tunable: {', '.join(sorted(self.tunable)) or 'none'}")
         fixed = set(overrides) - self.tunable - self.plan_wide
         if fixed:
