@@ -117,7 +117,8 @@ def main():
               help="Text file to fit each mixer to the teacher on (reported per layer); 'teacher': text the "
                    "teacher samples itself (seeded); 'none': no calibration.")
 @click.option("--calibration-tokens", default=2048, show_default=True, help="Tokens of calibration text used.")
-@click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1).")
+@click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1); "
+                                                  "rounded to the nearest count, at least one when above 0.")
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
 @click.option("--select", type=click.Choice(["kl"]),
               help="Choose the --keep-attention layers by measured KL on the --calibration text (see `select`).")
@@ -162,7 +163,8 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
 @click.option("--data", default="teacher", show_default=True,
               help="Text file: calibration on its first tokens, scores on the next ones; 'teacher': samples the "
                    "teacher writes (scores on samples of another seed).")
-@click.option("--keep-attention", type=float, help="Also pick this fraction of layers to keep attention (greedy, by set KL).")
+@click.option("--keep-attention", type=float, help="Also pick this fraction of layers to keep attention (greedy, by "
+                                                  "set KL); at least one layer when above 0.")
 @click.option("--calibration-tokens", default=2048, show_default=True)
 @click.option("--scoring-tokens", default=2048, show_default=True)
 @click.option("--seq-len", default=256, show_default=True)

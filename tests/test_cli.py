@@ -54,6 +54,14 @@ def test_mixed_plan_and_extra_setting_options(teacher_dir, tmp_path):
     assert (entry["chunk_size"], entry["norm"]) == (16, "rms")
 
 
+def test_a_small_keep_attention_fraction_keeps_one_layer(stories_dir, tmp_path):
+    """0.1 of stories260k's 5 layers rounds to 0: at least one layer keeps attention, as --help says."""
+    result = run("convert", stories_dir, "--keep-attention", "0.1", "--calibration", "none", "--out", tmp_path / "s", "-q")
+    assert result.exit_code == 0, result.output
+    assert "attention kept at 2," in result.output
+    assert "at least one when above 0" in " ".join(run("convert", "--help").output.split())
+
+
 def test_tasks_command_lists_the_bundled_tasks_and_prints_their_folder_for_lm_eval():
     from lm_eval.tasks import TaskManager
 

@@ -34,7 +34,7 @@ from ..architectures import MixerSwapForCausalLM, family_for
 from ..progress import progress_bar
 from .calibration import describe_calibration, load_calibration_rows, load_teacher_fp32, output_match, record_layer_stats
 from .checkpoint_io import resolve_model_dir
-from .selection import evenly_spaced
+from .selection import attention_count, evenly_spaced
 
 logger = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def score_layers(
                           teacher_mqar=teacher_mqar)
     selection.all_replaced_kl = round(_kl(swap.use(everything), rows, reference, batch_size), 5)
     if keep_attention is not None:
-        count = int(round(keep_attention * num_layers))
+        count = attention_count(num_layers, keep_attention)
         _greedy(selection, swap, rows, reference, batch_size, count, progress)
         selection.uniform = evenly_spaced(num_layers, count) if count else []
         selection.uniform_kl = round(_kl(swap.use(everything - set(selection.uniform)), rows, reference, batch_size), 5)

@@ -20,6 +20,14 @@ def parse_layer_list(text: str) -> list[int]:
         raise LayerSelectionError(f"attention layers must be comma-separated integers, got {text!r}") from None
 
 
+def attention_count(num_layers: int, keep_attention: float) -> int:
+    """How many of ``num_layers`` keep attention for ``--keep-attention F``: F x layers rounded to the nearest,
+    but at least one when F > 0 (0.1 of 5 layers keeps one, not none); 0 keeps none."""
+    if not 0.0 <= keep_attention <= 1.0:
+        raise LayerSelectionError(f"--keep-attention must be a fraction in [0, 1], got {keep_attention}")
+    return max(1, int(round(keep_attention * num_layers))) if keep_attention > 0 else 0
+
+
 def evenly_spaced(num_layers: int, count: int) -> list[int]:
     """``count`` indices spread over ``num_layers``, each at the middle of its equal-width stretch.
 
@@ -39,7 +47,7 @@ def select_attention_layers(
 
     Args:
         num_layers: the teacher's layer count.
-        keep_attention: fraction of layers to keep in [0, 1], spread evenly (rounded to nearest).
+        keep_attention: fraction of layers to keep in [0, 1], spread evenly (see :func:`attention_count`).
         attention_layers: explicit indices; negative indices count from the end like Python.
     Give at most one; with neither, every layer is replaced.
     """
@@ -59,7 +67,5 @@ def select_attention_layers(
         return sorted(chosen)
     if keep_attention is None:
         return []
-    if not 0.0 <= keep_attention <= 1.0:
-        raise LayerSelectionError(f"--keep-attention must be a fraction in [0, 1], got {keep_attention}")
-    count = int(round(keep_attention * num_layers))
+    count = attention_count(num_layers, keep_attention)
     return evenly_spaced(num_layers, count) if count else []

@@ -6,7 +6,8 @@ from mixerswap.convert.selection import LayerSelectionError, parse_layer_list, s
 @pytest.mark.parametrize(
     "layers, ratio, want",
     [(12, 0.25, [2, 6, 10]), (12, 0.5, [1, 3, 5, 7, 9, 11]), (5, 1.0, [0, 1, 2, 3, 4]), (5, 0.0, []),
-     (32, 0.25, [2, 6, 10, 14, 18, 22, 26, 30]), (3, 0.34, [1]), (16, 0.2, [2, 8, 13])],
+     (32, 0.25, [2, 6, 10, 14, 18, 22, 26, 30]), (3, 0.34, [1]), (16, 0.2, [2, 8, 13]),
+     (5, 0.1, [2]), (32, 0.001, [16])],  # above 0 keeps at least one layer
 )
 def test_ratio_is_evenly_spaced(layers, ratio, want):
     assert select_attention_layers(layers, keep_attention=ratio) == want
