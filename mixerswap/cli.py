@@ -204,8 +204,10 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 
 @main.command()
 @click.argument("student", required=False)
-@click.option("--teacher", help="Teacher folder or hub id.")
-@click.option("--data", help="Text/jsonl/parquet file, a folder of them, or a datasets name/path.")
+@click.option("--teacher", help="Teacher folder or hub id (default: the one recorded in STUDENT/mixerswap.yaml, "
+                               "when that path exists).")
+@click.option("--data", help="Plain text, JSON lines or parquet file (told by content: wikitext2-test.raw is text), "
+                            "a folder of .txt/.jsonl/.parquet files, or a datasets name/path.")
 @click.option("--stages", help="e.g. align:20M,hidden:40M,kd:200M (token budgets).")
 @click.option("--recipe", type=click.Path(dir_okay=False), help="YAML recipe; options given here override it.")
 @click.option("--seq-len", type=int)

@@ -1,7 +1,7 @@
 """Distillation data: read documents, hold some out, pack the rest into fixed-length rows.
 
-* :func:`read_documents` streams documents from a ``.txt`` / ``.jsonl`` / ``.parquet`` file, a
-  folder of them, a folder written by ``datasets``' ``save_to_disk``, or a ``datasets`` name. A
+* :func:`read_documents` streams documents from a plain text / JSON lines / parquet file (told
+  by its content, :mod:`mixerswap.text_files`), a folder of ``.txt`` / ``.jsonl`` / ``.parquet`` files, a folder written by ``datasets``' ``save_to_disk``, or a ``datasets`` name. A
   document is plain text (``str``), a :class:`PromptResponse` pair or a :class:`Chat` conversation.
 * :func:`held_out_split` keeps the first documents (and/or a hashed fraction) apart for perplexity.
 * :class:`PackedLoader` (``make_loader``) shuffles documents by seed, tokenizes them with the
@@ -35,9 +35,11 @@ from typing import NamedTuple, Union
 
 import torch
 
+from ..text_files import KINDS, data_file_kind, not_utf8
+
 logger = logging.getLogger(__name__)
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
+SUFFIXES = tuple(KINDS)  # the files of a folder that are read
 # Files that ``datasets``' ``save_to_disk`` writes at the top of a Dataset / DatasetDict folder.
 DATASETS_MARKERS = ("state.json", "dataset_dict.json")
 # Documents tokenized per call: the fast tokenizers parallelize over a batch.
@@ -140,20 +142,27 @@ class Fields(NamedTuple):
         return {"text": str, "prompt": PromptResponse, "chat": Chat}[data_format](*values)
 
 
+def _has_blank_line(path: Path) -> bool:
+    with open(path, encoding="utf-8") as f:
+        return any(line.isspace() for line in f)
+
+
 def _read_txt(path: Path, fields: Fields, data_format: str) -> Iterator[str]:
     """Documents are blocks of non-blank lines separated by blank (empty or whitespace-only) lines;
-    a block's lines are joined with ``\\n``."""
+    a block's lines are joined with ``\\n``. A file without any blank line holds one document per line
+    (wikitext's ``.raw`` files, a story per line), not one document of the whole file."""
     block: list[str] = []
     try:
+        per_line = not _has_blank_line(path)  # stops at the first blank line of a file that has one
         with open(path, encoding="utf-8") as f:
             for line in f:
                 if not line.isspace():
                     block.append(line.rstrip("\n"))
-                elif block:
+                if block and (per_line or line.isspace()):
                     yield "\n".join(block)
                     block = []
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
+        raise not_utf8(path, e) from None
     if block:
         yield "\n".join(block)
 
@@ -173,19 +182,7 @@ def _jsonl_records(path: Path) -> Iterator[tuple[str, dict]]:
                     raise ValueError(f"{path}:{number}: a {type(record).__name__}, not a JSON object of fields")
                 yield f"{path}:{number}", record
     except UnicodeDecodeError as e:
-        raise _not_utf8(path, e) from None
-
-
-def _not_utf8(path: Path, error: UnicodeDecodeError) -> ValueError:
-    """The error for a file that is not UTF-8 text, naming its first bad line (read again, in bytes)."""
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, 1):
-            try:
-                line.decode("utf-8")
-            except UnicodeDecodeError:
-                return ValueError(f"cannot read data file {path}: not UTF-8 text at line {number} ({error.reason}); "
-                                  "re-encode the file as UTF-8 or remove that line")
-    return ValueError(f"cannot read data file {path}: not UTF-8 text ({error.reason})")
+        raise not_utf8(path, e) from None
 
 
 def _read_jsonl(path: Path, fields: Fields, data_format: str) -> Iterator[Document]:
@@ -211,19 +208,20 @@ def _read_parquet(path: Path, fields: Fields, data_format: str) -> Iterator[Docu
                 yield document
 
 
-def _file_format(path: Path, fields: Fields) -> str | None:
-    """The format of one file, checked on its first record (None: a file without records)."""
-    if path.suffix == ".txt":
+def _file_format(path: Path, kind: str, fields: Fields) -> str | None:
+    """The format of one file of ``kind`` (text, jsonl, parquet), checked on its first record (None: a file
+    without records)."""
+    if kind == "text":
         if fields.data_format not in ("auto", "text"):
-            raise ValueError(f"{path}: a .txt file holds plain text, not data_format={fields.data_format!r}")
+            raise ValueError(f"{path}: a plain text file holds text, not data_format={fields.data_format!r}")
         return "text"
-    if path.suffix == ".parquet":
+    if kind == "parquet":
         return fields.pick(_parquet_file(path).schema_arrow.names, str(path), "column")
     first = next(_jsonl_records(path), None)
     return None if first is None else fields.pick(first[1], first[0], "field")
 
 
-READERS = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+READERS = {"text": _read_txt, "jsonl": _read_jsonl, "parquet": _read_parquet}
 
 
 def _looks_like_path(source: str) -> bool:
@@ -236,10 +234,10 @@ def _looks_like_path(source: str) -> bool:
 def _data_files(folder: Path) -> list[Path]:
     files = sorted(p for p in folder.rglob("*")
                    if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts))
-    data = [p for p in files if p.suffix in READERS]
+    data = [p for p in files if p.suffix in KINDS]
     if not data:
         raise ValueError(f"no {', '.join(SUFFIXES)} files in folder {folder}")
-    skipped = [p for p in files if p.suffix not in READERS]
+    skipped = [p for p in files if p.suffix not in KINDS]
     if skipped:
         logger.warning("%s: ignoring %d file(s) that are not %s, e.g. %s", folder, len(skipped), "/".join(SUFFIXES),
                        skipped[0].name)
@@ -250,10 +248,12 @@ class Documents:
     """Documents of one data source, read lazily on every pass; iterate as often as needed.
 
     Sources:
-      * ``.txt``: plain text, documents are blocks of non-blank lines separated by one or more
-        blank lines;
-      * ``.jsonl``: one JSON object per line;
-      * ``.parquet``: one row per document (needs ``pyarrow``);
+      * a plain text file (``.txt``, or any name whose content is text: ``wikitext2-test.raw``),
+        documents are blocks of non-blank lines separated by one or more blank lines (one per line
+        in a file without blank lines);
+      * a JSON lines file (``.jsonl``, or any name whose first line is a JSON object): one object per line;
+      * a parquet file (``.parquet``, or any name with parquet's magic bytes): one row per document
+        (needs ``pyarrow``);
       * a folder: its ``.txt`` / ``.jsonl`` / ``.parquet`` files, recursively, in sorted path order
         (hidden files skipped, other files ignored with a warning);
       * a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk`` (``split`` picks
@@ -285,6 +285,7 @@ class Documents:
         self.source, self.text_field, self.split = str(source), text_field, split
         self.fields = Fields(text_field, prompt_field, response_field, messages_field, data_format)
         self._files: dict[Path, str | None] = {}  # file -> its format (None: no records)
+        self._kinds: dict[Path, str] = {}  # file -> text, jsonl or parquet
         self._dataset = None
         self._dataset_format = None
         path = Path(source).expanduser()
@@ -293,11 +294,11 @@ class Documents:
             self._dataset = self._pick_split(datasets.load_from_disk(str(path)))
         elif path.is_dir():
             self._files = dict.fromkeys(_data_files(path))
+            self._kinds = {file: KINDS[file.suffix] for file in self._files}
         elif path.exists():
-            if path.suffix not in READERS:
-                raise ValueError(f"unsupported data file {path.name!r}: expected {', '.join(SUFFIXES)}, a folder "
-                                 "of them, or a datasets folder or name")
-            self._files = {path: None}
+            self._files, self._kinds = {path: None}, {path: data_file_kind(path)}
+            if path.suffix not in KINDS:
+                logger.info("reading %s as %s (from its content)", path, self._kinds[path])
         elif _looks_like_path(self.source):
             raise FileNotFoundError(f"data not found: {self.source}")
         else:
@@ -315,8 +316,8 @@ class Documents:
             self._dataset_format = self.fields.pick(list(names), self.source, "column")
         for file in self._files:
             try:
-                self._files[file] = _file_format(file, self.fields)
-                next(READERS[file.suffix](file, self.fields, self._files[file]), None)
+                self._files[file] = _file_format(file, self._kinds[file], self.fields)
+                next(READERS[self._kinds[file]](file, self.fields, self._files[file]), None)
             except OSError as e:
                 raise ValueError(f"cannot read data file {file}: {e.strerror or e}") from None
         if next(iter(self), None) is None:
@@ -350,7 +351,7 @@ class Documents:
             documents = self._dataset_documents()
         else:
             documents = (document for file, data_format in self._files.items() if data_format is not None
-                         for document in READERS[file.suffix](file, self.fields, data_format))
+                         for document in READERS[self._kinds[file]](file, self.fields, data_format))
         return _texts(documents)
 
     def check(self) -> int:

@@ -7,12 +7,14 @@ entries with their defaults.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+logger = logging.getLogger(__name__)
 STAGE_NAMES = ("align", "hidden", "kd")
 DEFAULT_LR = {"align": 1e-3, "hidden": 5e-4, "kd": 1e-4}
 
@@ -115,7 +117,8 @@ class DistillRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     student: str = Field(description="student folder written by `mixerswap convert`")
-    teacher: str = Field(description="teacher folder or hub id")
+    teacher: str = Field(description="teacher folder or hub id (default: the one recorded in the student's "
+                                     "mixerswap.yaml, when it is there)")
     data: str = Field(description="text/jsonl/parquet file, folder of them, or a datasets name/path")
     out: str
     stages: list[StageConfig] = Field(min_length=1)
@@ -179,10 +182,37 @@ class DistillRecipe(BaseModel):
 
     @classmethod
     def validated(cls, data: dict, source: str = "options") -> DistillRecipe:
+        if data.get("teacher") is None and data.get("student") is not None:
+            data = {**data, "teacher": recorded_teacher(data["student"])}
         try:
             return cls(**data)
         except ValidationError as err:
             raise RecipeError(f"{source}: " + "; ".join(_describe(e) for e in err.errors())) from None
+
+
+def recorded_teacher(student: str | Path) -> str:
+    """The teacher ``student`` was converted from, as its ``mixerswap.yaml`` records it (``teacher``, or
+    ``conversion.teacher`` in a distilled student's), when that path exists here; else a one-line error."""
+    settings_file = Path(student) / "mixerswap.yaml"
+    if not Path(student).is_dir():
+        raise RecipeError(f"no --teacher given, and {student} is not a student folder here to read it from; "
+                          "pass --teacher, or check the student's path")
+    try:
+        settings = yaml.safe_load(settings_file.read_text(encoding="utf-8")) or {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        settings = {}
+    if not isinstance(settings, dict):
+        settings = {}
+    conversion = settings.get("conversion") if isinstance(settings.get("conversion"), dict) else {}
+    teacher = settings.get("teacher") or conversion.get("teacher")
+    if not teacher:
+        raise RecipeError(f"no --teacher given, and {student} records none (no readable {settings_file.name} with "
+                          "a teacher); pass --teacher")
+    if not Path(teacher).expanduser().exists():
+        raise RecipeError(f"no --teacher given, and the teacher recorded in {settings_file}, {teacher}, is not "
+                          "here; pass --teacher (a folder or hub id)")
+    logger.info("teacher %s, as recorded in %s", teacher, settings_file)
+    return str(teacher)
 
 
 def _describe(error: dict) -> str:

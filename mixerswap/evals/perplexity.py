@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from ..text_files import data_file_kind, not_utf8
 from .lengths import check_lengths
 
 
@@ -47,17 +48,29 @@ class PerplexityResult:
 
 
 def read_documents(path: str | Path) -> list[str]:
-    """A ``.jsonl`` file gives one document per line (its ``text`` field); any other file is one document."""
+    """A JSON lines file gives one document per line (its ``text`` field); a plain text file is one document.
+    Which of the two a file is follows from its content, as for ``distill --data``
+    (:func:`mixerswap.text_files.data_file_kind`)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"no such text file: {path}")
-    if path.suffix != ".jsonl":
-        return [path.read_text(encoding="utf-8")]
+    kind = data_file_kind(path)
+    if kind == "parquet":
+        raise ValueError(f"{path} is a parquet file; --perplexity reads plain text or JSON lines with a 'text' field")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise not_utf8(path, err) from None
+    if kind == "text":
+        return [text]
     docs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for number, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
-        row = json.loads(line)
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{number}: invalid JSON ({err.msg})") from None
         if not isinstance(row, dict) or not isinstance(row.get("text"), str):
             raise ValueError(f"{path}:{number}: expected a JSON object with a string 'text' field")
         docs.append(row["text"])

@@ -117,10 +117,31 @@ def test_every_format_reads_the_same_documents(kind, tmp_path):
     assert list(docs) == DOCS  # re-iterable: every pass reads again
 
 
+@pytest.mark.parametrize("kind, name", [("txt", "wikitext2-test.raw"), ("jsonl", "corpus.json"),
+                                        ("parquet", "shard-00000"), ("txt", "notes")])
+def test_files_are_read_by_their_content_whatever_their_name(kind, name, tmp_path):
+    """A name that says nothing (.raw, .json, none) is read as what it holds, as eval --perplexity reads it."""
+    from mixerswap.evals.perplexity import read_documents as read_perplexity_text
+
+    source = write_source(kind, tmp_path)
+    path = source.rename(tmp_path / name)
+    assert list(read_documents(path)) == DOCS
+    if kind != "parquet":
+        assert read_perplexity_text(path) == (DOCS if kind == "jsonl" else [path.read_text()])
+
+
 def test_txt_documents_are_blank_line_separated_blocks(tmp_path):
     path = tmp_path / "d.txt"
     path.write_bytes(b"\n\n first doc, line 1\r\nline 2  \r\n\r\n  \t \n\n\nsecond doc\nthird? no, same doc\n\n\nlast")
     assert list(read_documents(path)) == [" first doc, line 1\nline 2  ", "second doc\nthird? no, same doc", "last"]
+
+
+def test_a_text_without_blank_lines_holds_a_document_per_line(tmp_path):
+    """wikitext's .raw files: a paragraph or heading per CRLF line, no blank line anywhere."""
+    path = tmp_path / "wikitext2-test.raw"
+    path.write_bytes(b" = Robert Boulter = \r\n Robert Boulter is an English actor . \r\n = = Career = = \r\n")
+    assert list(read_documents(path)) == [" = Robert Boulter = ", " Robert Boulter is an English actor . ",
+                                          " = = Career = = "]
 
 
 def test_jsonl_field_is_configurable_and_empty_texts_are_skipped(tmp_path):
@@ -155,7 +176,10 @@ def corrupt(tmp_path, name, content: bytes):
 SOURCE_ERRORS = {
     "missing-file": (lambda p: p / "missing.jsonl", FileNotFoundError, "data not found: .*missing.jsonl"),
     "missing-relative": (lambda p: "./nowhere/data", FileNotFoundError, "data not found"),
-    "unknown-extension": (lambda p: corrupt(p, "d.csv", b"text\nhello\n"), ValueError, "unsupported data file 'd.csv'"),
+    "binary": (lambda p: corrupt(p, "model.bin", b"\x08\x00\x00\x00{}\x00"), ValueError,
+               "model.bin holds binary data, not plain text, JSON lines or parquet"),
+    "raw-not-utf8": (lambda p: corrupt(p, "d.raw", b"fine\ncaf\xe9\n"), ValueError,
+                     "cannot read data file .*d.raw: not UTF-8 text at line 2"),
     "empty-txt": (lambda p: corrupt(p, "empty.txt", b"\n\n  \n"), ValueError, "no documents in .*empty"),
     "empty-jsonl": (lambda p: corrupt(p, "e.jsonl", b'{"text": " "}\n'), ValueError, "no documents.*empty"),
     "jsonl-missing-field": (lambda p: corrupt(p, "d.jsonl", b'{"content": "x"}\n'), ValueError,
@@ -556,7 +580,7 @@ def test_formats_are_recognized_per_file_text_first(tmp_path):
     assert list(read_documents(both, data_format="prompt")) == [PromptResponse("p", "r")]
     with pytest.raises(ValueError, match="no field 'messages'.*pass messages_field"):
         read_documents(both, data_format="chat")
-    with pytest.raises(ValueError, match="a .txt file holds plain text"):
+    with pytest.raises(ValueError, match="a plain text file holds text, not data_format="):
         read_documents(tmp_path / "f", data_format="prompt")
     with pytest.raises(ValueError, match="data_format='sft'"):
         read_documents(both, data_format="sft")

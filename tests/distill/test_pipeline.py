@@ -154,6 +154,32 @@ def test_bad_inputs_fail_before_training(setup, tmp_path, change, fragment):
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
 
 
+def test_without_teacher_the_recorded_one_distills_plain_text_of_any_name(setup, tmp_path):
+    """No --teacher: the one in the student's mixerswap.yaml; --data a .raw file without blank lines (wikitext's
+    shape): plain text, a document per line."""
+    raw = tmp_path / "wikitext2-test.raw"
+    raw.write_text("".join(f" {line} \r\n" for line in demo_text().splitlines()))
+    result = run_cli("distill", setup["student"], "--data", raw, "--stages", "kd:1k", "--seq-len", "32",
+                     "--held-out-docs", "2", "--out", tmp_path / "out", "-q")
+    assert result.exit_code == 0, result.output
+    assert yaml.safe_load((tmp_path / "out" / "mixerswap.yaml").read_text())["distill"]["teacher"] == str(setup["teacher"])
+
+
+def test_a_recorded_teacher_that_is_not_here_is_one_line(setup, tmp_path):
+    import shutil
+
+    student = tmp_path / "student"
+    shutil.copytree(setup["student"], student)
+    settings = yaml.safe_load((student / "mixerswap.yaml").read_text())
+    (student / "mixerswap.yaml").write_text(yaml.safe_dump({**settings, "teacher": str(tmp_path / "gone")}))
+    args = ("distill", student, "--data", setup["data"], "--stages", "kd:1k", "--out", tmp_path / "out", "-q")
+    assert_one_line_error(run_cli(*args), f"the teacher recorded in {student / 'mixerswap.yaml'}, {tmp_path / 'gone'}, "
+                                          "is not here; pass --teacher")
+    (student / "mixerswap.yaml").unlink()
+    assert_one_line_error(run_cli(*args), f"no --teacher given, and {student} records none")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.work").exists()
+
+
 def test_a_non_finite_teacher_is_blamed_in_one_line(setup, tmp_path, monkeypatch):
     """A teacher whose outputs turn NaN stops training with one line (no traceback) that says the teacher,
     not the learning rate, is at fault."""
