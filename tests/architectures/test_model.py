@@ -191,3 +191,22 @@ def test_a_plan_that_does_not_fit_the_weights_is_refused(teacher_dir, tmp_path, 
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
         AutoModelForCausalLM.from_pretrained(tmp_path / "s")
+
+
+@pytest.mark.parametrize("shim, blocked", [("configuration_mixerswap.py", "mixerswap.architectures.configuration"),
+                                           ("modeling_mixerswap.py", "mixerswap.architectures.modeling")],
+                         ids=["config", "model"])
+def test_remote_code_without_the_package_says_how_to_install_it_from_source(shim, blocked, monkeypatch):
+    """The package is not on PyPI: the shims a checkpoint carries say to install it from a clone, not `pip install
+    mixerswap`."""
+    import runpy
+    from pathlib import Path
+
+    import mixerswap.architectures as architectures
+
+    monkeypatch.setitem(sys.modules, blocked, None)  # what `import` meets on a machine without mixerswap
+    with pytest.raises(ImportError) as err:
+        runpy.run_path(str(Path(architectures.__file__).parent / "remote" / shim))
+    message = str(err.value)
+    assert "pip install -e <mixerswap source folder> (a clone of its repository)" in message
+    assert "pip install mixerswap" not in message
