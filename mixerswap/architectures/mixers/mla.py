@@ -33,6 +33,11 @@ the teacher's rotary width ``r``, in the rotate-half layout of ``transformers``)
 this mixer uses ``rope_dim / 2`` of the teacher's ``r / 2`` frequencies, ``rope_freqs`` (default:
 the first, i.e. highest, ones), with their channel pairs ``(f, f + r / 2)`` laid out as
 ``[f_1..f_m, f_1 + r/2 .. f_m + r/2]``: again rotate-half, so it rotates exactly as the teacher does.
+A frequency may appear more than once (then ``rope_dim`` may exceed ``r``): a shared RoPE key
+(``rope_heads = 1``) of a converted GQA teacher carries a frequency pair of several rotated KV
+heads (TransMLA's RoRoPE, see :mod:`mixerswap.convert.mla`). ``q_norm_dims`` lets the query norm take
+its RMS over the teacher's own head channels (the first ones) when the RoPE query channels are
+combinations of them.
 
 Masking is attention's: causal over cache positions, a sliding window on the layers where the
 teacher has one (``kv > q - window``, as ``transformers``), padding from the 2-D mask
@@ -74,12 +79,17 @@ class MLASettings(BaseModel):
     sliding_window: int | None = Field(None, gt=0, description="the teacher's window, on sliding_layers")
     sliding_layers: list[int] | None = Field(None, description="layers the window applies to; None = every layer")
     q_norm: bool = Field(False, description="per-head RMSNorm of q (teachers with q/k norms)")
+    q_norm_dims: int | None = Field(
+        None, gt=0, description="query channels the q norm's RMS is taken over (the first ones); None = the whole head")
     k_norm: bool = Field(False, description="RMSNorm of each RoPE key head (exact conversion of q/k-norm teachers)")
     latent_norm: bool = Field(False, description="RMSNorm of the latent before it is cached (DeepSeek)")
     norm_eps: float = 1e-6
     qkv_bias: bool = False
     out_bias: bool = False
     exact: bool = Field(False, description="converted by the exact GQA→MLA construction (no compression)")
+    rope_select: Literal["high", "norm", "rorope"] = Field(
+        "high", description="how the converter chose the RoPE channels (mixerswap.convert.mla); the mixer itself "
+                            "reads only rope_heads, rope_dim and rope_freqs")
     cache_block: int = Field(64, gt=0, description="tokens per allocation of the cache (decode writes in place)")
 
     @model_validator(mode="after")
@@ -90,9 +100,11 @@ class MLASettings(BaseModel):
             raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of rope_heads ({self.rope_heads})")
         if self.rope_freqs is not None and len(self.rope_freqs) != self.rope_dim // 2:
             raise ValueError(f"rope_freqs has {len(self.rope_freqs)} entries, need rope_dim / 2 = {self.rope_dim // 2}")
-        freqs = self.rope_freqs
-        if freqs is not None and (len(set(freqs)) != len(freqs) or min(freqs) < 0):
-            raise ValueError("rope_freqs must be distinct non-negative frequency indices")
+        if self.rope_freqs is not None and min(self.rope_freqs, default=0) < 0:
+            raise ValueError("rope_freqs must be non-negative frequency indices")
+        if self.q_norm_dims is not None and self.q_norm_dims > self.nope_dim + self.rope_dim:
+            raise ValueError(f"q_norm_dims {self.q_norm_dims} exceeds the query head's "
+                             f"{self.nope_dim + self.rope_dim} channels")
         return self
 
 
@@ -198,11 +210,12 @@ class LatentCacheLayer(MixerCacheLayer):
         return -1 if self.latent is None else self.latent.shape[0]
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """RMSNorm over the last dim in fp32 (fp64 for fp64), as the teachers' q/k norms compute it."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dims: int | None = None) -> torch.Tensor:
+    """RMSNorm over the last dim in fp32 (fp64 for fp64), as the teachers' q/k norms compute it; with ``dims``,
+    the RMS of the first ``dims`` channels scales all of them."""
     acc = torch.promote_types(x.dtype, torch.float32)
     h = x.to(acc)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    h = h * torch.rsqrt(h[..., :dims].pow(2).mean(-1, keepdim=True) + eps)
     return (h * weight.to(acc)).to(x.dtype)
 
 
@@ -271,7 +284,7 @@ class MLAMixer(Mixer):
         cos, sin = position_embeddings
         s = self.settings
         width = cos.shape[-1]
-        if s.rope_dim > width:
+        if s.rope_dim > width and s.rope_freqs is None:
             raise ValueError(f"layer {self.layer_idx} (mla): rope_dim {s.rope_dim} exceeds the teacher's rotary "
                              f"width {width}")
         if s.rope_dim != width or s.rope_freqs is not None:
@@ -290,7 +303,7 @@ class MLAMixer(Mixer):
         batch, seqlen, _ = hidden_states.shape
         q = self.q_proj(hidden_states).view(batch, seqlen, s.n_heads, self.qk_dim)
         if s.q_norm:
-            q = rms_norm(q, self.q_norm, s.norm_eps)
+            q = rms_norm(q, self.q_norm, s.norm_eps, s.q_norm_dims)
         q_nope, q_rope = q.split([s.nope_dim, s.rope_dim], dim=-1)
         q_rope = self._rope(q_rope, position_embeddings)
         latent = self.kv_down(hidden_states)
