@@ -15,21 +15,64 @@ fully), as do biases, Gemma's ``query_pre_attn_scalar`` scale, Gemma-2's score s
 windows. The mixer computes the teacher's function, up to rounding; its cache per token is
 ``G (d - r) + G d + G r = 2 G d`` values, the teacher's KV cache.
 
-**Compressed** (``kv_rank``, ``rope_dim``):
+**Compressed** (``kv_rank``, ``rope_dim``, ``rope_select``):
 
-1. *Partial RoPE* (MHA2MLA, Ji et al. 2025): each KV head keeps RoPE on ``rope_dim / 2`` frequency
-   pairs, the same for every head, chosen by ``rope_freqs`` (default: the highest frequencies,
-   MHA2MLA's ``S_high``, the sound choice that needs no data; their data-driven ``S_2-norm``
-   selection needs a setting that depends on the weights, which the pipeline cannot record yet).
-   The other key channels lose RoPE (the approximation) and join the latent; the query channels
-   that meet them lose it too.
-2. *Joint low-rank factorization* of ``M = [K_nope; V]`` (all KV heads, ``G (d - rope_dim) + G d``
+1. *Which key channels keep RoPE* (``rope_select``; ``rope_dim`` RoPE channels per KV head, so
+   ``G * rope_dim`` cached RoPE values per token whichever is chosen). The other key channels lose
+   RoPE (the approximation: ``q^T R(theta (t - s)) k`` becomes ``q^T k``) and join the latent.
+
+   * ``high`` (MHA2MLA's ``S_high``, Ji et al. 2025): each KV head keeps the ``rope_dim / 2`` highest
+     frequencies (or ``rope_freqs``); needs no data.
+   * ``norm``: the same layout, the frequencies (shared by the KV heads, as the mixer's RoPE keys
+     are) chosen on the calibration text by :func:`select_rope_freqs`: MHA2MLA's 2-norm score
+     ``sum_h E||q_{h,f}|| E||k_{g(h),f}||`` times how far the pair turns over the calibration rows'
+     causal distances, ``E|e^{i theta_f (t - s)} - 1|`` (what removing RoPE changes is at most
+     their product; MHA2MLA's score alone prefers the low frequencies, whose keys are largest but
+     which barely turn). Set in :meth:`MLAConverter.profile` and recorded as ``rope_freqs``; a
+     per-KV-head choice (MHA2MLA's) did no better in a stories260k test and needs a key layout
+     the mixer does not have.
+   * ``rorope`` (the default; TransMLA's RoRoPE, Meng et al. 2025): RoPE rotates the channel pair of
+     frequency ``f`` by the same angle in every KV head, so an orthogonal ``G x G`` mix ``U_f`` of
+     the heads commutes with it. :func:`key_rotations` takes ``U_f`` from the keys' energy across
+     heads (PCA on the calibration tokens, weight-only without them); the energy gathers in the
+     first rotated heads. One shared RoPE key (``rope_heads = 1``) holds ``G * rope_dim / 2``
+     *slots*, each frequency ``f`` on its first ``m_f`` rotated heads (``m_f`` equal across
+     frequencies, as TransMLA; ``rope_freqs`` lists each slot's frequency, repeated ``m_f`` times);
+     a query head ``h`` of group ``g`` reads slot ``(f, j)`` with ``U_f[j, g] q_{h,f}`` (the queries
+     absorb ``U``). Each KV head's no-RoPE key is what its keys keep outside the kept rotated heads
+     (``k_g - sum_{j < m_f} U_f[j, g] k'_{f,j}``, every channel, so ``nope_dim = d``), read by the
+     query head's own channels; a q norm takes its RMS over those (``q_norm_dims``).
+
+   Measured on stories260k (``kv_budget``, calibrated on 40 teacher stories, 4096 tokens; held-out
+   perplexity on 40 other stories, teacher 3.48; calibration error = mean over the 5 layers of the
+   converted mixer's relative output error on the calibration inputs, what :meth:`profile` measures)::
+
+       KV budget   rope_select           calib. error   held-out ppl
+       50%         high (S_high)         0.881          53.0
+       50%         MHA2MLA 2-norm        0.741          28.4    (rope_freqs [2, 3] in every layer)
+       50%         norm                  0.723          23.7    ([1, 2])
+       50%         rorope                0.566           5.85
+       25%         high                  0.942          67.9
+       25%         MHA2MLA 2-norm        0.921          65.4    ([3])
+       25%         norm                  0.900          63.0
+       25%         rorope                0.822          33.7
+
+   With a full-rank latent (only the RoPE choice loses anything; ``rope_dim`` 4 / 2 per KV head)
+   ``high`` gives perplexity 38.3 / 74.5, ``norm`` 7.6 / 29.2, ``rorope`` 3.66 / 4.83: most of
+   ``high``'s loss at 50% is the RoPE choice, while at 25% the 8 latent values per token and layer
+   are what remains. Weight-only (no calibration), ``rorope`` gives 9.5 / 61.7 against ``high``'s
+   43.5 / 86.4. Hence ``rorope`` is the default. The conversion path decides: ``norm`` is chosen in
+   :meth:`profile`, which the pipeline runs when ``kv_budget`` or ``rope_select`` is given; without
+   calibration statistics it keeps ``high`` (logged). A teacher with one KV head has nothing to
+   rotate: ``rorope`` is ``high`` there.
+2. *Joint low-rank factorization* of ``M = [K_nope; V]`` (all KV heads, ``G nope_dim + G d``
    rows; biases as one more input column fed by a constant 1), minimizing
    ``E_x || D (M - U A) [x; 1] ||^2``: with the calibration inputs' second moment ``S``
    (activation-aware, when statistics are given; else ``S = I``, weight-only SVD),
    ``U = D^-1 P_k`` and ``A = P_k^T D M`` where ``P_k`` are the top ``kv_rank`` left singular vectors of
    ``D M S^{1/2}``. ``D`` balances keys against values (TransMLA): key rows are scaled so both parts
-   carry the same mean energy per row, so neither dominates the factorization.
+   carry the same mean energy per row, so neither dominates the factorization (scaled up at most
+   ``MAX_KEY_WEIGHT`` times: what RoRoPE leaves of dependent heads' keys can be rounding noise).
 3. *q/k norms* (Qwen3, Gemma-3): a key's RMSNorm spans channels that end up in the latent and in
    the RoPE key, so it cannot be kept. It is linearized: ``k_norm(k) ≈ w * k * c_g`` per KV head,
    ``c_g = E[rms] / E[rms^2]`` of the head's pre-norm keys on the calibration inputs (the
@@ -45,9 +88,9 @@ windows. The mixer computes the teacher's function, up to rounding; its cache pe
    ``kv_rank`` settings in the plan. Without an explicit ``rope_dim``, the RoPE key takes at most
    half the budget (``rope_dim <= F d``).
 
-Cache per token: ``kv_rank + G * rope_dim`` values. Defaults: ``rope_dim`` = half the rotary
-width (even, at least 2), ``kv_rank = G d`` (so 3/4 of the teacher's KV cache for a fully rotary
-teacher).
+Cache per token: ``kv_rank + G * rope_dim`` values (``rope_heads * rope_dim`` in the plan). Defaults:
+``rope_dim`` = half the rotary width (even, at least 2), ``rope_select = rorope``, ``kv_rank = G d``
+(so 3/4 of the teacher's KV cache for a fully rotary teacher).
 """
 
 from __future__ import annotations
@@ -55,12 +98,13 @@ from __future__ import annotations
 import heapq
 import logging
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from ..architectures.mixers.mla import MLAMixer, MLASettings
+from ..architectures.mixers.mla import MLAMixer, MLASettings, rms_norm
 from .adapters import AttentionShape, AttentionWeights
 from .calibration import replay_mixer
 from .converters import AttentionLayout, LayerStats, MixerConverter
@@ -68,8 +112,13 @@ from .converters import AttentionLayout, LayerStats, MixerConverter
 logger = logging.getLogger(__name__)
 
 COMPRESSION = ("kv_rank", "rope_dim", "rope_freqs", "latent_norm")
+ROPE_SELECT = ("high", "norm", "rorope")
+DEFAULT_ROPE_SELECT = "rorope"  # measured best (module docstring)
 MIN_RANK = 1  # latent channels every layer keeps under a kv_budget
 PROFILE_POINTS = 24  # ranks at which a layer's error is measured for a kv_budget
+# keys are scaled up at most this much to balance the values: a key part orders of magnitude smaller (what
+# RoRoPE leaves of keys whose heads' positional parts are dependent: rounding noise) is not worth latent channels
+MAX_KEY_WEIGHT = 1e3
 
 
 def rotary_width(config: PreTrainedConfig, head_dim: int) -> int:
@@ -97,7 +146,7 @@ class MLAConverter(MixerConverter):
     """Attention → MLA; see the module docstring."""
 
     tunable = frozenset({"exact", "cache_block", *COMPRESSION})
-    plan_wide = frozenset({"kv_budget"})
+    plan_wide = frozenset({"kv_budget", "rope_select"})  # rope_select norm is chosen in profile()
 
     def settings(self, teacher_config: PreTrainedConfig, layout: AttentionLayout,
                  overrides: dict | None = None) -> MLASettings:
@@ -108,21 +157,26 @@ class MLAConverter(MixerConverter):
         rot = rotary_width(teacher_config, d)
         scalar = getattr(teacher_config, "query_pre_attn_scalar", None)
         common = dict(
-            n_heads=H, rope_heads=G, v_head_dim=d, scaling=(scalar or d) ** -0.5,
+            n_heads=H, v_head_dim=d, scaling=(scalar or d) ** -0.5,
             softcap=getattr(teacher_config, "attn_logit_softcapping", None), q_norm=layout.qk_norm,
             norm_eps=getattr(teacher_config, "rms_norm_eps", 1e-6), qkv_bias=layout.qkv_bias,
             out_bias=layout.out_bias, **sliding_settings(teacher_config),
         )
         budget = overrides.pop("kv_budget", None)
+        select_given = "rope_select" in overrides
+        select = overrides.pop("rope_select", DEFAULT_ROPE_SELECT)
+        if select not in ROPE_SELECT:
+            raise ValueError(f"rope_select must be one of {', '.join(ROPE_SELECT)}, got {select!r}")
         if overrides.pop("exact", False):
-            given = sorted(set(overrides) & set(COMPRESSION) | ({"kv_budget"} if budget is not None else set()))
+            given = sorted(set(overrides) & set(COMPRESSION) | ({"kv_budget"} if budget is not None else set())
+                           | ({"rope_select"} if select_given else set()))
             if given:
                 raise ValueError(f"exact mla fixes {', '.join(given)}; drop them or drop --exact")
             if layout.qk_norm and rot < d:
                 raise ValueError("exact mla of a teacher with k norms needs full rotary (the norm spans rotary "
                                  "and pass-through channels)")
-            return MLASettings(kv_rank=G * (2 * d - rot), rope_dim=rot, nope_dim=d - rot, k_norm=layout.qk_norm,
-                               exact=True, **common, **overrides)
+            return MLASettings(kv_rank=G * (2 * d - rot), rope_dim=rot, rope_heads=G, nope_dim=d - rot,
+                               k_norm=layout.qk_norm, exact=True, **common, **overrides)
         rope_dim = max(2, rot // 4 * 2)
         if budget is not None:
             check_kv_budget(budget, overrides)
@@ -134,10 +188,8 @@ class MLAConverter(MixerConverter):
             raise ValueError(f"rope_dim {rope_dim} exceeds head_dim {d}")
         if rope_dim > rot:
             raise ValueError(f"rope_dim {rope_dim} exceeds the teacher's {rot} rotary channels per head")
-        freqs = overrides.get("rope_freqs")
-        if freqs is not None and any(not 0 <= f < rot // 2 for f in freqs):
-            raise ValueError(f"rope_freqs must index the teacher's {rot // 2} RoPE frequencies, got {freqs}")
-        rows = G * (2 * d - rope_dim)
+        rope = rope_layout(select, rope_dim, overrides.pop("rope_freqs", None), G, d, rot, layout.qk_norm)
+        rows = G * (rope["nope_dim"] + d)
         max_rank = min(rows, shape.hidden_size + int(layout.qkv_bias))
         if budget is not None and budget * 2 * G * d < G * rope_dim + MIN_RANK:
             raise ValueError(f"kv_budget {budget} leaves {budget * 2 * G * d:g} cached values per token of the "
@@ -145,10 +197,10 @@ class MLAConverter(MixerConverter):
                              "channel; lower rope_dim or raise the budget")
         kv_rank = overrides.pop("kv_rank", min(G * d, max_rank))  # under a kv_budget: until allocate() sets it
         if not isinstance(kv_rank, int) or not 0 < kv_rank <= max_rank:
-            raise ValueError(f"kv_rank must be in 1..{max_rank} (the rank of [K_nope; V] with rope_dim {rope_dim}), "
-                             f"got {kv_rank}; --exact converts without compression")
-        return MLASettings(kv_rank=kv_rank, rope_dim=rope_dim, nope_dim=d - rope_dim, k_norm=False, **common,
-                           **overrides)
+            raise ValueError(f"kv_rank must be in 1..{max_rank} (the rank of the latent's keys and values with "
+                             f"rope_dim {rope_dim}, rope_select {rope['rope_select']}), got {kv_rank}; --exact "
+                             "converts without compression")
+        return MLASettings(kv_rank=kv_rank, k_norm=False, **rope, **common, **overrides)
 
     def from_attention(self, attn: AttentionWeights, settings: MLASettings, teacher_config: PreTrainedConfig, *,
                        stats: LayerStats | None = None, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -164,28 +216,26 @@ class MLAConverter(MixerConverter):
         s = settings
         shape = AttentionShape.from_config(teacher_config)
         H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
-        rope_idx, nope_idx = rope_channels(s, rotary_width(teacher_config, d), d)
-        order = nope_idx + rope_idx  # the mixer's channel order in a query head
         f64 = torch.float64
         inputs = None if stats is None else stats.inputs.reshape(-1, hidden).to(f64)
-        wk, bk = _keys(attn, s, shape, inputs)
+        split = _split_heads(attn, s, shape, rotary_width(teacher_config, d), inputs)
         state = {
-            "q_proj.weight": attn.q.to(f64).view(H, d, hidden)[:, order].reshape(H * d, hidden),
-            "k_rope_proj.weight": wk[:, rope_idx].reshape(-1, hidden),
+            "q_proj.weight": split.q.reshape(-1, hidden),
+            "k_rope_proj.weight": split.k_rope,
             "o_proj.weight": attn.o.to(f64),
         }
         if s.qkv_bias:
-            state["q_proj.bias"] = _bias(attn.q_bias, H * d).view(H, d)[:, order].reshape(-1)
-            state["k_rope_proj.bias"] = bk[:, rope_idx].reshape(-1)
+            state["q_proj.bias"] = split.q_bias.reshape(-1)
+            state["k_rope_proj.bias"] = split.k_rope_bias
         if s.out_bias:
             state["o_proj.bias"] = attn.o_bias.to(f64)
         if s.q_norm:
-            state["q_norm"] = attn.q_norm.to(f64)[order]
+            state["q_norm"] = split.q_norm
         if s.k_norm:
-            state["k_norm"] = attn.k_norm.to(f64)[rope_idx]
+            state["k_norm"] = split.k_norm
 
-        nope = len(nope_idx)
-        m, b = _latent_rows(attn, s, wk, bk, nope_idx)
+        nope = s.nope_dim
+        m, b = _latent_rows(attn, s, split)
         if s.exact:
             down, down_bias, up = m, b, torch.eye(m.shape[0], dtype=f64)
         else:
@@ -203,10 +253,11 @@ class MLAConverter(MixerConverter):
                 for name, t in state.items()}
 
     def profile(self, attn: AttentionWeights, settings: MLASettings, teacher_config: PreTrainedConfig, *,
-                stats: LayerStats | None = None, layer_idx: int = 0) -> torch.Tensor:
-        """``[max_rank + 1]``: the layer's error at every ``kv_rank`` (entry 0 unused).
+                stats: LayerStats | None = None, layer_idx: int = 0) -> MLAProfile:
+        """What :meth:`allocate` needs of one layer: the ``norm`` choice of ``rope_freqs`` (see
+        :func:`select_rope_freqs`), then, with those, the layer's error at every ``kv_rank``.
 
-        With calibration statistics, the measured squared error of the converted mixer's output
+        The error, with calibration statistics, is the measured squared error of the converted mixer's output
         against the teacher attention output on the calibration inputs (what a rank costs where it
         matters, keys through the softmax and values through ``o_proj``), at up to
         ``PROFILE_POINTS`` ranks, linear in between; the factorization is computed once, as rank
@@ -214,12 +265,19 @@ class MLAConverter(MixerConverter):
         """
         shape = AttentionShape.from_config(teacher_config)
         G, d = shape.num_kv_heads, shape.head_dim
+        rot = rotary_width(teacher_config, d)
+        if settings.rope_select == "norm" and settings.rope_freqs is None:
+            freqs = select_rope_freqs(attn, settings, shape, rot, stats, layer_idx)
+            if freqs is None:
+                logger.warning("layer %d: rope_select norm needs calibration statistics; keeping the highest "
+                               "frequencies (rope_select high)", layer_idx)
+            settings = settings.model_copy(update={"rope_freqs": freqs, "rope_select": "norm" if freqs else "high"})
+        chosen = {"rope_freqs": settings.rope_freqs, "rope_select": settings.rope_select}
         if stats is None:
-            _, nope_idx = rope_channels(settings, rotary_width(teacher_config, d), d)
-            m, b = _latent_rows(attn, settings, *_keys(attn, settings, shape, None), nope_idx)
-            return kv_error_curve(m, b, key_rows=G * len(nope_idx))
+            m, b = _latent_rows(attn, settings, _split_heads(attn, settings, shape, rot, None))
+            return MLAProfile(kv_error_curve(m, b, key_rows=G * settings.nope_dim), **chosen)
         inputs = stats.inputs.reshape(-1, shape.hidden_size).to(torch.float64)
-        top = min(G * (2 * d - settings.rope_dim), shape.hidden_size + int(settings.qkv_bias))
+        top = min(G * (settings.nope_dim + d), shape.hidden_size + int(settings.qkv_bias))
         full = self.from_attention(attn, settings.model_copy(update={"kv_rank": top}), teacher_config, stats=stats)
         ranks = torch.linspace(MIN_RANK, top, min(PROFILE_POINTS, top)).round().long().unique().tolist()
         errors = []
@@ -234,17 +292,22 @@ class MLAConverter(MixerConverter):
             errors.append((replay_mixer(mixer, stats).double() - stats.outputs.double()).pow(2).sum())
         curve = torch.stack(errors) / stats.outputs.double().pow(2).sum().clamp_min(1e-300)
         at = torch.arange(top + 1, dtype=torch.float64).clamp_min(MIN_RANK)
-        return _interpolate(at, torch.tensor(ranks, dtype=torch.float64), curve)
+        return MLAProfile(_interpolate(at, torch.tensor(ranks, dtype=torch.float64), curve), **chosen)
 
-    def allocate(self, layers: dict[int, tuple[MLASettings, torch.Tensor]], teacher_config: PreTrainedConfig,
+    def allocate(self, layers: dict[int, tuple[MLASettings, MLAProfile]], teacher_config: PreTrainedConfig,
                  request: dict) -> dict[int, MLASettings]:
-        """``kv_rank`` per layer under ``request["kv_budget"]``; see :func:`allocate_kv_ranks`."""
+        """Each layer's ``rope_freqs`` as profiled and, under ``request["kv_budget"]``, its ``kv_rank`` (see
+        :func:`allocate_kv_ranks`)."""
+        chosen = {idx: MLASettings(**{**s.model_dump(), "rope_freqs": p.rope_freqs, "rope_select": p.rope_select})
+                  for idx, (s, p) in layers.items()}
+        if "kv_budget" not in request:
+            return chosen
         shape = AttentionShape.from_config(teacher_config)
         budget = request["kv_budget"]
         total = math.floor(budget * 2 * shape.num_kv_heads * shape.head_dim * len(layers) + 1e-9)
-        rope = {idx: s.rope_heads * s.rope_dim for idx, (s, _) in layers.items()}
+        rope = {idx: s.rope_heads * s.rope_dim for idx, s in chosen.items()}
         latent = total - sum(rope.values())
-        ranks = allocate_kv_ranks({idx: curve for idx, (_, curve) in layers.items()}, latent)
+        ranks = allocate_kv_ranks({idx: p.curve for idx, (_, p) in layers.items()}, latent)
         if ranks is None:
             raise ValueError(f"kv_budget {budget} allows {total} cached values per token over the {len(layers)} "
                              f"layers, less than their RoPE keys ({sum(rope.values())}) plus {MIN_RANK} latent "
@@ -252,7 +315,16 @@ class MLAConverter(MixerConverter):
         if sum(ranks.values()) < latent:
             logger.info("kv_budget %s: %d of %d latent channels used; more would lower no layer's measured error",
                         budget, sum(ranks.values()), latent)
-        return {idx: MLASettings(**{**s.model_dump(), "kv_rank": ranks[idx]}) for idx, (s, _) in layers.items()}
+        return {idx: MLASettings(**{**s.model_dump(), "kv_rank": ranks[idx]}) for idx, s in chosen.items()}
+
+
+@dataclass
+class MLAProfile:
+    """One layer's profile: its error at every ``kv_rank`` (``[max_rank + 1]``, entry 0 unused) and its RoPE choice."""
+
+    curve: torch.Tensor
+    rope_freqs: list[int] | None
+    rope_select: str
 
 
 def check_kv_budget(budget, overrides: dict) -> None:
@@ -278,6 +350,35 @@ def rope_channels(settings: MLASettings, rot: int, d: int) -> tuple[list[int], l
     return rope_idx, [i for i in range(d) if i not in set(rope_idx)]
 
 
+def rope_layout(select: str, rope_dim: int, freqs: list[int] | None, G: int, d: int, rot: int, qk_norm: bool) -> dict:
+    """The RoPE settings of a compressed layer for ``rope_select``, ``rope_dim`` RoPE channels per KV head.
+
+    ``high`` / ``norm``: a RoPE key per KV head on ``rope_dim / 2`` frequencies (``rope_freqs``; ``None`` = the
+    highest, or for ``norm`` until :meth:`MLAConverter.allocate` sets them). ``rorope``: one shared RoPE key of
+    ``G * rope_dim / 2`` slots, each a frequency of one rotated KV head (``rope_freqs`` lists each slot's
+    frequency; by default every frequency the same number of times, the highest ones once more when the slots
+    do not divide evenly), the query heads keep all their ``d`` channels as no-RoPE part.
+    """
+    F = rot // 2
+    if freqs is not None and any(not 0 <= f < F for f in freqs):
+        raise ValueError(f"rope_freqs must index the teacher's {F} RoPE frequencies, got {freqs}")
+    if select == "rorope" and G > 1:
+        slots = G * rope_dim // 2
+        if freqs is None:
+            freqs = [f for f in range(F) for _ in range(slots // F + int(f < slots % F))]
+        elif len(freqs) != slots or max(freqs.count(f) for f in freqs) > G:
+            raise ValueError(f"rope_freqs of rope_select rorope lists the frequency of each of the {slots} RoPE "
+                             f"slots (KV heads x rope_dim / 2), each at most {G} times (once per KV head), got {freqs}")
+        return dict(rope_select="rorope", rope_heads=1, rope_dim=2 * slots, nope_dim=d, rope_freqs=sorted(freqs),
+                    q_norm_dims=d if qk_norm else None)
+    if freqs is not None and select == "norm":
+        raise ValueError("rope_select norm chooses rope_freqs on the calibration text; give one or the other")
+    if freqs is not None and len(set(freqs)) != len(freqs):
+        raise ValueError(f"rope_freqs must be distinct (each KV head's RoPE key keeps a frequency once), got {freqs}")
+    return dict(rope_select="high" if select == "rorope" else select, rope_heads=G, rope_dim=rope_dim,
+                nope_dim=d - rope_dim, rope_freqs=freqs)
+
+
 def _bias(t: torch.Tensor | None, rows: int) -> torch.Tensor:
     return t.to(torch.float64) if t is not None else torch.zeros(rows, dtype=torch.float64)
 
@@ -294,12 +395,124 @@ def _keys(attn: AttentionWeights, s: MLASettings, shape: AttentionShape,
     return wk, bk
 
 
-def _latent_rows(attn: AttentionWeights, s: MLASettings, wk: torch.Tensor, bk: torch.Tensor,
-                 nope_idx: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``M = [K_nope; V]`` ``[G (d - rope_dim) + G d, hidden]`` and its bias (``None`` without qkv biases)."""
+@dataclass
+class HeadSplit:
+    """A layer's attention weights laid out for the mixer (fp64): query heads ``q [H, nope_dim + rope_dim, hidden]``
+    (``q_bias [H, ...]``, ``q_norm`` weight), the RoPE key ``k_rope [rope_heads * rope_dim, hidden]`` (``k_rope_bias``,
+    ``k_norm`` weight) and the no-RoPE keys the latent carries, ``keys [G, nope_dim, hidden]``
+    (``key_bias [G, nope_dim]``)."""
+
+    q: torch.Tensor
+    q_bias: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_rope: torch.Tensor
+    k_rope_bias: torch.Tensor
+    k_norm: torch.Tensor | None
+    keys: torch.Tensor
+    key_bias: torch.Tensor
+
+
+def _split_heads(attn: AttentionWeights, s: MLASettings, shape: AttentionShape, rot: int,
+                 inputs: torch.Tensor | None) -> HeadSplit:
+    """Split every query and key head into its RoPE and no-RoPE parts (see the module docstring)."""
+    H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
+    f64 = torch.float64
+    wq, bq = attn.q.to(f64).view(H, d, hidden), _bias(attn.q_bias, H * d).view(H, d)
+    q_norm = None if attn.q_norm is None else attn.q_norm.to(f64)
+    wk, bk = _keys(attn, s, shape, inputs)
+    if s.rope_select != "rorope":
+        rope_idx, nope_idx = rope_channels(s, rot, d)
+        order = nope_idx + rope_idx  # the mixer's channel order in a query head
+        k_norm = None if attn.k_norm is None else attn.k_norm.to(f64)[rope_idx]
+        return HeadSplit(wq[:, order], bq[:, order], None if q_norm is None else q_norm[order],
+                         wk[:, rope_idx].reshape(-1, hidden), bk[:, rope_idx].reshape(-1), k_norm,
+                         wk[:, nope_idx], bk[:, nope_idx])
+    F = rot // 2
+    rotation = key_rotations(wk, bk, rot, inputs)  # [F, G, G]
+    freq = torch.tensor(s.rope_freqs)
+    head = torch.tensor([s.rope_freqs[:i].count(f) for i, f in enumerate(s.rope_freqs)])  # rotated head of each slot
+    kept = torch.zeros(F, G, dtype=torch.bool)
+    kept[freq, head] = True
+    pairs, bias_pairs = wk[:, :rot].view(G, 2, F, hidden), bk[:, :rot].view(G, 2, F)  # channel = half * F + f
+    rotated = torch.einsum("fjg,gcfx->jcfx", rotation, pairs)
+    rotated_bias = torch.einsum("fjg,gcf->jcf", rotation, bias_pairs)
+    dropped = rotation * ~kept[..., None]  # the rotated heads that lose RoPE; their keys stay in the latent
+    rest = torch.einsum("fjg,fjh->fgh", dropped, dropped)  # per frequency, the projection onto them
+    keys = torch.cat([torch.einsum("fgh,hcfx->gcfx", rest, pairs).reshape(G, rot, hidden), wk[:, rot:]], 1)
+    key_bias = torch.cat([torch.einsum("fgh,hcf->gcf", rest, bias_pairs).reshape(G, rot), bk[:, rot:]], 1)
+    channels = torch.cat([freq, freq + F])  # the teacher's query channels each RoPE channel reads
+    coef = rotation[freq, head].T.repeat(1, 2)[torch.arange(H) // (H // G)]  # [H, 2 * slots]
+    return HeadSplit(torch.cat([wq, coef[..., None] * wq[:, channels]], 1), torch.cat([bq, coef * bq[:, channels]], 1),
+                     None if q_norm is None else torch.cat([q_norm, q_norm[channels]]),
+                     torch.cat([rotated[head, 0, freq], rotated[head, 1, freq]]),
+                     torch.cat([rotated_bias[head, 0, freq], rotated_bias[head, 1, freq]]), None, keys, key_bias)
+
+
+def key_rotations(wk: torch.Tensor, bk: torch.Tensor, rot: int, inputs: torch.Tensor | None) -> torch.Tensor:
+    """``[F, G, G]``: per frequency ``f``, the orthogonal mix of the ``G`` key heads (rows, by energy, largest
+    first) that puts the keys' energy on that frequency in the fewest heads: the eigenvectors of
+    ``C_f[g, h] = E[k_{g,f} . k_{h,f}]`` over the calibration tokens (unit inputs without them), each key's
+    channel pair ``(f, f + r/2)`` counted as two samples, since one mix acts on both alike (TransMLA's RoRoPE)."""
     G, _, hidden = wk.shape
-    m = torch.cat([wk[:, nope_idx].reshape(-1, hidden), attn.v.to(torch.float64)])
-    b = torch.cat([bk[:, nope_idx].reshape(-1), _bias(attn.v_bias, attn.v.shape[0])]) if s.qkv_bias else None
+    F = rot // 2
+    if inputs is None:
+        pairs, bias = wk[:, :rot].view(G, 2, F, hidden), bk[:, :rot].view(G, 2, F)
+        second = torch.einsum("gcfx,hcfx->fgh", pairs, pairs) + torch.einsum("gcf,hcf->fgh", bias, bias)
+    else:
+        keys = (torch.einsum("nx,gcx->ngc", inputs, wk[:, :rot]) + bk[:, :rot]).view(-1, G, 2, F)
+        second = torch.einsum("ngcf,nhcf->fgh", keys, keys) / len(keys)
+    _, vectors = torch.linalg.eigh(second)  # ascending
+    return vectors.flip(-1).transpose(1, 2)
+
+
+def select_rope_freqs(attn: AttentionWeights, s: MLASettings, shape: AttentionShape, rot: int,
+                      stats: LayerStats | None, layer_idx: int) -> list[int] | None:
+    """``rope_dim / 2`` frequencies (shared by the KV heads) whose removal of RoPE would change the scores most,
+    or ``None`` without calibration statistics.
+
+    Per frequency ``f``: ``sum_h E||q_{h,f}|| E||k_{g(h),f}|| * rho_f``. The first factors are MHA2MLA's 2-norm
+    score (the largest the pair's contribution ``q^T R(theta_f (t - s)) k`` can be); without RoPE the
+    contribution becomes ``q^T k``, off by at most ``||q|| ||k|| |e^{i theta_f (t - s)} - 1|``, so the score is
+    weighted by ``rho_f``, that factor's mean over the calibration rows' causal pairs (within the sliding window):
+    a low frequency turns little over that distance, and keeping its RoPE buys little however large its keys.
+    """
+    if stats is None:
+        return None
+    H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
+    F = rot // 2
+    x = stats.inputs.reshape(-1, hidden).to(torch.float64)
+    q = (x @ attn.q.to(torch.float64).T + _bias(attn.q_bias, H * d)).view(-1, H, d)
+    if attn.q_norm is not None:
+        q = rms_norm(q, attn.q_norm.to(torch.float64), s.norm_eps)
+    wk, bk = _keys(attn, s, shape, x)
+    k = torch.einsum("nx,gdx->ngd", x, wk) + bk
+    q_size = q[..., :rot].reshape(-1, H, 2, F).norm(dim=2).mean(0)  # [H, F]
+    k_size = k[..., :rot].reshape(-1, G, 2, F).norm(dim=2).mean(0)  # [G, F]
+    sliding = s.sliding_window is not None and (s.sliding_layers is None or layer_idx in s.sliding_layers)
+    window = s.sliding_window if sliding else None
+    score = (q_size.view(G, H // G, F).sum(1) * k_size).sum(0) * rotation_drift(stats, F, window)
+    return sorted(score.topk(s.rope_dim // 2).indices.tolist())
+
+
+def rotation_drift(stats: LayerStats, F: int, window: int | None) -> torch.Tensor:
+    """``[F]``: mean ``|e^{i theta_f (t - s)} - 1| = 2 |sin(theta_f (t - s) / 2)|`` over the causal pairs ``s <= t``
+    of a calibration row (``t - s < window``), ``theta_f`` read from the teacher's RoPE at positions 0 and 1."""
+    cos, sin = (t.to(torch.float64)[0, :2, :F] for t in stats.kwargs["position_embeddings"])
+    T = stats.inputs.shape[1]
+    if T < 2:
+        return torch.ones(F, dtype=torch.float64)
+    angle = torch.atan2(sin, cos)
+    theta = torch.remainder(angle[1] - angle[0] + math.pi, 2 * math.pi) - math.pi
+    distance = torch.arange(min(T, window or T), dtype=torch.float64)
+    pairs = T - distance  # how many causal pairs are this far apart
+    return (2 * (theta[:, None] * distance / 2).sin().abs() * pairs).sum(1) / pairs.sum()
+
+
+def _latent_rows(attn: AttentionWeights, s: MLASettings, split: HeadSplit) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``M = [K_nope; V]`` ``[G nope_dim + G d, hidden]`` and its bias (``None`` without qkv biases)."""
+    hidden = split.keys.shape[-1]
+    m = torch.cat([split.keys.reshape(-1, hidden), attn.v.to(torch.float64)])
+    b = torch.cat([split.key_bias.reshape(-1), _bias(attn.v_bias, attn.v.shape[0])]) if s.qkv_bias else None
     return m, b
 
 
@@ -325,7 +538,8 @@ def _balanced_kv(m: torch.Tensor, b: torch.Tensor | None, inputs: torch.Tensor |
     weight = torch.ones(a.shape[0], dtype=a.dtype)
     energy = seen.pow(2).sum(1)
     if 0 < key_rows < a.shape[0] and energy[:key_rows].sum() > 0:
-        weight[:key_rows] = (energy[key_rows:].mean() / energy[:key_rows].mean()).sqrt()
+        ratio = (energy[key_rows:].mean() / energy[:key_rows].mean()).sqrt()
+        weight[:key_rows] = ratio.clamp_max(MAX_KEY_WEIGHT)
     return a, weight, weight[:, None] * seen
 
 

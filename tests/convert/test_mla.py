@@ -115,8 +115,8 @@ def low_rank_teacher_dir(tmp_path_factory):
 
 
 def test_compression_to_the_true_rank_reproduces_the_teacher(low_rank_teacher_dir, tmp_path):
-    convert(low_rank_teacher_dir, tmp_path / "s", to="mla", mixer_settings={"kv_rank": LOW_RANK, "rope_dim": 4},
-            progress=False)
+    convert(low_rank_teacher_dir, tmp_path / "s", to="mla",
+            mixer_settings={"kv_rank": LOW_RANK, "rope_dim": 4, "rope_select": "high"}, progress=False)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
     teacher = AutoModelForCausalLM.from_pretrained(low_rank_teacher_dir).eval()
     x = ids(2, 33)
@@ -128,8 +128,8 @@ def test_compression_to_the_true_rank_reproduces_the_teacher(low_rank_teacher_di
 
 
 def test_compression_below_the_true_rank_is_lossy(low_rank_teacher_dir, tmp_path):
-    convert(low_rank_teacher_dir, tmp_path / "s", to="mla", mixer_settings={"kv_rank": 3, "rope_dim": 4},
-            progress=False)
+    convert(low_rank_teacher_dir, tmp_path / "s", to="mla",
+            mixer_settings={"kv_rank": 3, "rope_dim": 4, "rope_select": "high"}, progress=False)
     student = AutoModelForCausalLM.from_pretrained(tmp_path / "s").eval()
     teacher = AutoModelForCausalLM.from_pretrained(low_rank_teacher_dir).eval()
     with torch.no_grad():
@@ -137,7 +137,13 @@ def test_compression_below_the_true_rank_is_lossy(low_rank_teacher_dir, tmp_path
 
 
 @pytest.mark.parametrize("settings, message", [
-    ({"kv_rank": 25, "rope_dim": 4}, r"kv_rank must be in 1\.\.24"),
+    ({"kv_rank": 33, "rope_dim": 4}, r"kv_rank must be in 1\.\.32"),  # rorope: every key channel may stay in the latent
+    ({"kv_rank": 25, "rope_dim": 4, "rope_select": "high"}, r"kv_rank must be in 1\.\.24"),
+    ({"rope_select": "low"}, "rope_select must be one of high, norm, rorope, got 'low'"),
+    ({"rope_select": "norm", "rope_freqs": [0, 1]}, "rope_select norm chooses rope_freqs"),
+    ({"rope_select": "high", "rope_freqs": [1, 1]}, "rope_freqs must be distinct"),
+    ({"rope_freqs": [0, 0, 0, 1]}, r"each at most 2 times \(once per KV head\)"),
+    ({"exact": True, "rope_select": "high"}, "exact mla fixes rope_select"),
     ({"rope_dim": 3}, "rope_dim must be a positive even number"),
     ({"rope_dim": 10}, "rope_dim 10 exceeds head_dim 8"),
     ({"exact": True, "kv_rank": 8}, "exact mla fixes kv_rank"),
@@ -153,8 +159,8 @@ def test_bad_sizes_are_one_line_errors_and_nothing_is_written(settings, message,
 def test_phi3_partial_rotary_compressed_keeps_pass_channels_in_the_latent(teacher_dir, tmp_path):
     """Phi-3 rotates 4 of 8 channels: rope_dim 2 keeps one frequency; the latent is 2 x (8 - 2) + 2 x 8 wide at most."""
     with pytest.raises(PlanError, match=r"1\.\.28"):
-        convert(teacher_dir("phi3"), tmp_path / "x", to="mla", mixer_settings={"kv_rank": 29, "rope_dim": 2},
-                progress=False)
+        convert(teacher_dir("phi3"), tmp_path / "x", to="mla",
+                mixer_settings={"kv_rank": 29, "rope_dim": 2, "rope_select": "high"}, progress=False)
     with pytest.raises(PlanError, match="exceeds the teacher's 4 rotary channels"):
         convert(teacher_dir("phi3"), tmp_path / "x", to="mla", mixer_settings={"rope_dim": 6}, progress=False)
     convert(teacher_dir("phi3"), tmp_path / "s", to="mla", mixer_settings={"kv_rank": 24, "rope_dim": 4},

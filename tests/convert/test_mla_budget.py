@@ -67,7 +67,8 @@ def test_perplexity_grows_as_the_budget_drops_on_stories260k(stories_dir, tmp_pa
         result = convert(stories_dir, out, to="mla", mixer_settings={"kv_budget": budget},
                          calibration=tmp_path / "calib.txt", calibration_tokens=512, progress=False)
         assert cached_values(result.plan) <= budget * 5 * 64  # measured errors stop falling: not all is spent
-        assert result.plan[0]["rope_dim"] == (4 if budget >= 0.5 else 2)  # default: at most half the budget
+        rope = result.plan[0]["rope_heads"] * result.plan[0]["rope_dim"]
+        assert rope == 4 * (4 if budget >= 0.5 else 2)  # default: RoPE on at most half the budget
         ppl[budget] = held_out_perplexity(AutoModelForCausalLM.from_pretrained(out).eval(), held_out)
     assert held_out_perplexity(teacher, held_out) < ppl[0.75] < ppl[0.5] < ppl[0.25], ppl
 
