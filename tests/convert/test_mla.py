@@ -178,7 +178,8 @@ def test_activation_aware_beats_weight_only_on_stories260k(stories_dir, tmp_path
     weight-only SVD at 16 (75% of the teacher's KV cache), and perplexity grows as the rank drops.
 
     (Partial RoPE is what hurts this 8-channel-head teacher: with full rank, RoPE on frequencies 0, 1
-    only, the default, gives perplexity ~39 against the teacher's ~3.2; on 1, 2 ~6; on 0, 1, 2 ~3.2.)"""
+    only, S_high, gives perplexity ~39 against the teacher's ~3.2; on 1, 2 ~6; on 0, 1, 2 ~3.2; RoRoPE,
+    the default, with as many RoPE values as frequencies 0, 1, ~3.7: see tests/convert/test_mla_rope.py.)"""
     _, teacher, text, held_out = teacher_stories(stories_dir, 12)
     (tmp_path / "calib.txt").write_text(text)
 
