@@ -126,8 +126,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held,
-        "stages": [{"name": "align", "tokens": quarter, "lr": 3e-3}, {"name": "hidden", "tokens": quarter, "lr": 1e-3},
-                   {"name": "kd", "tokens": 2 * quarter, "lr": 5e-4}]})
+        "stages": [{"name": "align", "tokens": quarter, "lr": args.lr[0]}, {"name": "hidden", "tokens": quarter, "lr": args.lr[1]},
+                   {"name": "kd", "tokens": 2 * quarter, "lr": args.lr[2]}]})
     result = run_distill(recipe, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
     ids = torch.cat([torch.tensor(tokenizer(d)["input_ids"]) for d in held_docs])[: args.agreement_tokens]
@@ -198,6 +198,7 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=400)
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
     parser.add_argument("--tokens", default="120k", help="distillation tokens per student (align/hidden/kd = 1/1/2)")
+    parser.add_argument("--lr", default="3e-3,1e-3,5e-4", help="peak learning rates of align, hidden, kd")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-prompts", type=int, default=16)
@@ -209,6 +210,9 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     args.cache_lengths = [int(x) for x in args.cache_lengths.split(",")]
+    args.lr = [float(x) for x in args.lr.split(",")]
+    if len(args.lr) != 3:
+        raise SystemExit(f"--lr takes three learning rates (align,hidden,kd), got {len(args.lr)}")
     args.teacher = args.teacher or str(packaged_teacher())
     args.teacher_dir = resolve_model_dir(args.teacher)
     rows = rows_for(AutoConfig.from_pretrained(args.teacher_dir))
@@ -246,7 +250,7 @@ def main() -> None:
 
     teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
-              "seq_len": args.seq_len, "batch_size": args.batch_size, "teacher_row": teacher_row, "rows": [],
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "teacher_row": teacher_row, "rows": [],
               "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"}
     args.out.parent.mkdir(parents=True, exist_ok=True)
