@@ -96,8 +96,7 @@ def mqar_chats(spec: MQARSpec, length: int, count: int, seed: int) -> list[list[
 
 
 def teacher_config(args, vocab_size: int):
-    """A pico Llama (Auto classes: a script in benchmarks/ must not import model classes before mixerswap,
-    or transformers' probe for the ``kernels`` package finds benchmarks/kernels.py first)."""
+    """A pico Llama: 4 heads of ``hidden / 4``, tied embeddings."""
     return AutoConfig.for_model("llama", vocab_size=vocab_size, hidden_size=args.hidden,
                                 intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                                 num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,

@@ -1,8 +1,8 @@
 """Our Triton kernels on a GPU: correctness at real sizes (forward and backward), then timings against the
 reference and third-party kernels, with achieved throughput against measured ceilings.
 
-    python benchmarks/kernels.py                       # every op, default shapes (about 10 min on an H100)
-    python benchmarks/kernels.py --ops ssd_chunk_scan,gla_chunk --seqlens 2048,8192 --check-only
+    python benchmarks/kernel_speed.py                       # every op, default shapes (about 10 min on an H100)
+    python benchmarks/kernel_speed.py --ops ssd_chunk_scan,gla_chunk --seqlens 2048,8192 --check-only
 
 Needs CUDA and triton. Third-party comparisons run when their packages import: mamba-ssm
 (``mamba_chunk_scan_combined``; its 2.3.x ``__init__`` imports the compiled Mamba-1 extension, so this
@@ -291,7 +291,7 @@ def main() -> None:
     global DEVICE
     DEVICE = args.device
     if DEVICE == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("benchmarks/kernels.py needs a CUDA device (or --device cpu --check-only with TRITON_INTERPRET=1)")
+        raise SystemExit("benchmarks/kernel_speed.py needs a CUDA device (or --device cpu --check-only with TRITON_INTERPRET=1)")
     if DEVICE != "cuda" and not args.check_only:
         raise SystemExit("timings need CUDA; on CPU only --check-only runs")
     ops = args.ops.split(",")
