@@ -22,8 +22,8 @@ sequence by a chat template that adds nothing: distillation then counts exactly 
 perplexity is the perplexity of the answers. Align and hidden still match every token's states.
 
 Per student: ``convert`` (calibrated on MQAR text; rows of 256 tokens hold four sequences back to
-back), ``distill`` align → hidden → kd with ``--tokens`` split 1:1:2 (``mixerswap.demo.distill_stages``,
-the stage learning rates of ``benchmarks/quality.py``), then MQAR accuracy (teacher-forced argmax at
+back), ``distill`` align → hidden → kd with ``--tokens`` split 1:1:2 and learning rates 3e-3 / 1e-3 / 5e-4
+(``mixerswap.demo.distill_stages``, as ``benchmarks/quality.py``), then MQAR accuracy (teacher-forced argmax at
 every queried key, ``mqar_accuracy``) on ``--samples`` held-out sequences at init and after
 distillation. Settings per kind are the converters' defaults except the windows: ``swa`` (no sinks)
 and ``linear`` (LoLCATs' softmax window) see ``--window`` tokens, fewer than the distance from the
@@ -58,7 +58,6 @@ KINDS = ("mamba2", "swa", "linear", "gla", "gdn")
 # Disjoint seed ranges of mqar_batch: evaluation, teacher training, the teacher's phase checks,
 # distillation data, calibration.
 EVAL_SEED, TEACHER_SEEDS, CHECK_SEED, DISTILL_SEEDS, CALIBRATION_SEED = 0, 1_000_000, 1_500_000, 2_000_000, 3_000_000
-STAGE_LR = {"align": 3e-3, "hidden": 1e-3, "kd": 5e-4}  # benchmarks/quality.py's
 # Zoology's plain chat: every message is its content and one space, so the rendering is the sequence itself.
 TEACHER_LOG = "mqar_teacher.json"  # the teacher's curriculum, beside its weights
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
@@ -162,7 +161,7 @@ def run_student(kind: str, keep: float, args, work: Path, teacher_dir: Path, dat
                          calibration=calibration, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     mqar_init = measure(model, spec, args)
-    stages = [{**stage, "lr": STAGE_LR[stage["name"]]} for stage in distill_stages(args.tokens)]
+    stages = distill_stages(args.tokens)
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(teacher_dir), "data": str(data), "out": str(work / name / "distilled"),
         "seq_len": args.length, "batch_size": args.batch_size, "held_out_docs": args.held_out, "seed": args.seed,

@@ -39,7 +39,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from mixerswap.architectures.cache import HybridMixerCache
 from mixerswap.convert import convert
 from mixerswap.convert.checkpoint_io import resolve_model_dir
-from mixerswap.demo import packaged_teacher, sample_stories, top1_agreement
+from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
 from mixerswap.distill.recipe import DistillRecipe, parse_tokens
 from mixerswap.distill.trainer import run_distill
 from mixerswap.evals.probes import mqar_accuracy
@@ -122,12 +122,10 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         conversion = convert(args.teacher_dir, student, to=row["to"], keep_attention=row["keep"],
                              mixer_settings=row.get("settings"), select=row.get("select"), calibration=calibration,
                              overwrite=True, progress=False)
-    quarter = parse_tokens(args.tokens) // 4
+    stages = [{**stage, "lr": lr} for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held,
-        "stages": [{"name": "align", "tokens": quarter, "lr": args.lr[0]}, {"name": "hidden", "tokens": quarter, "lr": args.lr[1]},
-                   {"name": "kd", "tokens": 2 * quarter, "lr": args.lr[2]}]})
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "stages": stages})
     result = run_distill(recipe, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
     ids = torch.cat([torch.tensor(tokenizer(d)["input_ids"]) for d in held_docs])[: args.agreement_tokens]
@@ -145,7 +143,7 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "gen_agreement": round(generation_agreement(model, teacher, prompts, args.gen_tokens), 4),
         "mqar": (round(mqar_accuracy(model, [args.mqar_length])[0].accuracy, 4) if teacher_mqar is not None else None),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
-        "tokens": 4 * quarter, "seconds": round(time.perf_counter() - started, 1),
+        "tokens": sum(stage["tokens"] for stage in stages), "seconds": round(time.perf_counter() - started, 1),
     }
     shutil.rmtree(work / name, ignore_errors=True)
     return out
@@ -198,7 +196,7 @@ def main() -> None:
     parser.add_argument("--stories", type=int, default=400)
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
     parser.add_argument("--tokens", default="120k", help="distillation tokens per student (align/hidden/kd = 1/1/2)")
-    parser.add_argument("--lr", default="3e-3,1e-3,5e-4", help="peak learning rates of align, hidden, kd")
+    parser.add_argument("--lr", help="peak learning rates of align, hidden, kd (default: the demo's, 3e-3,1e-3,5e-4)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-prompts", type=int, default=16)
@@ -210,7 +208,7 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     args.cache_lengths = [int(x) for x in args.cache_lengths.split(",")]
-    args.lr = [float(x) for x in args.lr.split(",")]
+    args.lr = [float(x) for x in args.lr.split(",")] if args.lr else [s["lr"] for s in distill_stages(1)]
     if len(args.lr) != 3:
         raise SystemExit(f"--lr takes three learning rates (align,hidden,kd), got {len(args.lr)}")
     args.teacher = args.teacher or str(packaged_teacher())

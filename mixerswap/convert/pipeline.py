@@ -397,4 +397,4 @@ def load_conversion_settings(folder: str | Path) -> dict:
     path = Path(folder) / "mixerswap.yaml"
     if not path.exists():
         raise FileNotFoundError(f"{path} not found: not a folder written by mixerswap convert")
-    return yaml.safe_load(path.read_text()) or {}
+    return yaml.safe_load(path.read_text(encoding="utf-8")) or {}

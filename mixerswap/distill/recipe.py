@@ -197,8 +197,10 @@ def recorded_teacher(student: str | Path) -> str:
     if not Path(student).is_dir():
         raise RecipeError(f"no --teacher given, and {student} is not a student folder here to read it from; "
                           "pass --teacher, or check the student's path")
+    from ..convert.pipeline import load_conversion_settings  # torch and transformers: only when asked
+
     try:
-        settings = yaml.safe_load(settings_file.read_text(encoding="utf-8")) or {}
+        settings = load_conversion_settings(student)
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         settings = {}
     if not isinstance(settings, dict):
