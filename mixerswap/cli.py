@@ -447,6 +447,9 @@ def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot,
 @click.option("--timing", type=click.Choice(["wall", "cpu"]), default="wall", show_default=True,
               help="CPU only: wall clock, or this process's CPU time (steadier on a shared machine).")
 @click.option("--prefill-chunk", type=int, help="Prefill this many tokens per forward (default: whole prompt).")
+@click.option("--interleave/--sequential", default=None,
+              help="Models take turns within each configuration, ratios from rounds (default on CPU), or run "
+                   "one after another, each loaded only for its turn (default on CUDA).")
 @click.option("--max-memory", help="CUDA only: cap allocations, e.g. 40GB (runs over it are recorded as oom).")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Write a PNG plot here.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Write the JSON report here.")
@@ -454,8 +457,8 @@ def eval_command(model, tasks, include_path, vs, batch_size, limit, num_fewshot,
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def bench(model, vs, contexts, batches, decode_tokens, warmup, repeats, timing, prefill_chunk, max_memory, plot,
-          json_path, dtype, device, quiet):
+def bench(model, vs, contexts, batches, decode_tokens, warmup, repeats, timing, prefill_chunk, interleave,
+          max_memory, plot, json_path, dtype, device, quiet):
     """Prefill/decode speed, latency and memory of MODEL (and --vs) over context lengths and batch sizes."""
     setup_logging(quiet)
     from .convert.checkpoint_io import parse_size
@@ -467,7 +470,8 @@ def bench(model, vs, contexts, batches, decode_tokens, warmup, repeats, timing, 
     reference = next((label for label, (_, role) in labels.items() if role == "vs"), None)
     report = bench_paths({label: path for label, (path, _) in labels.items()}, contexts=contexts, batches=batches,
                          decode_tokens=decode_tokens, dtype=dtype, device=device, reference=reference, warmup=warmup,
-                         repeats=repeats, timing=timing, prefill_chunk=prefill_chunk, max_memory_bytes=parse_size(max_memory) if max_memory else None,
+                         repeats=repeats, timing=timing, prefill_chunk=prefill_chunk, interleave=interleave,
+                         max_memory_bytes=parse_size(max_memory) if max_memory else None,
                          echo=None if quiet else click.echo)
     click.echo(report.table())
     click.echo(f"kernels: {report.kernels['requested']} -> " +

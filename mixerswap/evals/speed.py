@@ -4,8 +4,11 @@ For each model, batch size ``B`` and context length ``L`` (one *configuration*):
 ``B x L`` random tokens that builds the cache (logits kept for the last position only), then
 ``decode_tokens`` greedy decode steps of ``B`` tokens through that cache, each timed on its own.
 Every configuration runs ``warmup`` untimed times (first calls pay for lazy initialization), then
-``repeats`` timed times; throughputs are medians over the repeats with their min and max, ratios
-are ratios of medians. Times are CUDA events on a GPU; on CPU, wall clock or (``timing="cpu"``)
+``repeats`` timed times; throughputs are medians over the repeats with their min and max.
+*Interleaved* (the default on CPU): the models take turns within each configuration, one timed repeat
+each per round, and a ratio is the median of the per-round ratios, so a machine that drifts (frequency,
+other processes) moves both sides of every ratio alike; otherwise (the default on CUDA, where each
+model is loaded for its turn only) ratios are ratios of medians. Times are CUDA events on a GPU; on CPU, wall clock or (``timing="cpu"``)
 the CPU time of this process, which other processes on a shared machine do not inflate.
 A configuration that runs out of memory is recorded with status ``"oom"`` and the run goes on;
 longer contexts of the same model and batch are then recorded as ``"oom"`` without being tried.
@@ -13,12 +16,13 @@ longer contexts of the same model and batch are then recorded as ``"oom"`` witho
 On CPU the mixers run on the torch reference kernels (plain PyTorch, written to be checked against,
 not to be fast); ``BenchReport.notes`` says so whenever a reference kernel ran.
 
-JSON written by :meth:`BenchReport.to_dict` (``mixerswap bench --json``), ``schema`` 2:
+JSON written by :meth:`BenchReport.to_dict` (``mixerswap bench --json``), ``schema`` 3:
 
 - ``schema``, ``created`` (ISO time), ``versions`` (mixerswap, torch, transformers)
 - ``device`` (e.g. ``cuda:0``), ``device_name``, ``dtype``, ``timing`` (``cuda_events`` | ``wall_clock`` |
   ``process_cpu_time``), ``warmup``, ``repeats``, ``decode_tokens``, ``prefill_chunk`` (tokens per prefill
-  forward, null: whole prompt), ``reference`` (model the ratios divide by, or null)
+  forward, null: whole prompt), ``reference`` (model the ratios divide by, or null), ``interleaved``
+  (models took turns within each configuration)
 - ``memory_kind``: what ``peak_memory_bytes`` measures: ``cuda_max_allocated`` (bytes allocated on
   the device during the configuration, weights and activations included) or ``model_and_cache``
   (CPU: bytes of the model's parameters and buffers plus its cache; activations are not counted)
@@ -31,11 +35,14 @@ JSON written by :meth:`BenchReport.to_dict` (``mixerswap bench --json``), ``sche
   ``prefill_tokens_per_s_min``, ``prefill_tokens_per_s_max``, ``decode_tokens_per_s`` (B·steps / decode
   time, median over repeats), ``decode_tokens_per_s_min``, ``decode_tokens_per_s_max``,
   ``decode_latency_ms_p50``, ``decode_latency_ms_p90`` (per decode step, over all repeats),
-  ``peak_memory_bytes``, ``cache_bytes`` (cache after prefill and decode), ``error`` (on ``oom``)
+  ``peak_memory_bytes``, ``cache_bytes`` (cache after prefill and decode), ``error`` (on ``oom``),
+  ``prefill_tokens_per_s_repeats`` and ``decode_tokens_per_s_repeats`` (one value per round when
+  interleaved, else null)
 - ``ratios``: per other model, batch and context where both ran: ``model``, ``batch``, ``context``,
-  ``prefill_speedup`` and ``decode_speedup`` (model tokens/s ÷ reference tokens/s, medians),
-  ``prefill_speedup_min``, ``prefill_speedup_max``, ``decode_speedup_min``, ``decode_speedup_max``
-  (the widest the min/max of both allow), ``cache_reduction`` (reference cache bytes ÷ model cache
+  ``prefill_speedup`` and ``decode_speedup`` (model tokens/s ÷ reference tokens/s: median of the
+  per-round ratios when interleaved, else ratio of medians), ``prefill_speedup_min``,
+  ``prefill_speedup_max``, ``decode_speedup_min``, ``decode_speedup_max`` (over the rounds, else the
+  widest the min/max of both allow), ``cache_reduction`` (reference cache bytes ÷ model cache
   bytes), ``peak_memory_ratio`` (model ÷ reference)
 """
 
@@ -60,7 +67,7 @@ from ..kernels.dispatch import REFERENCE as REFERENCE_BACKEND
 from .lengths import check_lengths
 from .tables import format_table, format_value
 
-SCHEMA = 2
+SCHEMA = 3
 TIMINGS = ("wall", "cpu")
 OOM_MESSAGES = ("out of memory", "can't allocate memory", "DefaultCPUAllocator")
 
@@ -83,6 +90,8 @@ class BenchRun:
     peak_memory_bytes: int | None = None
     cache_bytes: int | None = None
     error: str | None = None
+    prefill_tokens_per_s_repeats: list[float | None] | None = None
+    decode_tokens_per_s_repeats: list[float | None] | None = None
 
 
 @dataclass
@@ -98,6 +107,7 @@ class BenchReport:
     repeats: int = 1
     reference: str | None = None
     prefill_chunk: int | None = None
+    interleaved: bool = False
     models: dict = field(default_factory=dict)
     runs: list[BenchRun] = field(default_factory=list)
 
@@ -114,12 +124,7 @@ class BenchReport:
                 continue
             out.append({
                 "model": r.model, "batch": r.batch, "context": r.context,
-                "prefill_speedup": _ratio(r.prefill_tokens_per_s, ref.prefill_tokens_per_s),
-                "prefill_speedup_min": _ratio(r.prefill_tokens_per_s_min, ref.prefill_tokens_per_s_max),
-                "prefill_speedup_max": _ratio(r.prefill_tokens_per_s_max, ref.prefill_tokens_per_s_min),
-                "decode_speedup": _ratio(r.decode_tokens_per_s, ref.decode_tokens_per_s),
-                "decode_speedup_min": _ratio(r.decode_tokens_per_s_min, ref.decode_tokens_per_s_max),
-                "decode_speedup_max": _ratio(r.decode_tokens_per_s_max, ref.decode_tokens_per_s_min),
+                **_speedup("prefill", r, ref), **_speedup("decode", r, ref),
                 "cache_reduction": _ratio(ref.cache_bytes, r.cache_bytes),
                 "peak_memory_ratio": _ratio(r.peak_memory_bytes, ref.peak_memory_bytes),
             })
@@ -130,7 +135,7 @@ class BenchReport:
             "schema": SCHEMA, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "versions": _versions(), "device": self.device, "device_name": self.device_name, "dtype": self.dtype,
             "timing": self.timing, "warmup": self.warmup, "repeats": self.repeats, "decode_tokens": self.decode_tokens,
-            "prefill_chunk": self.prefill_chunk,
+            "prefill_chunk": self.prefill_chunk, "interleaved": self.interleaved,
             "reference": self.reference, "memory_kind": self.memory_kind, "kernels": self.kernels,
             "reference_kernels": self.reference_kernels(),
             "models": self.models, "runs": [asdict(r) for r in self.runs], "ratios": self.ratios(),
@@ -147,7 +152,10 @@ class BenchReport:
         memory = {"cuda_max_allocated": "peak MiB: CUDA allocations during the configuration",
                   "model_and_cache": "model MiB: parameters, buffers and cache (activations not counted)"}
         lines = [f"{self.device_name} ({self.device}), {self.dtype}; timing {self.timing}, {self.warmup} warm-up and "
-                 f"{self.repeats} timed repeat(s) per configuration: tok/s are medians [min-max]"
+                 f"{self.repeats} timed repeat(s) per configuration"
+                 + (", models taking turns" if self.interleaved and len(self.models) > 1 else "")
+                 + ": tok/s are medians [min-max]"
+                 + ("; ratios are medians of per-round ratios" if self.interleaved and self.reference else "")
                  + (f"; {memory[self.memory_kind]}" if self.memory_kind in memory else "")]
         reference = self.reference_kernels()
         if reference:
@@ -178,6 +186,21 @@ class BenchReport:
 
 def _ratio(a, b):
     return a / b if a is not None and b else None
+
+
+def _speedup(measure: str, run: BenchRun, ref: BenchRun) -> dict:
+    """``{measure}_speedup`` with its min and max: from the rounds in which both models ran one repeat
+    each when the run was interleaved, else the ratio of medians with the widest bounds min and max allow."""
+    key = f"{measure}_tokens_per_s"
+    ours, theirs = getattr(run, f"{key}_repeats"), getattr(ref, f"{key}_repeats")
+    if ours and theirs and len(ours) == len(theirs):
+        rounds = [a / b for a, b in zip(ours, theirs) if a is not None and b]
+        if rounds:
+            return {f"{measure}_speedup": statistics.median(rounds), f"{measure}_speedup_min": min(rounds),
+                    f"{measure}_speedup_max": max(rounds)}
+    return {f"{measure}_speedup": _ratio(getattr(run, key), getattr(ref, key)),
+            f"{measure}_speedup_min": _ratio(getattr(run, f"{key}_min"), getattr(ref, f"{key}_max")),
+            f"{measure}_speedup_max": _ratio(getattr(run, f"{key}_max"), getattr(ref, f"{key}_min"))}
 
 
 def _mib(n):
@@ -243,9 +266,10 @@ class _PeakMemory:
         if self.kind == "cuda_max_allocated":
             torch.cuda.reset_peak_memory_stats(self.device)
 
-    def peak(self, model, cache_bytes: int | None) -> int | None:
+    def peak(self, model, cache_bytes: int | None, others: int = 0) -> int:
+        """``others``: bytes of other models resident on the device (taken out of the CUDA peak)."""
         if self.kind == "cuda_max_allocated":
-            return torch.cuda.max_memory_allocated(self.device)
+            return torch.cuda.max_memory_allocated(self.device) - others
         return model_bytes(model) + (cache_bytes or 0)
 
 
@@ -321,13 +345,12 @@ def _free(device: torch.device) -> None:
 def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]], *, contexts: list[int],
           batches: list[int], decode_tokens: int = 32, reference: str | None = None, warmup: int = 1,
           repeats: int = 5, timing: str = "wall", prefill_chunk: int | None = None,
-          max_memory_bytes: int | None = None, seed: int = 0,
+          max_memory_bytes: int | None = None, interleave: bool | None = None, seed: int = 0,
           echo: Callable[[str], None] | None = None) -> BenchReport:
     """Measure every model at every ``(batch, context)``; see the module docstring.
 
     Args:
-        models: name → model, or → zero-argument loader (the model is then loaded for its turn
-            only and freed after it, so large models need not fit together). Models share one device.
+        models: name → model, or → zero-argument loader. Models share one device.
         reference: name of the model that ratios divide by (e.g. the teacher).
         warmup: untimed repetitions per configuration (a short decode each).
         repeats: timed repetitions per configuration; throughputs are their medians, with min and max.
@@ -337,6 +360,11 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
             prompt at once); long prompts at large batch need it to fit activations in memory.
         max_memory_bytes: CUDA only: cap this process's allocations (a smaller GPU); running over
             it is recorded as ``oom``.
+        interleave: the models take turns within each configuration, one timed repeat each per round,
+            so a machine that slows down or speeds up during the run slows every model alike and ratios
+            are medians of per-round ratios (all models are loaded at once). ``False``: one model after
+            the other, each loaded for its turn only and freed after it (models too large to fit
+            together). Default: interleave on CPU, not on CUDA.
     """
     if not models:
         raise ValueError("nothing to benchmark")
@@ -351,43 +379,65 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
     if prefill_chunk is not None and prefill_chunk < 1:
         raise ValueError("prefill_chunk must be at least 1 token")
     contexts, batches = sorted(set(contexts)), sorted(set(batches))
-    report = None
-    for name, source in models.items():
-        model = source() if callable(source) and not isinstance(source, torch.nn.Module) else source
-        check_lengths(model, contexts, extra=decode_tokens, what="bench context")
-        device, dtype = model.device, model.dtype
-        if report is None:
-            report = _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk)
-            _cap_memory(device, max_memory_bytes)
+    names = list(models)
+    first = _load(models[names[0]], contexts, decode_tokens)
+    device, dtype = first.device, first.dtype
+    interleave = device.type != "cuda" if interleave is None else interleave
+    report = _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk, interleave)
+    _cap_memory(device, max_memory_bytes)
+    if interleave:
+        group = {names[0]: first, **{name: _load(models[name], contexts, decode_tokens) for name in names[1:]}}
+        _bench_group(report, group, batches, contexts, seed, echo)
+        del group
+    else:
+        for name in names:
+            model = first if name == names[0] else _load(models[name], contexts, decode_tokens)
+            first = None
+            _bench_group(report, {name: model}, batches, contexts, seed, echo)
+            del model
+            _free(device)
+    _free(device)
+    _cap_memory(device, None)
+    order = {name: i for i, name in enumerate(names)}
+    report.runs.sort(key=lambda r: (order[r.model], r.batch, r.context))
+    return report
+
+
+def _load(source, contexts: list[int], decode_tokens: int) -> torch.nn.Module:
+    model = source() if callable(source) and not isinstance(source, torch.nn.Module) else source
+    check_lengths(model, contexts, extra=decode_tokens, what="bench context")
+    return model
+
+
+def _bench_group(report: BenchReport, group: dict[str, torch.nn.Module], batches: list[int], contexts: list[int],
+                 seed: int, echo: Callable[[str], None] | None) -> None:
+    """Every configuration for the models of ``group`` (taking turns when there are several)."""
+    for name, model in group.items():
         report.models[name] = describe_model(model)
-        peak = _PeakMemory(device)
-        for batch in batches:
-            oom_at = None
-            for context in contexts:
-                if oom_at is not None:
-                    report.runs.append(BenchRun(name, batch, context, "oom",
-                                                error=f"skipped: out of memory at context {oom_at}"))
-                    continue
-                run = _measure(model, name, batch, context, report, peak, seed)
+    for batch in batches:
+        oom_at: dict[str, int] = {}
+        for context in contexts:
+            for name in [n for n in group if n in oom_at]:
+                report.runs.append(BenchRun(name, batch, context, "oom",
+                                            error=f"skipped: out of memory at context {oom_at[name]}"))
+            active = {name: model for name, model in group.items() if name not in oom_at}
+            for name, run in _measure(active, batch, context, report, seed).items():
                 report.runs.append(run)
                 if echo:
                     echo(f"{name} batch {batch} context {context}: {run.status}")
                 if run.status == "oom":
-                    oom_at = context
-        del model
-        _free(device)
-    _cap_memory(torch.device(report.device), None)
-    return report
+                    oom_at[name] = context
 
 
-def _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk) -> BenchReport:
+def _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk,
+                interleave) -> BenchReport:
     cuda = device.type == "cuda"
     return BenchReport(
         device=str(device), device_name=torch.cuda.get_device_name(device) if cuda else "cpu",
         dtype=str(dtype).removeprefix("torch."), timing=_Clock(device, timing == "cpu").kind,
         warmup=warmup, repeats=repeats, decode_tokens=decode_tokens,
         memory_kind=_PeakMemory(device).kind, kernels=kernel_backends(device, dtype), reference=reference,
-        prefill_chunk=prefill_chunk)
+        prefill_chunk=prefill_chunk, interleaved=interleave)
 
 
 def _cap_memory(device: torch.device, max_memory_bytes: int | None) -> None:
@@ -400,44 +450,94 @@ def _cap_memory(device: torch.device, max_memory_bytes: int | None) -> None:
     torch.cuda.set_per_process_memory_fraction(fraction, device)
 
 
-def _measure(model, name, batch, context, report: BenchReport, peak: _PeakMemory, seed: int) -> BenchRun:
-    device = model.device
-    gen = torch.Generator().manual_seed(seed + context * 7919 + batch)
-    ids = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+@dataclass
+class _Samples:
+    """What the timed repeats of one model in one configuration measured."""
+
+    prefills: list[float] = field(default_factory=list)
+    prefill_rates: list[float] = field(default_factory=list)
+    decode_rates: list[float] = field(default_factory=list)
+    steps: list[float] = field(default_factory=list)
+    cache_bytes: int | None = None
+    peak_bytes: int = 0
+    error: str | None = None
+
+
+def _measure(group: dict[str, torch.nn.Module], batch: int, context: int, report: BenchReport,
+             seed: int) -> dict[str, BenchRun]:
+    """One configuration for every model of ``group``: warm-ups, then ``repeats`` rounds in which each
+    model runs one timed repeat (the order alternates between rounds, so no model always goes first)."""
+    if not group:
+        return {}
+    device = next(iter(group.values())).device
     clock = _Clock(device, report.timing == "process_cpu_time")
-    try:
-        for _ in range(report.warmup):
-            _prefill_and_decode(model, ids, min(2, report.decode_tokens), clock, report.prefill_chunk)
+    peak = _PeakMemory(device)
+    resident = {name: model_bytes(model) for name, model in group.items()}
+    samples = {name: _Samples() for name in group}
+    inputs = {}
+    for name, model in group.items():
+        gen = torch.Generator().manual_seed(seed + context * 7919 + batch)
+        inputs[name] = torch.randint(0, model.config.vocab_size, (batch, context), generator=gen).to(device)
+    for name, model in group.items():
+        with _catch_oom(samples[name]):
+            for _ in range(report.warmup):
+                _prefill_and_decode(model, inputs[name], min(2, report.decode_tokens), clock, report.prefill_chunk)
         _free(device)
-        peak.reset()
-        prefill_rates, decode_rates, steps, prefills = [], [], [], []
-        for _ in range(report.repeats):
-            _synchronize(device)
-            prefill, repeat_steps, cache = _prefill_and_decode(model, ids, report.decode_tokens, clock,
-                                                               report.prefill_chunk)
-            _synchronize(device)
-            prefills.append(prefill)
-            steps += repeat_steps
-            if prefill > 0:
-                prefill_rates.append(batch * context / prefill)
-            if sum(repeat_steps) > 0:
-                decode_rates.append(batch * len(repeat_steps) / sum(repeat_steps))
-            cache_bytes = cache_nbytes(cache)
-            del cache
-        run = BenchRun(
-            name, batch, context, "ok", prefill_seconds=statistics.median(prefills),
-            **_median_min_max("prefill_tokens_per_s", prefill_rates),
-            **_median_min_max("decode_tokens_per_s", decode_rates),
-            decode_latency_ms_p50=1000 * statistics.median(steps),
-            decode_latency_ms_p90=1000 * _percentile(steps, 0.9),
-            peak_memory_bytes=peak.peak(model, cache_bytes), cache_bytes=cache_bytes)
-    except (RuntimeError, torch.OutOfMemoryError) as err:
-        if not is_oom(err):
-            raise
-        run = BenchRun(name, batch, context, "oom", error=" ".join(str(err).split())[:200])
-    del ids
+    for repeat in range(report.repeats):
+        for name in (list(group) if repeat % 2 == 0 else list(reversed(group))):
+            sample = samples[name]
+            if sample.error is not None:
+                continue
+            with _catch_oom(sample):
+                _free(device)
+                peak.reset()
+                _synchronize(device)
+                prefill, steps, cache = _prefill_and_decode(group[name], inputs[name], report.decode_tokens, clock,
+                                                            report.prefill_chunk)
+                _synchronize(device)
+                sample.prefills.append(prefill)
+                sample.steps += steps
+                sample.prefill_rates.append(batch * context / prefill if prefill > 0 else None)
+                sample.decode_rates.append(batch * len(steps) / sum(steps) if sum(steps) > 0 else None)
+                sample.cache_bytes = cache_nbytes(cache)
+                others = sum(b for other, b in resident.items() if other != name)
+                sample.peak_bytes = max(sample.peak_bytes, peak.peak(group[name], sample.cache_bytes, others))
+                del cache
+    del inputs
     _free(device)
-    return run
+    return {name: _run_of(name, batch, context, sample, report.interleaved) for name, sample in samples.items()}
+
+
+class _catch_oom:
+    """Context manager: an out-of-memory error inside is recorded on the sample; other errors propagate."""
+
+    def __init__(self, sample: _Samples):
+        self.sample = sample
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if err is None or not isinstance(err, (RuntimeError, torch.OutOfMemoryError)) or not is_oom(err):
+            return False
+        self.sample.error = " ".join(str(err).split())[:200]
+        return True
+
+
+def _run_of(name: str, batch: int, context: int, sample: _Samples, keep_repeats: bool) -> BenchRun:
+    if sample.error is not None:
+        return BenchRun(name, batch, context, "oom", error=sample.error)
+    prefill_rates = [r for r in sample.prefill_rates if r is not None]
+    decode_rates = [r for r in sample.decode_rates if r is not None]
+    return BenchRun(
+        name, batch, context, "ok", prefill_seconds=statistics.median(sample.prefills),
+        **_median_min_max("prefill_tokens_per_s", prefill_rates),
+        **_median_min_max("decode_tokens_per_s", decode_rates),
+        decode_latency_ms_p50=1000 * statistics.median(sample.steps),
+        decode_latency_ms_p90=1000 * _percentile(sample.steps, 0.9),
+        peak_memory_bytes=sample.peak_bytes, cache_bytes=sample.cache_bytes,
+        prefill_tokens_per_s_repeats=sample.prefill_rates if keep_repeats else None,
+        decode_tokens_per_s_repeats=sample.decode_rates if keep_repeats else None)
 
 
 def _median_min_max(name: str, values: list[float]) -> dict:

@@ -145,3 +145,34 @@ def test_cpu_memory_is_the_models_own_bytes_and_reference_kernels_are_named(pico
 def test_axis_labels_read_as_plain_numbers():
     assert [compact_number(v) for v in (0.25, 4, 512, 1000, 1500, 16384, 2e6, 3e9)] == [
         "0.25", "4", "512", "1K", "1.5K", "16.4K", "2M", "3G"]
+
+
+def test_models_take_turns_and_ratios_are_medians_of_rounds(pico):
+    teacher, student = pico
+    turns = []
+    hooks = [model.register_forward_pre_hook(
+        lambda module, args, name=name: turns.append(name) if args[0].shape[1] > 1 else None)
+        for name, model in (("student", student), ("teacher", teacher))]
+    try:
+        report = bench({"student": student, "teacher": teacher}, contexts=[24], batches=[1], decode_tokens=2,
+                       reference="teacher", warmup=1, repeats=4)
+        sequential = bench({"student": student, "teacher": teacher}, contexts=[24], batches=[1], decode_tokens=2,
+                           reference="teacher", warmup=0, repeats=2, interleave=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    # warm-ups, then rounds whose order alternates; sequential: one model after the other
+    assert turns == ["student", "teacher"] + ["student", "teacher", "teacher", "student"] * 2 + ["student"] * 2 + [
+        "teacher"] * 2
+    assert report.interleaved and not sequential.interleaved
+    (ratio,) = report.ratios()
+    ours, theirs = (report.run(m, 1, 24).decode_tokens_per_s_repeats for m in ("student", "teacher"))
+    rounds = sorted(a / b for a, b in zip(ours, theirs))
+    assert len(rounds) == 4 and ratio["decode_speedup"] == pytest.approx((rounds[1] + rounds[2]) / 2)
+    assert (ratio["decode_speedup_min"], ratio["decode_speedup_max"]) == (rounds[0], rounds[-1])
+    assert "per-round" in " ".join(report.notes()) and "per-round" not in " ".join(sequential.notes())
+    run = sequential.run("student", 1, 24)
+    assert run.decode_tokens_per_s_repeats is None
+    (ratio,) = sequential.ratios()
+    assert ratio["decode_speedup"] == pytest.approx(run.decode_tokens_per_s
+                                                    / sequential.run("teacher", 1, 24).decode_tokens_per_s)
