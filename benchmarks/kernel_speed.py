@@ -157,22 +157,23 @@ def bytes_moved(inputs: dict, out) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def check(op: str, shape: tuple, dtype) -> dict:
-    """Triton against the reference at a real size: max relative error of the output and every gradient."""
+def check(op: str, shape: tuple, dtype, backend: str = "triton") -> dict:
+    """``backend`` (ours, or a third-party one through its adapter) against the reference at a real size:
+    max relative error of the output and every gradient."""
     B, T, H, D, N = shape
     inputs = make_inputs(op, B, T, H, D, N, dtype, grad=True)
     results = {}
-    for backend in ("triton", "torch"):
+    for name in (backend, "torch"):
         for v in inputs.values():
             if isinstance(v, torch.Tensor):
                 v.grad = None
-        out = first(run_ours(op, inputs, backend))
+        out = first(run_ours(op, inputs, name))
         out.float().square().mean().backward()
-        results[backend] = [out.detach().float()] + [v.grad.float() for v in inputs.values()
-                                                     if isinstance(v, torch.Tensor) and v.grad is not None]
-    errors = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(results["triton"], results["torch"])]
-    return {"op": op, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "rel_err_out": errors[0],
-            "rel_err_grads_max": max(errors[1:]) if len(errors) > 1 else None,
+        results[name] = [out.detach().float()] + [v.grad.float() for v in inputs.values()
+                                                  if isinstance(v, torch.Tensor) and v.grad is not None]
+    errors = [((a - b).norm() / b.norm().clamp_min(1e-30)).item() for a, b in zip(results[backend], results["torch"])]
+    return {"op": op, "backend": backend, "shape": list(shape), "dtype": str(dtype).removeprefix("torch."),
+            "rel_err_out": errors[0], "rel_err_grads_max": max(errors[1:]) if len(errors) > 1 else None,
             "finite": all(math.isfinite(e) for e in errors)}
 
 
@@ -302,9 +303,13 @@ def main() -> None:
               "python": platform.python_version(), "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     shapes = [tuple(map(int, s.split("x"))) for s in args.check_shapes.split(",")]
     dtypes = (torch.float32, torch.bfloat16) if DEVICE == "cuda" else (torch.float32,)
-    report["checks"] = [check(op, shape, dtype) for op in ops for dtype in dtypes for shape in shapes]
+    # ours, and the third-party kernels through our adapters (same contract) where their packages imported
+    checked = {op: [b for b in kernels.registered(op) if b != "torch" and (DEVICE == "cuda" or b == "triton")]
+               for op in ops}
+    report["checks"] = [check(op, shape, dtype, backend) for op in ops for backend in checked[op] for dtype in dtypes
+                        for shape in shapes]
     for c in report["checks"]:
-        print(f"check {c['op']:<18} {c['dtype']:<9} {c['shape']}: out {c['rel_err_out']:.2e}, grads "
+        print(f"check {c['op']:<18} {c['backend']:<14} {c['dtype']:<9} {c['shape']}: out {c['rel_err_out']:.2e}, grads "
               f"{c['rel_err_grads_max'] if c['rel_err_grads_max'] is None else format(c['rel_err_grads_max'], '.2e')}")
     if not args.check_only:
         report["ceilings"] = ceilings(args.warmup, args.repeats)

@@ -12,15 +12,17 @@ Mixers call only the operators exported here:
 * ``delta_rule_chunk(q, k, v, g, beta, *, chunk_size, initial_state, seq_idx, scale) -> (o, final_state)``
 * ``delta_rule_step(state, q, k, v, g, beta, scale) -> (o, state)``
 
-Each has a pure PyTorch reference in ``<folder>/naive.py`` (``ssd``, ``conv1d``, ``norm``), which is the
-specification: shapes and semantics are documented there and every other backend is tested against it.
+Each has a pure PyTorch reference in ``<folder>/naive.py`` (``ssd``, ``conv1d``, ``norm``, ``gla``,
+``delta_rule``), which is the specification: shapes and semantics are documented there and every
+other backend is tested against it.
 
 Backends. Each folder's ``__init__`` registers what lives in it with
 ``register(op, backend, fn, supports=...)``. Known names: ``torch`` (the reference, always
 registered), ``triton`` (ours, in ``<folder>/triton.py``, registered through
 :mod:`mixerswap.kernels.triton_support`: imported at first use, chosen by ``auto`` on CUDA, runnable by
 name on CPU tensors under ``TRITON_INTERPRET=1``), and the third-party ``mamba_ssm`` (``ssd_chunk_scan``),
-``causal_conv1d`` (``causal_conv1d``) and ``fla`` (no op yet). Third-party packages are imported in
+``causal_conv1d`` (``causal_conv1d``) and ``fla`` (``gla_chunk``, ``delta_rule_chunk``; packed documents
+through :mod:`mixerswap.kernels.varlen`). Third-party packages are imported in
 ``try/except`` and registered only when they import; they need CUDA. ``supports(call)`` receives a
 :class:`Call`: ``device`` (``"cpu"``/``"cuda"``), ``dtype`` of the main input, and ``needs_grad``
 (grad mode on and some tensor argument requires grad), so a forward-only kernel is skipped in training.
@@ -65,6 +67,7 @@ from .dispatch import (
     describe,
     entry_point,
     register,
+    registered,
     requested_backend,
     reset,
     resolve,
@@ -108,6 +111,7 @@ __all__ = [
     "gla_step",
     "gla_step_ref",
     "register",
+    "registered",
     "requested_backend",
     "reset",
     "resolve",

@@ -99,6 +99,12 @@ def unregister(op: str, backend: str) -> None:
     _CHOICES.clear()
 
 
+def registered(op: str) -> list[str]:
+    """The backends registered for ``op`` (those whose package imported), in ``auto``'s order."""
+    _check_op(op, "registered")
+    return [name for name in PRIORITY if name in _REGISTRY[op]]
+
+
 def reset() -> None:
     """Forget the parsed environment variable and every cached choice (read again at the next call)."""
     global _env

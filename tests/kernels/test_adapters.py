@@ -2,7 +2,7 @@
 
 The fakes check the layout and dtype rules the real kernels enforce (from their sources) and compute
 with our references, so these tests say the adapters translate our contract correctly; whether the
-real kernels then agree with the references needs a GPU with mamba-ssm / causal-conv1d installed.
+real kernels then agree with the references needs a GPU with mamba-ssm / causal-conv1d / fla installed.
 """
 
 import pytest
@@ -10,9 +10,14 @@ import torch
 
 from mixerswap.kernels.conv1d import causal_conv1d_adapter
 from mixerswap.kernels.conv1d.naive import causal_conv1d_ref
+from mixerswap.kernels.delta_rule import fla_adapter as delta_fla
+from mixerswap.kernels.delta_rule.naive import delta_rule_chunk_ref
 from mixerswap.kernels.dispatch import Call
+from mixerswap.kernels.gla import fla_adapter as gla_fla
+from mixerswap.kernels.gla.naive import gla_chunk_ref
 from mixerswap.kernels.ssd import mamba_ssm_adapter
 from mixerswap.kernels.ssd.naive import ssd_chunk_scan_ref
+from mixerswap.kernels.varlen import pack
 
 from .test_ssd import make_inputs, rel_err
 
@@ -43,7 +48,7 @@ def fake_causal_conv1d_fn(x, weight, bias=None, seq_idx=None, initial_states=Non
 
 
 def test_supports_cuda_only():
-    for adapter in (mamba_ssm_adapter, causal_conv1d_adapter):
+    for adapter in (mamba_ssm_adapter, causal_conv1d_adapter, gla_fla, delta_fla):
         assert adapter.supports(Call("op", "cuda", torch.bfloat16, needs_grad=True))
         assert not adapter.supports(Call("op", "cpu", torch.float32, needs_grad=False))
         assert not adapter.supports(Call("op", "cuda", torch.float64, needs_grad=False))
@@ -77,3 +82,61 @@ def test_causal_conv1d_adapter_matches_reference(monkeypatch, case):
     want = causal_conv1d_ref(x, weight, bias, **kwargs)
     for g_, w_ in zip(got, want):
         torch.testing.assert_close(g_, w_)
+
+
+def _fake_varlen(reference):
+    """fla's contract for a chunked op: ``[B, T, H, ...]`` inputs, or one row with ``cu_seqlens`` and one
+    initial/final state per sequence; computed sequence by sequence with our reference."""
+    def fake(*tensors, scale=None, initial_state=None, output_final_state=False, cu_seqlens=None):
+        q, v = tensors[0], tensors[2]
+        assert all(t.dtype == v.dtype for t in tensors[:3]) and tensors[3].dtype == torch.float32
+        assert initial_state is None or initial_state.dtype == torch.float32
+        if cu_seqlens is None:
+            o, final = reference(*tensors, scale=scale, initial_state=initial_state)
+            return o, final if output_final_state else None
+        assert q.shape[0] == 1 and cu_seqlens.dtype == torch.int64 and cu_seqlens[-1] == q.shape[1]
+        assert initial_state is None or initial_state.shape[0] == cu_seqlens.numel() - 1
+        outs, finals = [], []
+        for n, (a, b) in enumerate(zip(cu_seqlens[:-1].tolist(), cu_seqlens[1:].tolist())):
+            o, final = reference(*(t[:, a:b] for t in tensors), scale=scale,
+                                 initial_state=None if initial_state is None else initial_state[n:n + 1])
+            outs.append(o)
+            finals.append(final)
+        return torch.cat(outs, 1), torch.cat(finals) if output_final_state else None
+    return fake
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["one-doc", "packed"])
+@pytest.mark.parametrize("op", ["gla_chunk", "delta_rule_chunk"])
+def test_fla_adapters_pack_documents_as_variable_length_sequences(monkeypatch, op, packed):
+    g = torch.Generator().manual_seed(0)
+    batch, seqlen, heads, dk, dv = 3, 29, 2, 8, 4
+    q, k = torch.randn(batch, seqlen, heads, dk, generator=g), torch.randn(batch, seqlen, heads, dk, generator=g)
+    k = torch.nn.functional.normalize(k, dim=-1)
+    v = torch.randn(batch, seqlen, heads, dv, generator=g)
+    decay = torch.nn.functional.logsigmoid(torch.randn(batch, seqlen, heads, generator=g) + 3)
+    init = torch.randn(batch, heads, dk, dv, generator=g)
+    # rows with one, two and three documents; the last row's first document is a single token
+    seq_idx = torch.tensor([[0] * 29, [0] * 10 + [1] * 19, [4] + [5] * 20 + [6] * 8]) if packed else None
+    if op == "gla_chunk":
+        monkeypatch.setattr(gla_fla, "chunk_simple_gla", _fake_varlen(gla_chunk_ref))
+        got = gla_fla.gla_chunk_fla(q, k, v, decay, scale=0.3, initial_state=init, seq_idx=seq_idx)
+        want = gla_chunk_ref(q, k, v, decay, scale=0.3, initial_state=init, seq_idx=seq_idx)
+    else:
+        beta = torch.rand(batch, seqlen, heads, generator=g)
+        monkeypatch.setattr(delta_fla, "chunk_gated_delta_rule", _fake_varlen(delta_rule_chunk_ref))
+        got = delta_fla.delta_rule_chunk_fla(q, k, v, decay, beta, scale=0.3, initial_state=init, seq_idx=seq_idx)
+        want = delta_rule_chunk_ref(q, k, v, decay, beta, scale=0.3, initial_state=init, seq_idx=seq_idx)
+    assert got[0].shape == v.shape and got[1].dtype == torch.float32
+    for g_, w_ in zip(got, want):
+        torch.testing.assert_close(g_, w_, rtol=1e-5, atol=1e-5)
+
+
+def test_packing_of_document_ids():
+    seq_idx = torch.tensor([[0, 0, 1, 1, 1], [2, 2, 2, 2, 2], [0, 1, 2, 2, 3]])
+    packing = pack(seq_idx)
+    assert packing.cu_seqlens.tolist() == [0, 2, 5, 10, 11, 12, 14, 15]
+    assert packing.first.tolist() == [0, 2, 3] and packing.last.tolist() == [1, 2, 6]
+    state = torch.arange(3.0)[:, None] + 1
+    assert packing.initial_states(state).squeeze(1).tolist() == [1, 0, 2, 3, 0, 0, 0]
+    assert packing.final_states(torch.arange(7.0)).tolist() == [1, 2, 6]

@@ -56,6 +56,7 @@ def test_auto_priority_triton_then_third_party_then_torch():
     register("dummy", "triton", fake("triton"), supports=lambda call: call.dtype == torch.bfloat16)
     assert resolve("dummy", torch.ones(1))[0] == "mamba_ssm"
     assert resolve("dummy", torch.ones(1, dtype=torch.bfloat16))[0] == "triton"
+    assert kernels.registered("dummy") == ["triton", "mamba_ssm", "fla", "torch"]
 
 
 def test_entry_point_runs_the_chosen_backend():

@@ -1,0 +1,64 @@
+"""``delta_rule_chunk`` on fla's chunked gated delta rule (``chunk_gated_delta_rule``).
+
+Registered as backend ``fla`` only when ``fla`` (flash-linear-attention) imports; for comparison by
+name (``MIXERSWAP_KERNELS=fla`` or ``use_backend("fla")``) and in ``benchmarks/kernel_speed.py``.
+Written against ``fla/ops/gated_delta_rule/chunk.py`` of fla 0.6 (``q, k, v, g, beta, scale,
+initial_state, output_final_state, cu_seqlens``; ``[B, T, H, K]`` inputs, ``[N, H, K, V]`` states,
+normalization of q and k left to the caller as in our op). It has not been run on a GPU in this
+repository yet; ``tests/kernels/test_adapters.py`` checks the argument plumbing on CPU.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..dispatch import Call
+from ..varlen import pack
+
+logger = logging.getLogger(__name__)
+
+try:
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+except Exception as err:  # missing, or an install whose Triton cannot load: never fail the import
+    chunk_gated_delta_rule = None
+    logger.debug("fla backend unavailable for delta_rule_chunk: %s", err)
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def supports(call: Call) -> bool:
+    """CUDA tensors in fp16, bf16 or fp32, forward and backward."""
+    return call.device == "cuda" and call.dtype in _DTYPES
+
+
+def delta_rule_chunk_fla(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    *,
+    chunk_size: int = 64,
+    initial_state: torch.Tensor | None = None,
+    seq_idx: torch.Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as :func:`~mixerswap.kernels.delta_rule.naive.delta_rule_chunk_ref` (fla picks its own
+    chunk size). Packed documents become fla's variable-length sequences."""
+    batch, seqlen = v.shape[:2]
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    dtype = v.dtype
+    q, k, beta, g = q.to(dtype), k.to(dtype), beta.to(dtype), g.float()
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    if seq_idx is None:
+        o, final = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
+                                          output_final_state=True)
+        return o, final.float()
+    packing = pack(seq_idx)
+    o, finals = chunk_gated_delta_rule(*(t.flatten(0, 1)[None] for t in (q, k, v, g, beta)), scale=scale,
+                                       initial_state=packing.initial_states(initial_state), output_final_state=True,
+                                       cu_seqlens=packing.cu_seqlens)
+    return o.view(batch, seqlen, *o.shape[2:]), packing.final_states(finals).float()
