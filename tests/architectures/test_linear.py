@@ -78,8 +78,10 @@ def reference(mixer, h):
 
 @pytest.mark.parametrize("seqlen", [1, 63, 257], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("window", [1, 16, 64], ids=lambda w: f"W{w}")
-def test_parallel_equals_reference_and_decoding(seqlen, window):
+@pytest.mark.parametrize("block", [256, 7], ids=lambda b: f"block{b}")
+def test_parallel_equals_reference_and_decoding(seqlen, window, block):
     mixer = make_mixer(window)
+    mixer.query_block = block  # queries per block of the forward: the result must not depend on it
     h = torch.randn(2, seqlen, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(seqlen))
     full, _ = run(mixer, h, [seqlen])
     if seqlen < 100:
@@ -117,8 +119,10 @@ def test_left_padded_row_equals_row_alone():
     torch.testing.assert_close(batched[1:, 7:], alone, rtol=1e-10, atol=1e-12)
 
 
-def test_packed_documents_equal_separate_runs():
+@pytest.mark.parametrize("block", [256, 4], ids=lambda b: f"block{b}")
+def test_packed_documents_equal_separate_runs(block):
     mixer = make_mixer(3)
+    mixer.query_block = block
     lengths = [7, 1, 11]
     h = torch.randn(1, 19, HIDDEN, dtype=torch.float64)
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]

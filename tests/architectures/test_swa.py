@@ -113,8 +113,10 @@ def reference(mixer, h):
 @pytest.mark.parametrize("seqlen", [1, 63, 257], ids=lambda t: f"T{t}")
 @pytest.mark.parametrize("window", [1, 16, 64], ids=lambda w: f"W{w}")
 @pytest.mark.parametrize("sinks", [0, 4], ids=lambda s: f"sinks{s}")
-def test_parallel_equals_reference_and_decoding(seqlen, window, sinks):
+@pytest.mark.parametrize("block", [256, 7], ids=lambda b: f"block{b}")
+def test_parallel_equals_reference_and_decoding(seqlen, window, sinks, block):
     mixer = make_mixer(window, sinks)
+    mixer.query_block = block  # queries per block of the forward: the result must not depend on it
     h = torch.randn(2, seqlen, HIDDEN, dtype=torch.float64, generator=torch.Generator().manual_seed(seqlen))
     full, _ = run(mixer, h, [seqlen])
     torch.testing.assert_close(full, reference(mixer, h), rtol=1e-10, atol=1e-12)
@@ -141,6 +143,7 @@ def test_ring_buffer_bytes_do_not_grow():
 def test_left_padding_and_sinks_are_the_rows_own_first_tokens():
     """A left-padded row gives what the row alone gives, prefill and decoding, sinks included."""
     mixer = make_mixer(window=5, sinks=2)
+    mixer.query_block = 4
     h = torch.randn(2, 30, HIDDEN, dtype=torch.float64)
     mask = torch.ones(2, 30, dtype=torch.long)
     mask[1, :7] = 0
@@ -149,8 +152,10 @@ def test_left_padding_and_sinks_are_the_rows_own_first_tokens():
     torch.testing.assert_close(batched[1:, 7:], alone, rtol=1e-10, atol=1e-12)
 
 
-def test_packed_documents_do_not_see_each_other():
+@pytest.mark.parametrize("block", [256, 3], ids=lambda b: f"block{b}")
+def test_packed_documents_do_not_see_each_other(block):
     mixer = make_mixer(window=4, sinks=1)
+    mixer.query_block = block  # small blocks: later documents' sinks lie before the window of their block
     h = torch.randn(1, 19, HIDDEN, dtype=torch.float64)
     lengths = [7, 1, 11]
     position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
@@ -176,3 +181,23 @@ def test_gemma2_full_layers_get_the_default_window_and_local_layers_their_own(te
     result = convert(teacher_dir("gemma2"), tmp_path / "s", to="swa", progress=False)
     windows = [(entry["window"], entry["sinks"]) for entry in result.plan]
     assert windows == [(6, 0), (512, 4), (6, 0)]  # layer_types: sliding, full, sliding
+
+
+@pytest.mark.parametrize("kind", ["swa", "linear"])
+def test_a_forward_holds_scores_for_a_block_and_its_window_not_the_whole_sequence(kind, monkeypatch):
+    from mixerswap.architectures.mixers.linear import LinearAttentionMixer, LinearSettings
+
+    if kind == "swa":
+        mixer = make_mixer(window=16, sinks=2)
+    else:
+        torch.manual_seed(0)
+        mixer = LinearAttentionMixer(LinearSettings(n_heads=4, n_kv_heads=2, head_dim=8, window=16), HIDDEN, 0)
+        mixer.init_parameters(std=0.3)
+        mixer = mixer.double().eval()
+    mixer.query_block = 32
+    widths = []
+    scores = type(mixer).scores
+    monkeypatch.setattr(type(mixer), "scores", lambda self, q, k: widths.append(k.shape[2]) or scores(self, q, k))
+    h = torch.randn(1, 300, HIDDEN, dtype=torch.float64)
+    run(mixer, h, [300])
+    assert len(widths) == 10 and max(widths) <= 32 + 16 - 1 + 2  # a block, its window and the sinks

@@ -43,3 +43,20 @@ def test_student_with_triton_kernels_matches_the_reference(kind, teacher_dir, tm
     used = {r.getMessage().split()[1] for r in caplog.records if r.getMessage().endswith("uses backend triton")}
     step_ops = {"mamba2": "ssd_step", "gla": "gla_step", "gdn": "delta_rule_step"}
     assert {"causal_conv1d", "causal_conv1d_step", step_ops[kind]} <= used, used
+
+
+@requires_triton
+def test_linear_student_runs_its_far_part_on_the_triton_gla_kernel(teacher_dir, tmp_path, monkeypatch, caplog):
+    convert(teacher_dir("llama"), tmp_path / "s", to="linear", keep_attention=0.34, dtype="float32",
+            mixer_settings={"window": 8}, progress=False)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
+    ids = torch.randint(3, 128, (2, 37), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        reference = model(ids).logits
+        monkeypatch.setenv(dispatch.ENV_VAR, "triton")
+        dispatch.reset()
+        with caplog.at_level(logging.DEBUG, logger="mixerswap.kernels"):
+            logits = model(ids).logits
+    assert ((logits - reference).norm() / reference.norm()).item() <= 1e-3
+    used = {r.getMessage().split()[1] for r in caplog.records if r.getMessage().endswith("uses backend triton")}
+    assert "gla_chunk" in used, used

@@ -33,6 +33,7 @@ from pydantic import Field
 from torch import nn
 from transformers import initialization as init
 
+from ... import kernels
 from ..cache import WindowKVLayer
 from .common import mixer_inputs
 from .swa import WindowAttentionMixer, WindowAttentionSettings
@@ -52,6 +53,7 @@ class LinearAttentionMixer(WindowAttentionMixer):
 
     kind = "linear"
     Settings = LinearSettings
+    kernel_ops = ("gla_chunk",)
     fp32_parameters = ("window_factors",)
     no_weight_decay = ("window_factors",)
 
@@ -111,42 +113,82 @@ class LinearAttentionMixer(WindowAttentionMixer):
         acc = torch.promote_types(hidden_states.dtype, torch.float32)
         q, k, v, q_raw, k_raw = (t.transpose(1, 2).to(acc) for t in (q, k, v, q_raw, k_raw))  # [B, heads, T, D]
         start = layer.seen_tokens if has_state else 0
-        cached, new, rank = self.window_masks(real, seq_idx, start, layer)
-        i = torch.arange(seqlen, device=real.device)
-        older = (i[:, None] - i[None, :] >= s.window)[None] & real[:, None, :]
-        if seq_idx is not None:
-            older = older & (seq_idx[:, :, None] == seq_idx[:, None, :])
-        keys, values, keys_raw, soft, lin = k, v, k_raw, new, older
-        if cached is not None:  # the ring holds [v, unrotated k] as its values (see _update_cache)
-            held_v, held_k_raw = layer.values.to(acc).split(s.head_dim, dim=-1)
-            keys, values = torch.cat([layer.keys.to(acc), k], 2), torch.cat([held_v, v], 2)
-            keys_raw = torch.cat([held_k_raw, k_raw], 2)
-            soft = torch.cat([cached, new], 2)
-            lin = torch.cat([layer.valid[:, None, :] & ~cached, older], 2)
-
+        cached, rank = self.cached_masks(real, seq_idx, start, layer)
         share = torch.sigmoid(self.window_factors.to(acc))[None, :, None, None]
         rest = torch.sigmoid(-self.window_factors.to(acc))[None, :, None, None]  # 1 - share, exactly 0 at +inf
-        scores = self.scores(q, keys).masked_fill(~soft[:, None], torch.finfo(acc).min)
-        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * soft[:, None] * share
         phi_q = self.features(q_raw, self.feature_map_q)
-        phi_k = self.features(keys_raw, self.feature_map_k)
+        phi_k = self.features(k_raw, self.feature_map_k)
         rep = s.n_heads // s.n_kv_heads
-        linear = torch.matmul(phi_q, phi_k.repeat_interleave(rep, dim=1).transpose(-1, -2))
-        weights = weights + linear * lin[:, None] * rest  # [B, H, T, keys]
-        numerator = torch.matmul(weights, values.repeat_interleave(rep, dim=1))
-        denominator = weights.sum(-1, keepdim=True)
+        if matrix_only:
+            return self._weights(q, k, phi_q, phi_k, real, seq_idx, rank, share, rest)
+        if cached is not None:  # the ring holds [v, unrotated k] as its values (see _update_cache)
+            held_v, held_k_raw = layer.values.to(acc).split(s.head_dim, dim=-1)
+            phi_held = self.features(held_k_raw, self.feature_map_k).repeat_interleave(rep, dim=1)
+        numerators, denominators = [], []
+        for a, b, lo in self.query_blocks(seqlen):  # the window: softmax weights over [lo, b) (and the ring)
+            soft = self.band_mask(real, seq_idx, rank, a, b, lo)
+            keys, values = k[:, :, lo:b], v[:, :, lo:b]
+            if cached is not None:
+                keys, values = torch.cat([layer.keys.to(acc), keys], 2), torch.cat([held_v, values], 2)
+                soft = torch.cat([cached[:, a:b], soft], 2)
+            scores = self.scores(q[:, :, a:b], keys).masked_fill(~soft[:, None], torch.finfo(acc).min)
+            weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * soft[:, None] * share
+            if cached is not None:  # ring tokens already out of the query's window: linear weights
+                far = (layer.valid[:, None, :] & ~cached[:, a:b])[:, None]
+                linear = torch.matmul(phi_q[:, :, a:b], phi_held.transpose(-1, -2)) * far * rest
+                weights = weights + F.pad(linear, (0, b - lo))
+            numerators.append(torch.matmul(weights, values.repeat_interleave(rep, dim=1)))
+            denominators.append(weights.sum(-1, keepdim=True))
+        older = self._older_linear(phi_q, phi_k, v, real, seq_idx)  # this call's tokens out of the window
+        numerator = torch.cat(numerators, 2) + rest * older[..., :-1]
+        denominator = torch.cat(denominators, 2) + rest * older[..., -1:]
         if has_state:  # everything that left the window before this call
             phi_q_grouped = self._grouped(phi_q)  # [B, G, H / G, T, F']
             kv, k_sum = layer.states["kv"].to(acc), layer.states["k_sum"].to(acc)
             numerator = numerator + rest * torch.einsum("bgrtf,bgfd->bgrtd", phi_q_grouped, kv).flatten(1, 2)
             denominator = denominator + rest * torch.einsum("bgrtf,bgf->bgrt", phi_q_grouped, k_sum).flatten(1, 2)[..., None]
-        if matrix_only:
-            return weights / denominator.clamp_min(torch.finfo(acc).tiny)
         out = numerator / denominator.clamp_min(torch.finfo(acc).tiny)  # a padded query: 0 / 0 → 0
         if layer is not None:
             self._update_cache(layer, k, v, k_raw, self.kept(real, seq_idx), rank, hidden_states.dtype)
         out = out.transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
         return self.o_proj(out)
+
+    def _older_linear(self, phi_q, phi_k, v, real, seq_idx) -> torch.Tensor:
+        """``sum_j phi(q_i) . phi(k_j) [v_j, 1]`` over this call's real tokens ``j <= i - window`` of ``i``'s
+        document: ``[B, H, T, D + 1]`` (numerator and normalizer). It is causal linear attention with keys
+        and values delayed by ``window`` positions, so :func:`~mixerswap.kernels.gla_chunk` computes it
+        (no decay) in ``O(T)`` memory; a delayed key from an earlier document is zeroed, and the
+        kernel's ``seq_idx`` drops the state at each document start."""
+        s = self.settings
+        batch, heads, seqlen, _ = phi_q.shape
+        if seqlen <= s.window:  # nothing of this call has left the window yet (every decoding step)
+            return phi_q.new_zeros(batch, heads, seqlen, v.shape[-1] + 1)
+        shift = s.window
+        keep = real[:, : seqlen - shift].to(phi_k.dtype)
+        if seq_idx is not None:
+            keep = keep * (seq_idx[:, shift:] == seq_idx[:, : seqlen - shift])
+        keys = phi_k[:, :, : seqlen - shift] * keep[:, None, :, None]
+        values = torch.cat([v, torch.ones_like(v[..., :1])], -1)[:, :, : seqlen - shift]
+        keys, values = (F.pad(t, (0, 0, shift, 0)).repeat_interleave(heads // t.shape[1], dim=1).transpose(1, 2)
+                        for t in (keys, values))  # [B, T, H, .]: position i holds token i - window
+        decay = phi_q.new_zeros(batch, seqlen, heads)
+        out, _ = kernels.gla_chunk(phi_q.transpose(1, 2), keys, values, decay, scale=1.0, seq_idx=seq_idx)
+        return out.transpose(1, 2)
+
+    def _weights(self, q, k, phi_q, phi_k, real, seq_idx, rank, share, rest) -> torch.Tensor:
+        """The normalized mixing weights ``[B, H, T, T]`` of a call without a cache (for ``mixing_matrix``)."""
+        s = self.settings
+        seqlen = q.shape[2]
+        soft = self.band_mask(real, seq_idx, rank, 0, seqlen, 0)
+        i = torch.arange(seqlen, device=real.device)
+        older = (i[:, None] - i[None, :] >= s.window)[None] & real[:, None, :]
+        if seq_idx is not None:
+            older = older & (seq_idx[:, :, None] == seq_idx[:, None, :])
+        scores = self.scores(q, k).masked_fill(~soft[:, None], torch.finfo(q.dtype).min)
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * soft[:, None] * share
+        linear = torch.matmul(phi_q, phi_k.repeat_interleave(s.n_heads // s.n_kv_heads, dim=1).transpose(-1, -2))
+        weights = weights + linear * older[:, None] * rest
+        return weights / weights.sum(-1, keepdim=True).clamp_min(torch.finfo(q.dtype).tiny)
 
     def _update_cache(self, layer: WindowKVLayer, k, v, k_raw, kept, rank, dtype) -> None:
         """Fold the tokens that leave the window into the running state (in the accumulation dtype of

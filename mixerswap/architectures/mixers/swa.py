@@ -81,11 +81,24 @@ def document_rank(real: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Ten
     return rank - rank.gather(1, first)
 
 
+def _sink_tokens(real: torch.Tensor, rank: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The call's sink tokens (real, rank below ``sinks``) per row: positions ``[B, M]`` and which are real
+    ``[B, M]`` (rows with fewer than ``M`` are padded with position 0), or ``None`` when there are none."""
+    is_sink = real & (rank < sinks)
+    count = int(is_sink.sum(1).max()) if sinks else 0
+    if count == 0:
+        return None
+    position = torch.argsort((~is_sink).to(torch.int8), dim=1, stable=True)[:, :count]  # sinks first, in order
+    found = torch.arange(count, device=real.device)[None, :] < is_sink.sum(1, keepdim=True)
+    return torch.where(found, position, 0), found
+
+
 class WindowAttentionMixer(Mixer):
     """The teacher's projections, norms and RoPE, and the masks of a windowed attention (shared base)."""
 
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
     kernel_ops = ()
+    query_block = 256  # queries per block of a forward (see query_blocks)
 
     def __init__(self, settings: WindowAttentionSettings, hidden_size: int, layer_idx: int):
         super().__init__(settings, hidden_size, layer_idx)
@@ -138,23 +151,44 @@ class WindowAttentionMixer(Mixer):
         softcap = self.settings.softcap
         return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
 
+    def cached_masks(self, real: torch.Tensor, seq_idx: torch.Tensor | None, start: int,
+                     layer: WindowKVLayer | None) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """Which held slots each query of this call sees (``[B, T, S + W]``, or ``None`` without a cache),
+        and each token's rank among its document's real tokens ``[B, T]``."""
+        rank = document_rank(real, seq_idx)
+        if layer is None or not layer.has_state():
+            return None, rank
+        cached = layer.visible(torch.arange(start, start + real.shape[1], device=real.device))
+        return cached, rank + layer.real_count[:, None]
+
+    def query_blocks(self, seqlen: int, whole: bool = False):
+        """``(a, b, lo)`` per block of queries ``[a, b)`` of this call, ``lo`` the first of the call's tokens
+        their window reaches: a forward holds ``[B, H, block, block + window]`` scores, not ``[B, H, T, T]``.
+        ``whole``: one block (a mixing matrix is ``[T, T]`` anyway)."""
+        step = seqlen if whole else max(1, self.query_block)
+        for a in range(0, seqlen, step):
+            yield a, min(seqlen, a + step), 0 if whole else max(0, a - self.settings.window + 1)
+
+    def band_mask(self, real: torch.Tensor, seq_idx: torch.Tensor | None, rank: torch.Tensor, a: int, b: int,
+                  lo: int, sinks: int = 0) -> torch.Tensor:
+        """``[B, b - a, b - lo]``: which of the call's tokens ``[lo, b)`` the queries ``[a, b)`` see (causal,
+        in the window or a sink, real, same document)."""
+        i = torch.arange(a, b, device=real.device)
+        j = torch.arange(lo, b, device=real.device)
+        causal = (i[:, None] >= j[None, :])[None]
+        in_window = (i[:, None] - j[None, :] < self.settings.window)[None] | (rank[:, lo:b] < sinks)[:, None, :]
+        mask = causal & in_window & real[:, None, lo:b]
+        if seq_idx is not None:
+            mask = mask & (seq_idx[:, a:b, None] == seq_idx[:, None, lo:b])
+        return mask
+
     def window_masks(self, real: torch.Tensor, seq_idx: torch.Tensor | None, start: int,
                      layer: WindowKVLayer | None, sinks: int = 0):
         """Which keys each query sees, split as (cached slots ``[B, T, S + W]`` or ``None``, this call's
         tokens ``[B, T, T]``), and each token's rank among its document's real tokens ``[B, T]``."""
+        cached, rank = self.cached_masks(real, seq_idx, start, layer)
         seqlen = real.shape[1]
-        rank = document_rank(real, seq_idx)
-        cached = None
-        if layer is not None and layer.has_state():
-            rank = rank + layer.real_count[:, None]
-            cached = layer.visible(torch.arange(start, start + seqlen, device=real.device))
-        i = torch.arange(seqlen, device=real.device)
-        causal = (i[:, None] >= i[None, :])[None]
-        in_window = (i[:, None] - i[None, :] < self.settings.window)[None] | (rank < sinks)[:, None, :]
-        new = causal & in_window & real[:, None, :]
-        if seq_idx is not None:
-            new = new & (seq_idx[:, :, None] == seq_idx[:, None, :])
-        return cached, new, rank
+        return cached, self.band_mask(real, seq_idx, rank, 0, seqlen, 0, sinks), rank
 
     @staticmethod
     def kept(real: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
@@ -180,22 +214,36 @@ class SlidingWindowMixer(WindowAttentionMixer):
         acc = torch.promote_types(hidden_states.dtype, torch.float32)
         q, k, v = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # [B, heads, T, D]
         start = layer.seen_tokens if has_state else 0
-        cached, new, rank = self.window_masks(real, seq_idx, start, layer, s.sinks)
-        keys, values, mask = k, v, new
-        if cached is not None:
-            keys = torch.cat([layer.keys.to(acc), k], 2)
-            values = torch.cat([layer.values.to(acc), v], 2)
-            mask = torch.cat([cached, new], 2)
-        scores = self.scores(q, keys).masked_fill(~mask[:, None], torch.finfo(acc).min)
-        probs = torch.softmax(scores, dim=-1) * mask[:, None].any(-1, keepdim=True)  # a query that sees nothing gets 0
-        if probs_only:
-            return probs
+        cached, rank = self.cached_masks(real, seq_idx, start, layer)
+        sinks = _sink_tokens(real, rank, s.sinks)  # this call's sinks, for blocks whose window starts after them
+        rep = s.n_heads // s.n_kv_heads
+        outs = []
+        for a, b, lo in self.query_blocks(seqlen, whole=probs_only):
+            keys, values, masks = [k[:, :, lo:b]], [v[:, :, lo:b]], [self.band_mask(real, seq_idx, rank, a, b, lo,
+                                                                                    s.sinks)]
+            if sinks is not None and lo > 0:
+                position, found = sinks
+                index = position[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+                keys.insert(0, k.gather(2, index))
+                values.insert(0, v.gather(2, index))
+                seen = (found & (position < lo))[:, None, :].expand(-1, b - a, -1)  # those in [lo, b) are in the band
+                if seq_idx is not None:
+                    seen = seen & (seq_idx[:, a:b, None] == seq_idx.gather(1, position)[:, None, :])
+                masks.insert(0, seen)
+            if cached is not None:
+                keys.insert(0, layer.keys.to(acc))
+                values.insert(0, layer.values.to(acc))
+                masks.insert(0, cached[:, a:b])
+            keys, values, mask = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
+            scores = self.scores(q[:, :, a:b], keys).masked_fill(~mask[:, None], torch.finfo(acc).min)
+            probs = torch.softmax(scores, dim=-1) * mask[:, None].any(-1, keepdim=True)  # a query that sees nothing gets 0
+            if probs_only:
+                return probs
+            outs.append(torch.matmul(probs, values.repeat_interleave(rep, dim=1)))  # [B, H, b - a, D]
         if layer is not None:
             layer.write(k.to(hidden_states.dtype), v.to(hidden_states.dtype), self.kept(real, seq_idx), rank)
-        rep = s.n_heads // s.n_kv_heads
-        out = torch.matmul(probs, values.repeat_interleave(rep, dim=1))  # [B, H, T, D]
-        out = out.transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
-        return self.o_proj(out)
+        out = torch.cat(outs, 2).transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim)
+        return self.o_proj(out.to(hidden_states.dtype))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values=None,
