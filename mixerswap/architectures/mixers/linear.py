@@ -18,9 +18,12 @@ shifted prompt give other outputs), and the far tokens have no useful relative p
 Recurrent form: a :class:`~mixerswap.architectures.cache.WindowKVLayer` keeps the window's keys and
 values (ring buffer; the values slot holds ``[v, unrotated k]``) and, beside them, the running state ``S = sum phi(k_j) v_j^T`` ``[B, G, F, D]``
 and normalizer ``z = sum phi(k_j)`` ``[B, G, F]`` of every token that has left the window; a token
-joins them when the ring overwrites it. Prefill and training use the same masks over the call's own
-tokens (quadratic in the call's length, like the LoLCATs reference). Padding and packed documents
-never leak; with ``window_factors`` at +inf and a window covering the sequence it is the teacher.
+joins them when the ring overwrites it. Prefill and training: the softmax part runs over blocks of
+queries and their window (as ``swa``), the linear part over the call's tokens that left the window is
+causal linear attention on keys delayed by ``window`` positions, i.e. :func:`mixerswap.kernels.gla_chunk`
+without decay, with a channel of ones beside ``v`` for the normalizer; memory grows as ``T * window``,
+not ``T^2`` (the LoLCATs reference is quadratic). Padding and packed documents never leak; with
+``window_factors`` at +inf and a window covering the sequence it is the teacher.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ decoder layer passes, partial rotary included), its score scale (``query_pre_att
 and its logit softcap (Gemma-2). With ``window`` >= the sequence length it *is* the teacher's
 attention; for a sliding-window teacher (Mistral, Gemma-2/3 local layers) it is the teacher's layer
 with the teacher's window. The cache is a :class:`~mixerswap.architectures.cache.WindowKVLayer`
-(ring buffer of ``sinks + window`` slots), so memory is bounded whatever the length.
+(ring buffer of ``sinks + window`` slots), so memory is bounded whatever the length; a forward computes
+scores for blocks of ``query_block`` queries against their window and the sinks, so prefill and
+training memory grows as ``T * (window + block)``, not ``T^2``.
 
 Padding keys (the 2-D mask) and other packed documents (restarting ``position_ids``) are never seen;
 sinks are the first *real* tokens of a row or document, so left padding does not take them.
