@@ -78,9 +78,10 @@ def rope_layout(select: str, rope_dim: int, freqs: list[int] | None, G: int, d: 
 
     ``high`` / ``norm``: a RoPE key per KV head on ``rope_dim / 2`` frequencies (``rope_freqs``; ``None`` = the
     highest, or for ``norm`` until :meth:`~mixerswap.convert.mla.MLAConverter.allocate` sets them).
-    ``rorope``: one shared RoPE key of ``G * rope_dim / 2`` slots, each a frequency of one rotated KV head (``rope_freqs`` lists each slot's
-    frequency; by default every frequency the same number of times, the highest ones once more when the slots
-    do not divide evenly), the query heads keep all their ``d`` channels as no-RoPE part.
+    ``rorope``: one shared RoPE key of ``G * rope_dim / 2`` slots, each a frequency of one rotated KV head
+    (``rope_freqs`` lists each slot's frequency; by default every frequency the same number of times, the
+    highest ones once more when the slots do not divide evenly), the query heads keep all their ``d``
+    channels as no-RoPE part.
     """
     F = rot // 2
     if freqs is not None and any(not 0 <= f < F for f in freqs):
