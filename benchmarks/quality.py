@@ -14,9 +14,11 @@ Per row: ``convert`` (calibrated; ``select`` rows choose their attention layers 
 align → hidden → kd with ``--tokens`` split 1:1:2, then on the held-out documents: perplexity (the
 trainer's held-out perplexity, one definition for teacher, init and after every stage), next-token
 agreement with the teacher, greedy-generation agreement (share of ``--gen-tokens`` greedy tokens the
-student produces before it first departs from the teacher, over held-out prompts), MQAR when the
-teacher itself solves it, and the cache bytes per token after a prefill of 1K and 8K tokens.
-Writes one JSON row per student (``--out``), a PNG of perplexity against tokens, and prints a table.
+student produces before it first departs from the teacher, over held-out prompts), MQAR and passkey
+retrieval (``--passkey-length``, clipped to the teacher's positions) when the teacher itself solves
+them, and the cache bytes per token after a prefill of 1K and 8K tokens.
+Writes one JSON row per student (``--out``; ``--append`` keeps the rows of an earlier run with the same
+teacher that this run does not measure again), a PNG of perplexity against tokens, and prints a table.
 """
 
 from __future__ import annotations
@@ -42,7 +44,8 @@ from mixerswap.convert.checkpoint_io import resolve_model_dir
 from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
 from mixerswap.distill.recipe import DistillRecipe, parse_tokens
 from mixerswap.distill.trainer import run_distill
-from mixerswap.evals.probes import mqar_accuracy
+from mixerswap.evals.lengths import position_limit
+from mixerswap.evals.probes import mqar_accuracy, passkey_accuracy
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -106,7 +109,7 @@ def held_out_prompts(tokenizer, docs: list[str], count: int, length: int) -> lis
 
 
 def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: Path, held: int, teacher, tokenizer,
-            held_docs: list[str], teacher_mqar: float | None) -> dict:
+            held_docs: list[str], teacher_mqar: float | None, passkey_length: int | None) -> dict:
     started = time.perf_counter()
     student = work / name / "student"
     plan_file = None
@@ -142,8 +145,11 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "student_ppl_final": result.perplexity_after, "next_token_agreement": round(agreement, 4),
         "gen_agreement": round(generation_agreement(model, teacher, prompts, args.gen_tokens), 4),
         "mqar": (round(mqar_accuracy(model, [args.mqar_length])[0].accuracy, 4) if teacher_mqar is not None else None),
+        "passkey": (passkey_accuracy(model, tokenizer, [passkey_length], samples=args.passkey_samples)[0].accuracy
+                    if passkey_length else None),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
-        "tokens": sum(stage["tokens"] for stage in stages), "seconds": round(time.perf_counter() - started, 1),
+        "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     shutil.rmtree(work / name, ignore_errors=True)
     return out
@@ -175,7 +181,8 @@ def plot(rows: list[dict], teacher_ppl: float, path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("student", "attn", "ppl init", "align", "hidden", "kd", "next-tok", "gen", "MQAR", "cache B/tok 1K", "8K", "s")
+    head = ("student", "attn", "ppl init", "align", "hidden", "kd", "next-tok", "gen", "MQAR", "passkey",
+            "cache B/tok 1K", "8K", "s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" for s in ("align", "hidden", "kd")]
@@ -183,7 +190,9 @@ def table(rows: list[dict]) -> str:
         lines.append("| " + " | ".join([
             r["name"], f"{r['attention_kept']:.2f}", f"{r['student_ppl_init']:.2f}", *stage,
             f"{r['next_token_agreement']:.1%}", f"{r['gen_agreement']:.1%}",
-            "n/a" if r["mqar"] is None else f"{r['mqar']:.2f}", *[f"{c:.0f}" for c in cache], f"{r['seconds']:.0f}"]) + " |")
+            "n/a" if r["mqar"] is None else f"{r['mqar']:.2f}",
+            "n/a" if r.get("passkey") is None else f"{r['passkey']:.2f}",
+            *[f"{c:.0f}" for c in cache], f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
 
 
@@ -203,8 +212,12 @@ def main() -> None:
     parser.add_argument("--gen-tokens", type=int, default=32)
     parser.add_argument("--agreement-tokens", type=int, default=4096)
     parser.add_argument("--mqar-length", type=int, default=64)
+    parser.add_argument("--passkey-length", type=int, default=1024, help="clipped to the teacher's positions")
+    parser.add_argument("--passkey-samples", type=int, default=10)
     parser.add_argument("--cache-lengths", default="1024,8192")
     parser.add_argument("--out", type=Path, default=RESULTS / "quality.json")
+    parser.add_argument("--append", action="store_true",
+                        help="keep the rows of an existing --out (same teacher) that this run does not measure again")
     parser.add_argument("--workdir", type=Path)
     args = parser.parse_args()
     args.cache_lengths = [int(x) for x in args.cache_lengths.split(",")]
@@ -245,18 +258,31 @@ def main() -> None:
     if teacher_mqar < 0.2:
         print(f"teacher MQAR accuracy {teacher_mqar:.2f} at length {args.mqar_length}: no recall circuit, MQAR left out")
         teacher_mqar = None
+    passkey_length = min(args.passkey_length, (position_limit(teacher) or args.passkey_length + 16) - 16)
+    teacher_passkey = passkey_accuracy(teacher, tokenizer, [passkey_length], samples=args.passkey_samples)[0].accuracy
+    if teacher_passkey < 0.5:
+        print(f"teacher passkey accuracy {teacher_passkey:.2f} at length {passkey_length}: passkey left out")
+        passkey_length = None
 
     teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "teacher_row": teacher_row, "rows": [],
               "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
-              "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads"}
+              "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+              "passkey": None if passkey_length is None else {"length": passkey_length, "samples": args.passkey_samples,
+                                                               "teacher": teacher_passkey}}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = report["rows"]
+    if args.append and args.out.exists():  # rows keep their own tokens and lr; "commands" lists every run
+        previous = json.loads(args.out.read_text())
+        if previous["teacher"] != report["teacher"]:
+            raise SystemExit(f"--append: {args.out} holds rows of teacher {previous['teacher']}, not {report['teacher']}")
+        results += [{"lr": previous.get("lr"), **r} for r in previous["rows"] if r["name"] not in chosen]
+        report["commands"] = previous.get("commands", [previous["command"]]) + [report["command"]]
     for name in chosen:  # the file is rewritten after every row, so an interrupted run keeps what it measured
         print(f"== {name}", flush=True)
         results.append(run_row(name, rows[name], args, work, corpus, calibration, held, teacher, tokenizer,
-                               held_docs, teacher_mqar))
+                               held_docs, teacher_mqar, passkey_length))
         print(json.dumps(results[-1]), flush=True)
         teacher_row["teacher_ppl"] = results[0]["teacher_ppl"]
         report["seconds"] = round(time.perf_counter() - started, 1)
