@@ -1,11 +1,14 @@
-"""End-to-end speed and memory: a Llama-3.2-1B-shaped teacher against its Mamba-2 hybrids.
+"""End-to-end speed and memory: a Llama-3.2-1B-shaped teacher against its students of every kind.
 
     python benchmarks/e2e_speed.py [--workdir DIR] [--context 2k,...,128k] [--batch 1,64] [--json FILE] [--plot FILE]
-    python benchmarks/e2e_speed.py --tiny        # everything scaled down: about a minute on a laptop CPU
+    python benchmarks/e2e_speed.py --students mamba2-25%,mamba2-0%   # a subset (default: every student)
+    python benchmarks/e2e_speed.py --tiny        # everything scaled down: a few minutes on a laptop CPU
 
 Builds a random-weight checkpoint with Llama-3.2-1B's shapes (no download; ``convert_memory.py``'s
-builder), converts it with 50%, 25% and 0% of the layers keeping attention, and runs
-``mixerswap.evals.speed.bench`` on the four models in one run (each loaded for its turn), bf16 on
+builder), converts it to Mamba-2 with 50%, 25% and 0% of the layers keeping attention and to every
+other kind with 25% (``swa`` window 512 with 4 sinks, ``linear`` window 64, ``gla``, ``gdn``) or, for
+``mla``, to 25% of the teacher's KV cache (weight-only: random weights have no text to calibrate
+on), and runs ``mixerswap.evals.speed.bench`` on the models in one run (each loaded for its turn), bf16 on
 CUDA (CUDA events) or float32 on CPU (wall clock, or ``--timing cpu``); one warm-up and
 ``--repeats`` timed runs per configuration, medians with [min-max]. Long prompts are prefilled in
 chunks of ``--prefill-chunk`` tokens so that batch 64 fits; a configuration that does not fit
@@ -39,7 +42,16 @@ from mixerswap.evals.loading import load_model  # noqa: E402
 from mixerswap.evals.plots import plot_bench  # noqa: E402
 from mixerswap.evals.speed import bench, save_report  # noqa: E402
 
-STUDENTS = {"mamba2-50%": 0.5, "mamba2-25%": 0.25, "mamba2-0%": 0.0}
+STUDENTS = {  # name -> convert() arguments
+    "mamba2-50%": dict(to="mamba2", keep_attention=0.5),
+    "mamba2-25%": dict(to="mamba2", keep_attention=0.25),
+    "mamba2-0%": dict(to="mamba2", keep_attention=0.0),
+    "swa-25%": dict(to="swa", keep_attention=0.25, mixer_settings={"window": 512, "sinks": 4}),
+    "linear-25%": dict(to="linear", keep_attention=0.25, mixer_settings={"window": 64}),
+    "gla-25%": dict(to="gla", keep_attention=0.25),
+    "gdn-25%": dict(to="gdn", keep_attention=0.25),
+    "mla-kv25%": dict(to="mla", keep_attention=0.0, mixer_settings={"kv_budget": 0.25}),
+}
 TINY = dict(LLAMA_32_1B, vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_layers=4,
             num_attention_heads=4, num_key_value_heads=2, head_dim=16, bos_token_id=1, eos_token_id=2)
 TARGETS = (  # (description, model, batch, context, ratio field, minimum)
@@ -92,7 +104,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the JSON report here")
     parser.add_argument("--plot", type=Path, help="write the PNG plot here")
     parser.add_argument("--strict", action="store_true", help="exit 1 if a measured target fails")
+    parser.add_argument("--students", help=f"comma-separated subset of {', '.join(STUDENTS)} (default: all)")
     args = parser.parse_args()
+    students = args.students.split(",") if args.students else list(STUDENTS)
+    unknown = sorted(set(students) - set(STUDENTS))
+    if unknown:
+        parser.error(f"unknown students {unknown}; known: {', '.join(STUDENTS)}")
 
     contexts = parse_lengths(args.context or ("128,256,512,1k" if args.tiny else "2k,4k,8k,16k,32k,64k,128k"))
     batches = parse_lengths(args.batch or ("1,4" if args.tiny else "1,64"))
@@ -105,10 +122,10 @@ def main() -> int:
         teacher = work / ("teacher-tiny" if args.tiny else "teacher")
         build_teacher(teacher, tiny=args.tiny, dtype=getattr(torch, dtype), max_positions=max(contexts) + decode_tokens)
         paths = {"teacher": teacher}
-        for name, keep in STUDENTS.items():
+        for name in students:
             out = work / f"{teacher.name}-{name.replace('%', 'pct')}"
             if not (out / "config.json").exists():
-                convert(teacher, out, keep_attention=keep, progress=False)
+                convert(teacher, out, **STUDENTS[name], progress=False)
             paths[name] = out
         loaders = {name: (lambda p=path: load_model(p, dtype=dtype, device=args.device)[0])
                    for name, path in paths.items()}
