@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import inspect
 import itertools
 import logging
@@ -59,6 +60,24 @@ class _Backend:
 
 def _always(call: Call) -> bool:
     return True
+
+
+CUDA_FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def cuda_floats(call: Call) -> bool:
+    """What the third-party CUDA kernels take: CUDA tensors in fp16, bf16 or fp32, forward and backward."""
+    return call.device == "cuda" and call.dtype in CUDA_FLOATS
+
+
+def import_optional(module: str, name: str, backend: str) -> Callable | None:
+    """``module.name`` of an optional package, or ``None`` when it is missing or fails to load (a CUDA
+    build on a machine without CUDA): a backend that cannot load never breaks ``import mixerswap``."""
+    try:
+        return getattr(importlib.import_module(module), name)
+    except Exception as err:
+        logger.debug("%s backend unavailable for %s: %s", backend, name, err)
+        return None
 
 
 _REGISTRY: dict[str, dict[str, _Backend]] = {}

@@ -7,27 +7,14 @@ Dao-AILab/causal-conv1d; it has not been run on a GPU in this repository yet.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ..dispatch import Call
+from ..dispatch import cuda_floats, import_optional
 from .naive import causal_conv1d_ref
 
-logger = logging.getLogger(__name__)
+causal_conv1d_fn = import_optional("causal_conv1d", "causal_conv1d_fn", "causal_conv1d")
 
-try:
-    from causal_conv1d import causal_conv1d_fn
-except Exception as err:  # missing, or a CUDA build that fails to load: never fail the import
-    causal_conv1d_fn = None
-    logger.debug("causal_conv1d backend unavailable: %s", err)
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def supports(call: Call) -> bool:
-    """CUDA tensors in fp16, bf16 or fp32, forward and backward."""
-    return call.device == "cuda" and call.dtype in _DTYPES
+supports = cuda_floats  # CUDA tensors in fp16, bf16 or fp32, forward and backward
 
 
 def causal_conv1d_dao(

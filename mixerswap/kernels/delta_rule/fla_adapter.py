@@ -10,27 +10,14 @@ repository yet; ``tests/kernels/test_adapters.py`` checks the argument plumbing 
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ..dispatch import Call
+from ..dispatch import cuda_floats, import_optional
 from ..varlen import pack
 
-logger = logging.getLogger(__name__)
+chunk_gated_delta_rule = import_optional("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", "fla")
 
-try:
-    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
-except Exception as err:  # missing, or an install whose Triton cannot load: never fail the import
-    chunk_gated_delta_rule = None
-    logger.debug("fla backend unavailable for delta_rule_chunk: %s", err)
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def supports(call: Call) -> bool:
-    """CUDA tensors in fp16, bf16 or fp32, forward and backward."""
-    return call.device == "cuda" and call.dtype in _DTYPES
+supports = cuda_floats  # CUDA tensors in fp16, bf16 or fp32, forward and backward
 
 
 def delta_rule_chunk_fla(

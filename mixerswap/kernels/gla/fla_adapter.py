@@ -10,27 +10,14 @@ in this repository yet; ``tests/kernels/test_adapters.py`` checks the argument p
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ..dispatch import Call
+from ..dispatch import cuda_floats, import_optional
 from ..varlen import pack
 
-logger = logging.getLogger(__name__)
+chunk_simple_gla = import_optional("fla.ops.simple_gla", "chunk_simple_gla", "fla")
 
-try:
-    from fla.ops.simple_gla import chunk_simple_gla
-except Exception as err:  # missing, or an install whose Triton cannot load: never fail the import
-    chunk_simple_gla = None
-    logger.debug("fla backend unavailable for gla_chunk: %s", err)
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def supports(call: Call) -> bool:
-    """CUDA tensors in fp16, bf16 or fp32, forward and backward."""
-    return call.device == "cuda" and call.dtype in _DTYPES
+supports = cuda_floats  # CUDA tensors in fp16, bf16 or fp32, forward and backward
 
 
 def gla_chunk_fla(

@@ -9,26 +9,13 @@ are what to run first on a CUDA machine with mamba-ssm installed.
 
 from __future__ import annotations
 
-import logging
-
 import torch
 
-from ..dispatch import Call
+from ..dispatch import cuda_floats, import_optional
 
-logger = logging.getLogger(__name__)
+mamba_chunk_scan_combined = import_optional("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", "mamba_ssm")
 
-try:
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
-except Exception as err:  # missing, or a CUDA build that fails to load: never fail the import
-    mamba_chunk_scan_combined = None
-    logger.debug("mamba_ssm backend unavailable: %s", err)
-
-_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def supports(call: Call) -> bool:
-    """CUDA tensors in fp16, bf16 or fp32, forward and backward."""
-    return call.device == "cuda" and call.dtype in _DTYPES
+supports = cuda_floats  # CUDA tensors in fp16, bf16 or fp32, forward and backward
 
 
 def ssd_chunk_scan_mamba_ssm(
