@@ -27,7 +27,8 @@ class Packing:
         return self.cu_seqlens.numel() - 1
 
     def initial_states(self, state: torch.Tensor | None) -> torch.Tensor | None:
-        """``[B, ...]`` per row → ``[S, ...]`` per sequence: a row's state starts its first sequence, zeros the others."""
+        """``[B, ...]`` per row → ``[S, ...]`` per sequence: each row's state starts its first sequence, zeros
+        start the others."""
         if state is None:
             return None
         out = state.new_zeros(self.sequences, *state.shape[1:])

@@ -13,7 +13,8 @@ import torch
 
 from ..dispatch import cuda_floats, import_optional
 
-mamba_chunk_scan_combined = import_optional("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", "mamba_ssm")
+mamba_chunk_scan_combined = import_optional("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined",
+                                            "mamba_ssm")
 
 supports = cuda_floats  # CUDA tensors in fp16, bf16 or fp32, forward and backward
 
