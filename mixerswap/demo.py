@@ -20,13 +20,15 @@ from pathlib import Path
 import torch
 
 from .convert import convert
+from .distill.recipe import DEFAULT_LR
 
 
 def distill_stages(total_tokens: int) -> list[dict]:
-    """The demo's stages: a quarter of the budget to align, a quarter to hidden, half to kd."""
+    """The demo's stages: a quarter of the budget to align, a quarter to hidden, half to kd, each at the
+    package's default learning rate (``DEFAULT_LR``)."""
     quarter = max(total_tokens // 4, 1)
-    return [{"name": "align", "tokens": quarter, "lr": 3e-3}, {"name": "hidden", "tokens": quarter, "lr": 1e-3},
-            {"name": "kd", "tokens": 2 * quarter, "lr": 5e-4}]
+    return [{"name": name, "tokens": tokens, "lr": DEFAULT_LR[name]}
+            for name, tokens in (("align", quarter), ("hidden", quarter), ("kd", 2 * quarter))]
 
 
 def demo_text() -> str:

@@ -16,7 +16,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 logger = logging.getLogger(__name__)
 STAGE_NAMES = ("align", "hidden", "kd")
-DEFAULT_LR = {"align": 1e-3, "hidden": 5e-4, "kd": 1e-4}
+# Peak learning rate per stage when a stage gives none: measured on CPU budgets (~64k-120k tokens) by
+# benchmarks/lr_sweep.py (benchmarks/RESULTS.md, "Stage learning rates"): on SmolLM2-135M the best of the
+# triples tried, on stories260k far better than 1e-3/5e-4/1e-4 (which was the worst of six for every row).
+DEFAULT_LR = {"align": 3e-3, "hidden": 1e-3, "kd": 5e-4}
 
 
 class RecipeError(ValueError):

@@ -16,7 +16,7 @@ from mixerswap.architectures.mixers import Mamba2Mixer
 from mixerswap.convert import convert
 from mixerswap.distill.checkpoint import CheckpointError, latest_checkpoint, load_progress
 from mixerswap.distill.lora import lora_targets
-from mixerswap.distill.recipe import LoraOptions, RecipeError, StageConfig, parse_stages
+from mixerswap.distill.recipe import DEFAULT_LR, LoraOptions, RecipeError, StageConfig, parse_stages
 from mixerswap.distill.stages import build_stage
 from mixerswap.distill.trainer import run_distill, save_student, saved_dtype
 
@@ -53,8 +53,8 @@ def test_fsdp_matches_one_process_and_resumes_exactly(setup, tmp_path):  # noqa:
     proc = torchrun(setup, tmp_path / "fsdp", "--distributed", "fsdp")
     assert proc.returncode == 0, proc.stderr[-3000:]
     one, fsdp = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
-    for name in one:
-        torch.testing.assert_close(fsdp[name], one[name], rtol=0, atol=1e-3, msg=name)
+    for name in one:  # summation order only: Adam makes that up to about one step on near-zero gradients
+        torch.testing.assert_close(fsdp[name], one[name], rtol=0, atol=max(DEFAULT_LR.values()), msg=name)
 
     crashed = torchrun(setup, tmp_path / "b", "--distributed", "fsdp", "--fail-after-step", 7)  # inside kd
     assert crashed.returncode != 0 and "simulated crash after step 7" in crashed.stderr

@@ -13,7 +13,7 @@ from mixerswap.cli import main
 from mixerswap.convert import convert
 from mixerswap.demo import demo_text
 from mixerswap.distill.data import PackedLoader, read_documents
-from mixerswap.distill.recipe import DistillRecipe, RecipeError, StageConfig, parse_stages
+from mixerswap.distill.recipe import DEFAULT_LR, DistillRecipe, RecipeError, StageConfig, parse_stages
 from mixerswap.distill.stages import build_stage
 from mixerswap.distill.trainer import DistillError, run_distill
 
@@ -285,8 +285,11 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
         assert sum(line.startswith(f"{stage}: ") for line in proc.stderr.splitlines()) == 1, proc.stderr
     one = AutoModelForCausalLM.from_pretrained(tmp_path / "one").state_dict()
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
+    # The runs differ only in the order gradients are summed; Adam turns that round-off into up to about one
+    # step (the learning rate) on weights whose gradients are near zero, so that is the tolerance.
+    atol = max(DEFAULT_LR.values())
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=1e-3, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=atol, msg=name)
     start = AutoModelForCausalLM.from_pretrained(setup["student"]).state_dict()
     assert any(not torch.equal(one[n], start[n]) for n in one)  # training happened
 
