@@ -9,6 +9,7 @@ change of id starts a sequence.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -50,3 +51,19 @@ def pack(seq_idx: torch.Tensor) -> Packing:
     first = torch.searchsorted(offsets, torch.arange(batch, device=seq_idx.device) * seqlen)
     last = torch.cat([first[1:], first.new_tensor([offsets.numel()])]) - 1
     return Packing(cu_seqlens, first, last)
+
+
+def call_varlen(fn: Callable, tensors: tuple[torch.Tensor, ...], initial_state: torch.Tensor | None,
+                seq_idx: torch.Tensor | None, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    """``fn(*tensors, initial_state=..., output_final_state=True[, cu_seqlens=...], **kwargs)`` for an
+    fla-style chunked op on ``[B, T, ...]`` tensors: with ``seq_idx`` the rows are laid end to end as
+    variable-length sequences and the result put back. Returns ``o [B, T, ...]`` and the final state per
+    row in fp32."""
+    batch, seqlen = tensors[0].shape[:2]
+    if seq_idx is None:
+        o, final = fn(*tensors, initial_state=initial_state, output_final_state=True, **kwargs)
+        return o, final.float()
+    packing = pack(seq_idx)
+    o, finals = fn(*(t.flatten(0, 1)[None] for t in tensors), initial_state=packing.initial_states(initial_state),
+                   output_final_state=True, cu_seqlens=packing.cu_seqlens, **kwargs)
+    return o.view(batch, seqlen, *o.shape[2:]), packing.final_states(finals).float()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import cuda_floats, import_optional
-from ..varlen import pack
+from ..varlen import call_varlen
 
 chunk_gated_delta_rule = import_optional("fla.ops.gated_delta_rule", "chunk_gated_delta_rule", "fla")
 
@@ -34,18 +34,7 @@ def delta_rule_chunk_fla(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`~mixerswap.kernels.delta_rule.naive.delta_rule_chunk_ref` (fla picks its own
     chunk size). Packed documents become fla's variable-length sequences."""
-    batch, seqlen = v.shape[:2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dtype = v.dtype
-    q, k, beta, g = q.to(dtype), k.to(dtype), beta.to(dtype), g.float()
-    if initial_state is not None:
-        initial_state = initial_state.float()
-    if seq_idx is None:
-        o, final = chunk_gated_delta_rule(q, k, v, g, beta, scale=scale, initial_state=initial_state,
-                                          output_final_state=True)
-        return o, final.float()
-    packing = pack(seq_idx)
-    o, finals = chunk_gated_delta_rule(*(t.flatten(0, 1)[None] for t in (q, k, v, g, beta)), scale=scale,
-                                       initial_state=packing.initial_states(initial_state), output_final_state=True,
-                                       cu_seqlens=packing.cu_seqlens)
-    return o.view(batch, seqlen, *o.shape[2:]), packing.final_states(finals).float()
+    initial_state = None if initial_state is None else initial_state.float()
+    tensors = (q.to(v.dtype), k.to(v.dtype), v, g.float(), beta.to(v.dtype))
+    return call_varlen(chunk_gated_delta_rule, tensors, initial_state, seq_idx, scale=scale)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..dispatch import cuda_floats, import_optional
-from ..varlen import pack
+from ..varlen import call_varlen
 
 chunk_simple_gla = import_optional("fla.ops.simple_gla", "chunk_simple_gla", "fla")
 
@@ -33,17 +33,7 @@ def gla_chunk_fla(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as :func:`~mixerswap.kernels.gla.naive.gla_chunk_ref` (fla picks its own chunk size,
     which changes nothing but round-off). Packed documents become fla's variable-length sequences."""
-    batch, seqlen = v.shape[:2]
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    dtype = v.dtype
-    q, k, g = q.to(dtype), k.to(dtype), g.float()
-    if initial_state is not None:
-        initial_state = initial_state.float()
-    if seq_idx is None:
-        o, final = chunk_simple_gla(q, k, v, g, scale=scale, initial_state=initial_state, output_final_state=True)
-        return o, final.float()
-    packing = pack(seq_idx)
-    o, finals = chunk_simple_gla(*(t.flatten(0, 1)[None] for t in (q, k, v, g)), scale=scale,
-                                 initial_state=packing.initial_states(initial_state), output_final_state=True,
-                                 cu_seqlens=packing.cu_seqlens)
-    return o.view(batch, seqlen, *o.shape[2:]), packing.final_states(finals).float()
+    initial_state = None if initial_state is None else initial_state.float()
+    return call_varlen(chunk_simple_gla, (q.to(v.dtype), k.to(v.dtype), v, g.float()), initial_state, seq_idx,
+                       scale=scale)
