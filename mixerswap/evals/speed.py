@@ -8,8 +8,9 @@ Every configuration runs ``warmup`` untimed times (first calls pay for lazy init
 *Interleaved* (the default on CPU): the models take turns within each configuration, one timed repeat
 each per round, and a ratio is the median of the per-round ratios, so a machine that drifts (frequency,
 other processes) moves both sides of every ratio alike; otherwise (the default on CUDA, where each
-model is loaded for its turn only) ratios are ratios of medians. Times are CUDA events on a GPU; on CPU, wall clock or (``timing="cpu"``)
-the CPU time of this process, which other processes on a shared machine do not inflate.
+model is loaded for its turn only) ratios are ratios of medians. Times are CUDA events on a GPU; on
+CPU, wall clock or (``timing="cpu"``) the CPU time of this process, which other processes on a shared
+machine do not inflate.
 A configuration that runs out of memory is recorded with status ``"oom"`` and the run goes on;
 longer contexts of the same model and batch are then recorded as ``"oom"`` without being tried.
 
@@ -482,14 +483,13 @@ def _measure(group: dict[str, torch.nn.Module], batch: int, context: int, report
         with _catch_oom(samples[name]):
             for _ in range(report.warmup):
                 _prefill_and_decode(model, inputs[name], min(2, report.decode_tokens), clock, report.prefill_chunk)
-        _free(device)
+    _free(device)  # once, before timing: the timed repeats reuse the allocator's cached blocks
     for repeat in range(report.repeats):
         for name in (list(group) if repeat % 2 == 0 else list(reversed(group))):
             sample = samples[name]
             if sample.error is not None:
                 continue
             with _catch_oom(sample):
-                _free(device)
                 peak.reset()
                 _synchronize(device)
                 prefill, steps, cache = _prefill_and_decode(group[name], inputs[name], report.decode_tokens, clock,

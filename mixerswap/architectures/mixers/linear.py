@@ -125,14 +125,14 @@ class LinearAttentionMixer(WindowAttentionMixer):
         if matrix_only:
             return self._weights(q, k, phi_q, phi_k, real, seq_idx, rank, share, rest)
         if cached is not None:  # the ring holds [v, unrotated k] as its values (see _update_cache)
-            held_v, held_k_raw = layer.values.to(acc).split(s.head_dim, dim=-1)
+            held_k, (held_v, held_k_raw) = layer.keys.to(acc), layer.values.to(acc).split(s.head_dim, dim=-1)
             phi_held = self.features(held_k_raw, self.feature_map_k).repeat_interleave(rep, dim=1)
         numerators, denominators = [], []
         for a, b, lo in self.query_blocks(seqlen):  # the window: softmax weights over [lo, b) (and the ring)
             soft = self.band_mask(real, seq_idx, rank, a, b, lo)
             keys, values = k[:, :, lo:b], v[:, :, lo:b]
             if cached is not None:
-                keys, values = torch.cat([layer.keys.to(acc), keys], 2), torch.cat([held_v, values], 2)
+                keys, values = torch.cat([held_k, keys], 2), torch.cat([held_v, values], 2)
                 soft = torch.cat([cached[:, a:b], soft], 2)
             scores = self.scores(q[:, :, a:b], keys).masked_fill(~soft[:, None], torch.finfo(acc).min)
             weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * soft[:, None] * share

@@ -184,14 +184,6 @@ class WindowAttentionMixer(Mixer):
             mask = mask & (seq_idx[:, a:b, None] == seq_idx[:, None, lo:b])
         return mask
 
-    def window_masks(self, real: torch.Tensor, seq_idx: torch.Tensor | None, start: int,
-                     layer: WindowKVLayer | None, sinks: int = 0):
-        """Which keys each query sees, split as (cached slots ``[B, T, S + W]`` or ``None``, this call's
-        tokens ``[B, T, T]``), and each token's rank among its document's real tokens ``[B, T]``."""
-        cached, rank = self.cached_masks(real, seq_idx, start, layer)
-        seqlen = real.shape[1]
-        return cached, self.band_mask(real, seq_idx, rank, 0, seqlen, 0, sinks), rank
-
     @staticmethod
     def kept(real: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Tensor:
         """The tokens a cache keeps after this call: real ones of the row's last document."""
@@ -218,23 +210,28 @@ class SlidingWindowMixer(WindowAttentionMixer):
         start = layer.seen_tokens if has_state else 0
         cached, rank = self.cached_masks(real, seq_idx, start, layer)
         sinks = _sink_tokens(real, rank, s.sinks)  # this call's sinks, for blocks whose window starts after them
+        if sinks is not None:
+            position, found = sinks
+            index = position[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
+            sink_keys, sink_values = k.gather(2, index), v.gather(2, index)
+            sink_doc = None if seq_idx is None else seq_idx.gather(1, position)
+        if cached is not None:
+            held_keys, held_values = layer.keys.to(acc), layer.values.to(acc)
         rep = s.n_heads // s.n_kv_heads
         outs = []
         for a, b, lo in self.query_blocks(seqlen, whole=probs_only):
             keys, values, masks = [k[:, :, lo:b]], [v[:, :, lo:b]], [self.band_mask(real, seq_idx, rank, a, b, lo,
                                                                                     s.sinks)]
             if sinks is not None and lo > 0:
-                position, found = sinks
-                index = position[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
-                keys.insert(0, k.gather(2, index))
-                values.insert(0, v.gather(2, index))
                 seen = (found & (position < lo))[:, None, :].expand(-1, b - a, -1)  # those in [lo, b) are in the band
                 if seq_idx is not None:
-                    seen = seen & (seq_idx[:, a:b, None] == seq_idx.gather(1, position)[:, None, :])
+                    seen = seen & (seq_idx[:, a:b, None] == sink_doc[:, None, :])
+                keys.insert(0, sink_keys)
+                values.insert(0, sink_values)
                 masks.insert(0, seen)
             if cached is not None:
-                keys.insert(0, layer.keys.to(acc))
-                values.insert(0, layer.values.to(acc))
+                keys.insert(0, held_keys)
+                values.insert(0, held_values)
                 masks.insert(0, cached[:, a:b])
             keys, values, mask = torch.cat(keys, 2), torch.cat(values, 2), torch.cat(masks, 2)
             scores = self.scores(q[:, :, a:b], keys).masked_fill(~mask[:, None], torch.finfo(acc).min)
