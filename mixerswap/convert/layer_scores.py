@@ -17,6 +17,11 @@ The set: ``keep`` layers are chosen greedily by the KL *of the set* — adding a
 at a time to the all-replaced student (or replacing one layer at a time, whichever takes fewer steps),
 each step taking the layer that lowers the set's KL most — and compared with evenly spaced layers.
 Scoring uses the tokens after the calibration tokens when the text has enough of them.
+
+Cost: the models a step compares differ from one base model (the teacher while scoring layers, the
+current set during a greedy step) in one layer each, so the base model's layer outputs are recorded
+once per step and a candidate that differs from layer ``i`` on runs only layers ``i`` and above
+(about half a forward on average; the KL is the same).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 import logging
 import tempfile
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -95,6 +101,44 @@ class _Swapper:
         return self.student
 
 
+def _store(outputs: list, index: int):
+    def hook(_module, _args, output):
+        outputs[index] = output
+    return hook
+
+
+class _LayerOutputs:
+    """What every decoder layer of the swapper's current model returns for each scoring batch, so a model
+    that differs from it only from layer ``i`` on can skip layers ``0 .. i-1`` (they replay their outputs)."""
+
+    def __init__(self, swap: _Swapper, rows: torch.Tensor, batch: int):
+        self.layers = swap.layers
+        self.saved: list[list] = []
+        for start in range(0, len(rows), batch):
+            outputs = [None] * len(self.layers)
+            handles = [layer.register_forward_hook(_store(outputs, i)) for i, layer in enumerate(self.layers)]
+            try:
+                with torch.no_grad():
+                    swap.student(input_ids=rows[start : start + batch], use_cache=False)
+            finally:
+                for handle in handles:
+                    handle.remove()
+            self.saved.append(outputs)
+
+    @contextmanager
+    def replaying(self, batch_index: int, below: int):
+        """Layers ``0 .. below-1`` return what they returned for batch ``batch_index`` without computing."""
+        saved = self.saved[batch_index]
+        for i in range(below):
+            output = saved[i].clone() if i == below - 1 and isinstance(saved[i], torch.Tensor) else saved[i]
+            self.layers[i].forward = lambda *args, _output=output, **kwargs: _output
+        try:
+            yield
+        finally:
+            for i in range(below):
+                del self.layers[i].forward
+
+
 @torch.no_grad()
 def _teacher_logprobs(model: nn.Module, rows: torch.Tensor, batch: int) -> list[torch.Tensor]:
     return [model(input_ids=rows[i : i + batch], use_cache=False).logits.float().log_softmax(-1)
@@ -102,11 +146,14 @@ def _teacher_logprobs(model: nn.Module, rows: torch.Tensor, batch: int) -> list[
 
 
 @torch.no_grad()
-def _kl(model: nn.Module, rows: torch.Tensor, reference: list[torch.Tensor], batch: int) -> float:
-    """Mean ``KL(teacher || model)`` over every next-token prediction of ``rows``, in nats."""
+def _kl(model: nn.Module, rows: torch.Tensor, reference: list[torch.Tensor], batch: int,
+        base: _LayerOutputs | None = None, first_changed: int = 0) -> float:
+    """Mean ``KL(teacher || model)`` over every next-token prediction of ``rows``, in nats. With ``base``
+    (recorded on a model equal to ``model`` below layer ``first_changed``) the layers below replay."""
     total = 0.0
-    for chunk, ref in zip(range(0, len(rows), batch), reference):
-        logp = model(input_ids=rows[chunk : chunk + batch], use_cache=False).logits.float().log_softmax(-1)
+    for index, (chunk, ref) in enumerate(zip(range(0, len(rows), batch), reference)):
+        with base.replaying(index, first_changed) if base is not None else nullcontext():
+            logp = model(input_ids=rows[chunk : chunk + batch], use_cache=False).logits.float().log_softmax(-1)
         total += (ref.exp() * (ref - logp)).sum().item()
     return total / rows.numel()
 
@@ -188,6 +235,8 @@ def score_layers(
         logger.warning("the teacher's own MQAR accuracy is %.2f (< %.2f): no recall to lose, MQAR left out of the "
                        "scores", teacher_mqar, MQAR_MIN_TEACHER_ACCURACY)
 
+    swap.use(set())
+    teacher_outputs = _LayerOutputs(swap, rows, batch_size)
     scores = []
     for i in progress_bar(range(num_layers), desc="score layers", enabled=progress):
         model = swap.use({i})
@@ -196,10 +245,11 @@ def score_layers(
         scores.append(LayerScore(
             layer=i,
             init_error=output_match(out, stats[i].outputs)["rel_error"],
-            kl=round(_kl(model, rows, reference, batch_size), 5),
+            kl=round(_kl(model, rows, reference, batch_size, teacher_outputs, i), 5),
             align_error=_align_error(swap.mixers[i], stats[i], align_steps, align_lr) if align_steps else None,
             mqar=round(_mqar(model, mqar_length, mqar_samples), 4) if use_mqar else None,
         ))
+    del teacher_outputs
     selection = Selection(kind=to, teacher=str(teacher), text=describe_calibration(text), calibration_tokens=calib_rows.numel(),
                           scoring_tokens=rows.numel(), scored_on_held_out=held_out, scores=scores,
                           teacher_mqar=teacher_mqar)
@@ -224,10 +274,13 @@ def _greedy(selection: Selection, swap: _Swapper, rows, reference, batch_size: i
     steps = count if adding else num_layers - count
     for _ in progress_bar(range(steps), desc="greedy set", enabled=progress):
         candidates = sorted(everything - kept if adding else kept)
+        swap.use(everything - kept)
+        base = _LayerOutputs(swap, rows, batch_size)
         trials = {}
         for i in candidates:
             trial = kept | {i} if adding else kept - {i}
-            trials[i] = _kl(swap.use(everything - trial), rows, reference, batch_size)
+            trials[i] = _kl(swap.use(everything - trial), rows, reference, batch_size, base, i)
+        del base
         best = min(trials, key=trials.get)
         kept = kept | {best} if adding else kept - {best}
         selection.path.append({"layer": best, "action": "keep" if adding else "replace", "kl": round(trials[best], 5)})

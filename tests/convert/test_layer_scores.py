@@ -13,7 +13,7 @@ from mixerswap.architectures import MixerSwapForCausalLM
 from mixerswap.cli import main
 from mixerswap.convert import convert
 from mixerswap.convert.calibration import calibration_rows, load_teacher_fp32, load_tokenizer
-from mixerswap.convert.layer_scores import _kl, _teacher_logprobs, score_layers
+from mixerswap.convert.layer_scores import _kl, _LayerOutputs, _Swapper, _teacher_logprobs, score_layers
 
 from ..conftest import teacher_stories
 
@@ -59,6 +59,32 @@ def test_the_scored_kl_is_the_kl_of_the_written_student(stories_dir, stories_tex
     student = MixerSwapForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     reference = _teacher_logprobs(load_teacher_fp32(stories_dir), rows, 4)
     assert _kl(student, rows, reference, 4) == pytest.approx(selection["keep_kl"], rel=1e-4)
+
+
+@pytest.mark.parametrize("base, changed", [(set(), 3), ({1, 3}, 0), ({1, 3}, 2), ({0, 2, 4}, 4)],
+                         ids=["teacher+layer3", "set+layer0", "set+layer2", "set-layer4"])
+def test_replaying_the_layers_below_the_change_gives_the_full_forward_kl(stories_dir, stories_text, tmp_path,
+                                                                         base, changed):
+    """A candidate that differs from the base model from layer ``changed`` on may skip the layers below."""
+    student_dir = tmp_path / "all"
+    convert(stories_dir, student_dir, to="mamba2", keep_attention=0.0, calibration=stories_text,
+            calibration_tokens=256, progress=False, dtype="float32")
+    teacher = load_teacher_fp32(stories_dir)
+    swap = _Swapper(MixerSwapForCausalLM.from_pretrained(student_dir, dtype=torch.float32).eval(), teacher)
+    rows = calibration_rows(load_tokenizer(stories_dir), stories_text.read_text(), tokens=3 * 128, seq_len=128)
+    reference = _teacher_logprobs(teacher, rows, 2)
+    swap.use(base)
+    recorded = _LayerOutputs(swap, rows, 2)
+    candidate = swap.use(base ^ {changed})
+    full = _kl(candidate, rows, reference, 2)
+    assert full > 0
+    assert _kl(candidate, rows, reference, 2, recorded, changed) == pytest.approx(full, rel=1e-6, abs=1e-9)
+    # and the layers really are skipped: replaying a model that differs lower down gives another KL
+    if changed > 0:
+        other = swap.use(base ^ {changed, 0})
+        assert _kl(other, rows, reference, 2, recorded, changed) != pytest.approx(_kl(other, rows, reference, 2),
+                                                                                 rel=1e-3)
+    assert all("forward" not in layer.__dict__ for layer in swap.layers)
 
 
 def test_align_steps_lower_the_layer_error(stories_dir, stories_text):
