@@ -9,18 +9,22 @@ open at a time. Output goes to a temporary folder renamed into place at the end.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import shutil
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+logger = logging.getLogger(__name__)
 
 SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -421,12 +425,13 @@ def _owner_is_dead(text: str) -> bool:
 
 
 @contextmanager
-def output_lock(out: str | os.PathLike) -> Iterator[None]:
+def output_lock(out: str | os.PathLike, *, wait: float = 0.0) -> Iterator[None]:
     """Hold ``.OUT.lock`` beside ``out`` while a run writes it; nested use in one process is allowed.
 
-    A second run on the same output fails at once with :class:`OutputLockedError`; a lock left by a
-    process that died (same host, pid gone) is taken over. While holding the lock, what a dead run
-    left is cleaned up (:func:`_recover`).
+    A second run on the same output fails with :class:`OutputLockedError` at once, or after waiting up
+    to ``wait`` seconds for the first to finish (shared caches); a lock left by a process that died
+    (same host, pid gone) is taken over. While holding the lock, what a dead run left is cleaned up
+    (:func:`_recover`).
     """
     out = Path(out)
     lock = out.parent / f".{out.name}.lock"
@@ -440,17 +445,28 @@ def output_lock(out: str | os.PathLike) -> Iterator[None]:
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     key = lock.resolve()
-    for attempt in range(2):
+    deadline = time.monotonic() + wait
+    took_over = announced = False
+    while True:
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
             break
         except FileExistsError:
-            owner = lock.read_text() if lock.exists() else ""
-            if attempt == 0 and _owner_is_dead(owner):
+            try:
+                owner = lock.read_text()
+            except FileNotFoundError:  # released between the two calls
+                continue
+            if not took_over and _owner_is_dead(owner):
+                took_over = True
                 lock.unlink(missing_ok=True)
                 continue
-            raise OutputLockedError(f"output {out} is being written by another run ({owner.strip() or 'unknown'}); "
-                                    f"wait for it to finish, or delete {lock} if that run is gone") from None
+            if time.monotonic() >= deadline:
+                raise OutputLockedError(f"output {out} is being written by another run ({owner.strip() or 'unknown'}); "
+                                        f"wait for it to finish, or delete {lock} if that run is gone") from None
+            if not announced:
+                logger.info("waiting for another run (%s) to finish writing %s", owner.strip(), out)
+                announced = True
+            time.sleep(0.2)
     with os.fdopen(fd, "w") as f:
         f.write(f"{os.getpid()} {socket.gethostname()}")
     _HELD_LOCKS[key] = 1

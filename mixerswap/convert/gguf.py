@@ -4,7 +4,8 @@
 weights, but will not save a model loaded that way as is; the model is rebuilt from its config
 without ``quantization_config`` and saved as safetensors with its tokenizer. The folder is cached
 under ``$MIXERSWAP_CACHE`` (default ``~/.cache/mixerswap``) keyed by the file's path, size and
-modification time, written to a temporary folder and renamed into place, so later commands reuse it.
+modification time, written to a temporary folder and renamed into place, so later commands reuse it;
+a second run that asks while the first is writing waits for it and reuses its folder.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ import os
 from pathlib import Path
 
 logger = logging.getLogger(__name__)
+
+GGUF_CACHE_WAIT_S = 3600.0  # another run dequantizing the same file: wait for it rather than fail
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -37,6 +40,21 @@ def cache_root() -> Path:
 
 def gguf_as_hf_folder(gguf: Path) -> Path:
     """The cached HF folder of ``gguf``, made on first use (see the module docstring)."""
+    from .checkpoint_io import output_lock
+
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    folder = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    with output_lock(folder, wait=GGUF_CACHE_WAIT_S):  # a second run on the same file waits, then reuses it
+        if (folder / "config.json").exists():
+            return folder
+        _dequantize_into(gguf, folder)
+    return folder
+
+
+def _dequantize_into(gguf: Path, folder: Path) -> None:
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -44,11 +62,6 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     from ..progress import library_bars
     from .checkpoint_io import atomic_output_dir
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_root() / "gguf" / f"{gguf.stem}-{key}"
-    if (folder / "config.json").exists():
-        return folder
     logger.info("reading %s (dequantizing; once, cached in %s)", gguf, folder)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # its de-quantizing bar is a plain tqdm that ignores transformers' switch (off under -q and in logs)
@@ -64,7 +77,6 @@ def gguf_as_hf_folder(gguf: Path) -> Path:
     with atomic_output_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    return folder
 
 
 def hf_model_path(name_or_path):

@@ -155,6 +155,49 @@ def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
         gguf_as_hf_folder(model)
 
 
+def test_a_second_run_waits_for_the_gguf_cache_another_run_is_writing(tmp_path, monkeypatch):
+    """Two commands started together on one GGUF: the second waits for the first's folder and reuses it."""
+    import hashlib
+    import os
+    import socket
+    import threading
+    import time
+
+    from mixerswap.convert import gguf as gguf_module
+    from mixerswap.convert.checkpoint_io import OutputLockedError, output_lock
+
+    model = tmp_path / "tiny.Q4_1.gguf"
+    model.write_bytes(b"GGUF")
+    monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("read again"))
+    stat = model.stat()
+    key = hashlib.sha256(f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    cached = tmp_path / "cache" / "gguf" / f"tiny.Q4_1-{key}"
+    lock = cached.parent / f".{cached.name}.lock"
+    lock.parent.mkdir(parents=True)
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live run is dequantizing
+
+    def first_run_finishes():
+        time.sleep(0.5)
+        cached.mkdir()
+        (cached / "config.json").write_text("{}")
+        lock.unlink()
+
+    writer = threading.Thread(target=first_run_finishes)
+    writer.start()
+    started = time.monotonic()
+    assert gguf_module.gguf_as_hf_folder(model) == cached
+    writer.join()
+    assert time.monotonic() - started >= 0.4 and not lock.exists()
+
+    lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a run that does not finish in time
+    started = time.monotonic()
+    with pytest.raises(OutputLockedError, match="being written by another run"):
+        with output_lock(tmp_path / "cache" / "gguf" / cached.name, wait=0.3):
+            pass
+    assert time.monotonic() - started >= 0.3 and lock.exists()
+
+
 def test_non_finite_or_overlapping_teacher_tensors_are_refused(teacher_dir, tmp_path):
     """NaN bytes in a teacher shard are refused with the tensor's name; so is a header whose tensors overlap."""
     import json
