@@ -89,8 +89,7 @@ def test_bf16_distillation_on_the_device_lowers_the_loss(device, stories_dir, tm
     recipe = DistillRecipe.validated(dict(
         student=str(tmp_path / "student"), teacher=str(stories_dir), data=str(corpus), out=str(tmp_path / "out"),
         seq_len=128, batch_size=8, held_out_docs=4, mixed_precision="bf16",
-        stages=[{"name": "align", "tokens": 8192, "lr": 1e-2}, {"name": "hidden", "tokens": 8192, "lr": 3e-3},
-                {"name": "kd", "tokens": 16384, "lr": 1e-3}]))
+        stages=[{"name": "align", "tokens": 8192}, {"name": "hidden", "tokens": 8192}, {"name": "kd", "tokens": 16384}]))
     result = run_distill(recipe, progress=False)
     losses = torch.tensor([h["loss"] for h in result.history])
     assert torch.isfinite(losses).all()

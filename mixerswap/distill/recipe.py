@@ -20,6 +20,11 @@ STAGE_NAMES = ("align", "hidden", "kd")
 # benchmarks/lr_sweep.py (benchmarks/RESULTS.md, "Stage learning rates"): on SmolLM2-135M the best of the
 # triples tried, on stories260k far better than 1e-3/5e-4/1e-4 (which was the worst of six for every row).
 DEFAULT_LR = {"align": 3e-3, "hidden": 1e-3, "kd": 5e-4}
+# Adam moves every weight by about the learning rate per step, whatever its size: right for the projections
+# taken from the teacher (entries ~0.02-0.1), slow for the new O(1)-scale parts (decay and gate logits, conv
+# taps) that the mixers declare as ``fast_parameters``. They train at this multiple of the stage's rate
+# (benchmarks/RESULTS.md, "Fast parameters").
+DEFAULT_FAST_LR_SCALE = 10.0
 
 
 class RecipeError(ValueError):
@@ -60,6 +65,8 @@ class StageConfig(BaseModel):
     warmup: float = Field(0.05, ge=0, lt=1, description="fraction of steps of linear warm-up")
     schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    fast_lr_scale: float = Field(DEFAULT_FAST_LR_SCALE, gt=0,
+                                 description="learning-rate multiple for the mixers' fast_parameters (1: none)")
     mode: Literal["output", "matrix"] = "output"
     matrix_len: int = Field(128, gt=1)
     unfreeze_mlp: bool = False

@@ -118,18 +118,27 @@ class Stage(nn.Module):
                     names.add(full)
         return names
 
+    def fast_names(self) -> set[str]:
+        """Full names of the mixers' declared ``fast_parameters`` (they train at ``fast_lr_scale`` x lr)."""
+        return {f"{prefix}.{n}" for prefix, module in self.student.named_modules() if is_mixer(module)
+                for n in module.parameter_names(module.fast_parameters)}
+
     def param_groups(self, weight_decay: float) -> list[dict]:
-        """Two AdamW groups of the trainable parameters: decayed, and not (see :meth:`no_decay_names`).
+        """AdamW groups of the trainable parameters: decayed and not (see :meth:`no_decay_names`), each
+        split into the ordinary and the fast parameters (:meth:`fast_names`; their groups carry
+        ``lr = fast_lr_scale * lr``). Empty groups are left out.
 
         Call after :meth:`select_trainable`.
         """
-        no_decay = self.no_decay_names()
-        decay, keep = [], []
+        no_decay, fast = self.no_decay_names(), self.fast_names()
+        lr, scale = self.config.peak_lr, self.config.fast_lr_scale
+        groups = {(wd, speed): [] for speed in (1.0, scale) for wd in (weight_decay, 0.0)}
         for name, p in self.student.named_parameters():
             if p.requires_grad:
-                (keep if name in no_decay else decay).append((name, p))
-        return [{"params": [p for _, p in group], "weight_decay": wd}
-                for group, wd in ((decay, weight_decay), (keep, 0.0))]
+                wd = 0.0 if name in no_decay else weight_decay
+                groups[(wd, scale if name in fast else 1.0)].append(p)
+        return [{"params": params, "weight_decay": wd, "lr": lr * speed}
+                for (wd, speed), params in groups.items() if params]
 
 
 class AlignStage(Stage):

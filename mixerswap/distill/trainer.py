@@ -243,7 +243,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
             state.stage_step, state.global_step = step + 1, state.global_step + 1
             elapsed = max(time.perf_counter() - started, 1e-9)
             record = {"stage": config.name, "step": step + 1, "global_step": state.global_step, "loss": step_loss,
-                      "lr": scheduler.get_last_lr()[0], "tokens": state.tokens_seen,
+                      "lr": config.peak_lr * lr_factor(step, total_steps, config), "tokens": state.tokens_seen,
                       "tokens_per_s": (state.tokens_seen - tokens_at_start) / elapsed, **parts}
             state.history.append({"stage": config.name, "step": step + 1, "loss": step_loss})
             bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{record['tokens_per_s']:.0f}")

@@ -63,3 +63,13 @@ def test_stage_runs_and_lowers_its_loss(family, kind, stage, trainable_student, 
     with torch.no_grad():
         final = run.loss(batch)[0].item()
     assert final < losses[0], losses + [final]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_declared_parameter_groups_name_real_parameters(kind, trainable_student):
+    """A pattern in ``fp32_parameters``, ``no_weight_decay`` or ``fast_parameters`` that matches nothing is a
+    typo that would silently train or store a parameter the wrong way."""
+    mixer = next(iter(trainable_student(FAMILIES[0], kind, "hybrid").mixer_layers().values()))
+    for group in ("fp32_parameters", "no_weight_decay", "fast_parameters"):
+        for pattern in getattr(mixer, group):
+            assert mixer.parameter_names((pattern,)), f"{kind}.{group}: {pattern!r} matches no parameter"

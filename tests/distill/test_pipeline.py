@@ -1,6 +1,7 @@
 """Distillation end to end on the real stories260k teacher: each stage learns, resume is exact, errors are early."""
 
 import json
+from fnmatch import fnmatch
 
 import yaml
 
@@ -9,11 +10,13 @@ import torch
 from click.testing import CliRunner
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mixerswap.architectures.mixers import Mamba2Mixer
 from mixerswap.cli import main
 from mixerswap.convert import convert
 from mixerswap.demo import demo_text
 from mixerswap.distill.data import PackedLoader, read_documents
-from mixerswap.distill.recipe import DEFAULT_LR, DistillRecipe, RecipeError, StageConfig, parse_stages
+from mixerswap.distill.recipe import (DEFAULT_FAST_LR_SCALE, DEFAULT_LR, DistillRecipe, RecipeError, StageConfig,
+                                     parse_stages)
 from mixerswap.distill.stages import build_stage
 from mixerswap.distill.trainer import DistillError, run_distill
 
@@ -287,11 +290,16 @@ def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
     two = AutoModelForCausalLM.from_pretrained(tmp_path / "two").state_dict()
     # The runs differ only in the order gradients are summed; Adam turns that round-off into up to about one
     # step (the learning rate) on weights whose gradients are near zero, so that is the tolerance.
-    atol = max(DEFAULT_LR.values())
     for name in one:
-        torch.testing.assert_close(two[name], one[name], rtol=0, atol=atol, msg=name)
+        torch.testing.assert_close(two[name], one[name], rtol=0, atol=one_adam_step(name), msg=name)
     start = AutoModelForCausalLM.from_pretrained(setup["student"]).state_dict()
     assert any(not torch.equal(one[n], start[n]) for n in one)  # training happened
+
+
+def one_adam_step(name: str) -> float:
+    """About the most one Adam step at the default rates moves weight ``name`` of a Mamba-2 student."""
+    fast = ".self_attn." in name and any(fnmatch(name.split(".self_attn.")[1], p) for p in Mamba2Mixer.fast_parameters)
+    return max(DEFAULT_LR.values()) * (DEFAULT_FAST_LR_SCALE if fast else 1.0)
 
 
 def test_out_never_replaces_an_input(setup):

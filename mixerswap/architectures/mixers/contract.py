@@ -13,7 +13,9 @@ A *mixer kind* (``mamba2``, later ``swa``, ``gla``, ``mla`` ...) is three things
    :data:`~mixerswap.architectures.mixers.common.PADDING_MASK_KWARG`. The module declares
    its parameter groups as class attributes (names relative to the mixer, ``fnmatch`` patterns):
    ``fp32_parameters`` (kept in fp32 in every checkpoint and at load time), ``no_weight_decay``
-   (besides every bias and every norm weight, which never decay), ``lora_targets`` (``nn.Linear``
+   (besides every bias and every norm weight, which never decay), ``fast_parameters`` (what
+   attention has no counterpart for that lives on an O(1) scale: gate and decay logits, log-rates,
+   conv taps; they train at a multiple of the stage's learning rate), ``lora_targets`` (``nn.Linear``
    submodules LoRA may adapt), and ``kernel_ops`` (the :mod:`mixerswap.kernels` operators it calls,
    for reports). It builds its own cache layer (:meth:`Mixer.new_cache_layer`, a
    :class:`~mixerswap.architectures.cache.MixerCacheLayer` that reports its bytes exactly and is
@@ -55,6 +57,7 @@ class Mixer(nn.Module):
     Settings: ClassVar[type[BaseModel]]
     fp32_parameters: ClassVar[tuple[str, ...]] = ()
     no_weight_decay: ClassVar[tuple[str, ...]] = ()
+    fast_parameters: ClassVar[tuple[str, ...]] = ()
     lora_targets: ClassVar[tuple[str, ...]] = ()
     kernel_ops: ClassVar[tuple[str, ...]] = ()
 

@@ -76,6 +76,7 @@ class GDNMixer(Mixer):
     # As Mamba: the decay parameters stay fp32 and never decay.
     fp32_parameters = ("A_log", "dt_bias")
     no_weight_decay = ("A_log", "dt_bias")
+    fast_parameters = ("a_proj.*", "b_proj.*", "A_log", "dt_bias", "conv1d.*", "g_proj.*", "norm_weight")
     # LoLCATs' second step: low-rank adapters on the teacher's projections (align trains the rest).
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     kernel_ops = ("delta_rule_chunk", "delta_rule_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")

@@ -59,6 +59,7 @@ class LinearAttentionMixer(WindowAttentionMixer):
     kernel_ops = ("gla_chunk",)
     fp32_parameters = ("window_factors",)
     no_weight_decay = ("window_factors",)
+    fast_parameters = ("feature_map_q", "feature_map_k", "window_factors")
 
     def __init__(self, settings: LinearSettings, hidden_size: int, layer_idx: int):
         super().__init__(settings, hidden_size, layer_idx)

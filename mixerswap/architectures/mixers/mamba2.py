@@ -75,6 +75,7 @@ class Mamba2Mixer(Mixer):
     # Mamba keeps A, D and the dt bias in fp32 and never decays them (mamba_ssm's ``_no_weight_decay``).
     fp32_parameters = ("A_log", "D", "dt_proj.bias")
     no_weight_decay = ("A_log", "D", "dt_proj.bias")
+    fast_parameters = ("A_log", "D", "dt_proj.bias", "conv1d.*")
     lora_targets = ("x_proj", "b_proj", "c_proj", "z_proj", "out_proj")
     kernel_ops = ("ssd_chunk_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")
 
