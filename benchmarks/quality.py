@@ -42,7 +42,7 @@ from mixerswap.architectures.cache import HybridMixerCache
 from mixerswap.convert import convert
 from mixerswap.convert.checkpoint_io import resolve_model_dir
 from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
-from mixerswap.distill.recipe import DistillRecipe, parse_tokens
+from mixerswap.distill.recipe import DEFAULT_FAST_LR_SCALE, DistillRecipe, parse_tokens
 from mixerswap.distill.trainer import run_distill
 from mixerswap.evals.lengths import position_limit
 from mixerswap.evals.probes import mqar_accuracy, passkey_accuracy
@@ -125,7 +125,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         conversion = convert(args.teacher_dir, student, to=row["to"], keep_attention=row["keep"],
                              mixer_settings=row.get("settings"), select=row.get("select"), calibration=calibration,
                              overwrite=True, progress=False)
-    stages = [{**stage, "lr": lr} for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
+    stages = [{**stage, "lr": lr, "fast_lr_scale": args.fast_lr_scale}
+              for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "stages": stages})
@@ -148,7 +149,7 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "passkey": (passkey_accuracy(model, tokenizer, [passkey_length], samples=args.passkey_samples)[0].accuracy
                     if passkey_length else None),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
-        "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr,
+        "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
         "seconds": round(time.perf_counter() - started, 1),
     }
     shutil.rmtree(work / name, ignore_errors=True)
@@ -206,6 +207,8 @@ def main() -> None:
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
     parser.add_argument("--tokens", default="120k", help="distillation tokens per student (align/hidden/kd = 1/1/2)")
     parser.add_argument("--lr", help="peak learning rates of align, hidden, kd (default: the demo's, 3e-3,1e-3,5e-4)")
+    parser.add_argument("--fast-lr-scale", type=float, default=DEFAULT_FAST_LR_SCALE,
+                        help="learning-rate multiple of the mixers' fast parameters (1: none)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-prompts", type=int, default=16)
@@ -266,7 +269,8 @@ def main() -> None:
 
     teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
-              "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "teacher_row": teacher_row, "rows": [],
+              "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
+              "teacher_row": teacher_row, "rows": [],
               "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
               "passkey": None if passkey_length is None else {"length": passkey_length, "samples": args.passkey_samples,
@@ -277,7 +281,8 @@ def main() -> None:
         previous = json.loads(args.out.read_text())
         if previous["teacher"] != report["teacher"]:
             raise SystemExit(f"--append: {args.out} holds rows of teacher {previous['teacher']}, not {report['teacher']}")
-        results += [{"lr": previous.get("lr"), **r} for r in previous["rows"] if r["name"] not in chosen]
+        results += [{"lr": previous.get("lr"), "fast_lr_scale": previous.get("fast_lr_scale", 1.0), **r}
+                    for r in previous["rows"] if r["name"] not in chosen]
         report["commands"] = previous.get("commands", [previous["command"]]) + [report["command"]]
     for name in chosen:  # the file is rewritten after every row, so an interrupted run keeps what it measured
         print(f"== {name}", flush=True)
