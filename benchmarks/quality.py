@@ -182,19 +182,45 @@ def plot(rows: list[dict], teacher_ppl: float, path: Path) -> None:
 
 
 def table(rows: list[dict]) -> str:
-    head = ("student", "attn", "ppl init", "align", "hidden", "kd", "next-tok", "gen", "MQAR", "passkey",
+    head = ("student", "attn", "fast lr", "ppl init", "align", "hidden", "kd", "next-tok", "gen", "MQAR", "passkey",
             "cache B/tok 1K", "8K", "s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" for s in ("align", "hidden", "kd")]
         cache = list(r["cache_bytes_per_token"].values())
         lines.append("| " + " | ".join([
-            r["name"], f"{r['attention_kept']:.2f}", f"{r['student_ppl_init']:.2f}", *stage,
+            r["name"], f"{r['attention_kept']:.2f}", f"x{r.get('fast_lr_scale') or 1:g}", f"{r['student_ppl_init']:.2f}", *stage,
             f"{r['next_token_agreement']:.1%}", f"{r['gen_agreement']:.1%}",
             "n/a" if r["mqar"] is None else f"{r['mqar']:.2f}",
             "n/a" if r.get("passkey") is None else f"{r['passkey']:.2f}",
             *[f"{c:.0f}" for c in cache], f"{r['seconds']:.0f}"]) + " |")
     return "\n".join(lines)
+
+
+def merge(reports: list[Path], out: Path) -> None:
+    """``--merge``: one report from several runs (rows replaced by name, in order; every command kept)."""
+    merged = json.loads(out.read_text()) if out.exists() else None
+    for path in reports:
+        report = json.loads(path.read_text())
+        report["rows"] = [{"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0), **r}
+                          for r in report["rows"]]
+        if merged is None:
+            merged = {**report, "commands": report.get("commands", [report["command"]])}
+            continue
+        if report["teacher"] != merged["teacher"]:
+            raise SystemExit(f"--merge: {path} holds rows of teacher {report['teacher']}, not {merged['teacher']}")
+        rows = {r["name"]: r for r in merged["rows"]}
+        rows.update({r["name"]: r for r in report["rows"]})
+        merged["rows"] = list(rows.values())
+        merged["commands"] = merged.get("commands", [merged["command"]]) + report.get("commands", [report["command"]])
+        merged["seconds"] = round(sum(r["seconds"] for r in merged["rows"]), 1)
+        merged["complete"] = merged.get("complete", False) and report.get("complete", False)
+    for row in merged["rows"]:
+        row.setdefault("fast_lr_scale", 1.0)  # rows measured before fast parameters existed
+    out.write_text(json.dumps(merged, indent=2) + "\n")
+    plot(merged["rows"], merged["teacher_row"]["teacher_ppl"], out.with_suffix(".png"))
+    print(table(merged["rows"]))
+    print(f"wrote {out} and {out.with_suffix('.png')} ({len(merged['rows'])} rows)")
 
 
 def main() -> None:
@@ -222,7 +248,13 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an existing --out (same teacher) that this run does not measure again")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--merge", type=Path, nargs="+",
+                        help="measure nothing: put the rows of these reports (same teacher) into --out, replacing "
+                             "rows of the same name, and rewrite its table and plot")
     args = parser.parse_args()
+    if args.merge:
+        merge(args.merge, args.out)
+        return
     args.cache_lengths = [int(x) for x in args.cache_lengths.split(",")]
     args.lr = [float(x) for x in args.lr.split(",")] if args.lr else [s["lr"] for s in distill_stages(1)]
     if len(args.lr) != 3:
