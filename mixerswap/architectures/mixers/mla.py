@@ -22,7 +22,7 @@ or trained as DeepSeek's.
 and layer (:class:`LatentCacheLayer`). Two compute paths give the same function:
 
 * *expanded* (prefill, training): up-project ``K_nope = W_uk c`` and ``V = W_uv c`` for every key
-  and run ordinary attention;
+  and run ordinary attention (``scaled_dot_product_attention``; explicit scores with a softcap);
 * *absorbed* (decode): fold ``W_uk_h`` into the query (``q_lat_h = W_uk_h^T q_nope_h``, ``[kv_rank]``),
   attend over the cached latents directly, and apply ``W_uv_h`` after the weighted sum, so no key or
   value is ever materialized per cached token.
@@ -52,6 +52,7 @@ import math
 from typing import Literal
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import initialization as init
@@ -362,6 +363,8 @@ class MLAMixer(Mixer):
         s = self.settings
         batch, seqlen = q_nope.shape[:2]
         H = s.n_heads
+        if not absorbed and not return_probs and s.softcap is None:
+            return self._attend_fused(q_nope, q_rope, latent, k_rope, allowed)
         scores = self._rope_scores(q_rope, k_rope)
         if s.nope_dim and absorbed:
             q_latent = torch.einsum("bthd,hdr->bthr", q_nope, self.k_up.weight.view(H, s.nope_dim, s.kv_rank))
@@ -380,6 +383,22 @@ class MLAMixer(Mixer):
             v = self.v_up(latent).view(batch, -1, H, s.v_head_dim)
             out = torch.einsum("bhtn,bnhv->bthv", probs, v)
         return out.reshape(batch, seqlen, H * s.v_head_dim)
+
+    def _attend_fused(self, q_nope, q_rope, latent, k_rope, allowed) -> torch.Tensor:
+        """The expanded path through ``scaled_dot_product_attention`` (fused kernels, no ``[T, N]`` fp32
+        scores held for the backward on CUDA): keys ``[W_uk c | k_r]`` per head, values ``W_uv c``."""
+        s = self.settings
+        batch, seqlen, H = q_nope.shape[:3]
+        keys = latent.shape[1]
+        q = torch.cat([q_nope, q_rope], -1) if s.nope_dim else q_rope
+        k_rope = k_rope.repeat_interleave(H // s.rope_heads, dim=2)
+        k = torch.cat([self.k_up(latent).view(batch, keys, H, s.nope_dim), k_rope], -1) if s.nope_dim else k_rope
+        v = self.v_up(latent).view(batch, keys, H, s.v_head_dim)
+        # a query that may see no key (padding) attends uniformly, as the explicit path does, instead of NaN
+        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                             attn_mask=allowed[:, None], scale=self.scaling)
+        return out.transpose(1, 2).reshape(batch, seqlen, H * s.v_head_dim)
 
     def forward(
         self,
