@@ -31,8 +31,8 @@ DEFAULT_LRS = ["1e-3,5e-4,1e-4", "3e-3,1e-3,5e-4", "3e-3,3e-3,1e-3", "1e-2,3e-3,
 
 def run_of(report: dict) -> dict:
     """What the sweep keeps of one quality.py report."""
-    return {"lr": report["lr"], "fast_lr_scale": report.get("fast_lr_scale", 1.0), "teacher_ppl": report["teacher_row"]["teacher_ppl"], "rows": report["rows"],
-            "command": report["command"]}
+    return {"lr": report["lr"], "fast_lr_scale": report.get("fast_lr_scale", 1.0),
+            "teacher_ppl": report["teacher_row"]["teacher_ppl"], "rows": report["rows"], "command": report["command"]}
 
 
 def table(runs: list[dict]) -> str:
@@ -48,7 +48,7 @@ def table(runs: list[dict]) -> str:
             path = [row["student_ppl_init"], *row["stage_ppl"].values()]
             mark = "*" if row["student_ppl_final"] == best[row["name"]] else ""
             cells.append(" > ".join(f"{p:.2f}" for p in path) + mark)
-        label = "/".join(f"{x:g}" for x in run_["lr"]) + f" x{run_.get('fast_lr_scale', 1.0):g}"
+        label = "/".join(f"{x:g}" for x in run_["lr"]) + f" x{run_['fast_lr_scale']:g}"
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

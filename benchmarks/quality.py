@@ -197,13 +197,18 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def rows_with_settings(report: dict) -> list[dict]:
+    """A report's rows, each with the run's learning rates and fast-parameter multiple unless it has its own
+    (1.0 for runs from before fast parameters), so rows of several runs can share one table."""
+    return [{"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0), **r} for r in report["rows"]]
+
+
 def merge(reports: list[Path], out: Path) -> None:
     """``--merge``: one report from several runs (rows replaced by name, in order; every command kept)."""
-    merged = json.loads(out.read_text()) if out.exists() else None
-    for path in reports:
+    merged = None
+    for path in ([out] if out.exists() else []) + reports:
         report = json.loads(path.read_text())
-        report["rows"] = [{"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0), **r}
-                          for r in report["rows"]]
+        report["rows"] = rows_with_settings(report)
         if merged is None:
             merged = {**report, "commands": report.get("commands", [report["command"]])}
             continue
@@ -212,11 +217,9 @@ def merge(reports: list[Path], out: Path) -> None:
         rows = {r["name"]: r for r in merged["rows"]}
         rows.update({r["name"]: r for r in report["rows"]})
         merged["rows"] = list(rows.values())
-        merged["commands"] = merged.get("commands", [merged["command"]]) + report.get("commands", [report["command"]])
+        merged["commands"] = merged["commands"] + report.get("commands", [report["command"]])
         merged["seconds"] = round(sum(r["seconds"] for r in merged["rows"]), 1)
         merged["complete"] = merged.get("complete", False) and report.get("complete", False)
-    for row in merged["rows"]:
-        row.setdefault("fast_lr_scale", 1.0)  # rows measured before fast parameters existed
     out.write_text(json.dumps(merged, indent=2) + "\n")
     plot(merged["rows"], merged["teacher_row"]["teacher_ppl"], out.with_suffix(".png"))
     print(table(merged["rows"]))
@@ -313,8 +316,7 @@ def main() -> None:
         previous = json.loads(args.out.read_text())
         if previous["teacher"] != report["teacher"]:
             raise SystemExit(f"--append: {args.out} holds rows of teacher {previous['teacher']}, not {report['teacher']}")
-        results += [{"lr": previous.get("lr"), "fast_lr_scale": previous.get("fast_lr_scale", 1.0), **r}
-                    for r in previous["rows"] if r["name"] not in chosen]
+        results += [r for r in rows_with_settings(previous) if r["name"] not in chosen]
         report["commands"] = previous.get("commands", [previous["command"]]) + [report["command"]]
     for name in chosen:  # the file is rewritten after every row, so an interrupted run keeps what it measured
         print(f"== {name}", flush=True)

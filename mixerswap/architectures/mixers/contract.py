@@ -101,6 +101,10 @@ class Mixer(nn.Module):
         """Names (relative to the mixer) of the parameters matching any of ``patterns``."""
         return [n for n, _ in self.named_parameters() if any(fnmatch(n, p) for p in patterns)]
 
+    def parameters_matching(self, patterns: tuple[str, ...]) -> list[nn.Parameter]:
+        """The parameters whose names match any of ``patterns`` (a declared group)."""
+        return [p for n, p in self.named_parameters() if any(fnmatch(n, pattern) for pattern in patterns)]
+
     def no_decay_parameter_names(self) -> list[str]:
         """Parameters that get no weight decay: declared ones, biases and norm weights."""
         return [n for n, _ in self.named_parameters()

@@ -76,12 +76,12 @@ class GDNMixer(Mixer):
     # As Mamba: the decay parameters stay fp32 and never decay.
     fp32_parameters = ("A_log", "dt_bias")
     no_weight_decay = ("A_log", "dt_bias")
+    # What attention has no counterpart for: what ``align`` trains (see :meth:`align_parameters`), at the
+    # fast rate (the contract's fast_parameters).
     fast_parameters = ("a_proj.*", "b_proj.*", "A_log", "dt_bias", "conv1d.*", "g_proj.*", "norm_weight")
     # LoLCATs' second step: low-rank adapters on the teacher's projections (align trains the rest).
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
     kernel_ops = ("delta_rule_chunk", "delta_rule_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")
-    # What attention has no counterpart for: what ``align`` trains (see :meth:`align_parameters`).
-    new_parts = ("a_proj", "b_proj", "A_log", "dt_bias", "conv1d", "g_proj", "norm_weight")
 
     def __init__(self, settings: GDNSettings, hidden_size: int, layer_idx: int):
         super().__init__(settings, hidden_size, layer_idx)
@@ -145,13 +145,13 @@ class GDNMixer(Mixer):
         init.ones_(self.norm_weight)
 
     def align_parameters(self) -> Iterator[nn.Parameter]:
-        """``align`` trains the new parts only (decay, write strength, conv, gate, norm: :attr:`new_parts`).
+        """``align`` trains the new parts only (decay, write strength, conv, gate, norm: :attr:`fast_parameters`).
 
         As LoLCATs' attention transfer: the teacher's q/k/v/o stay as they are (their adaptation is
         the LoRA step, :attr:`lora_targets`); the depthwise conv, identity at first, gives align a
         per-channel reweighting of q and k (its last tap) and a short causal filter to learn.
         """
-        return (p for n, p in self.named_parameters() if n.split(".")[0] in self.new_parts)
+        return iter(self.parameters_matching(self.fast_parameters))
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         """Shapes of the states kept per layer: the conv window and the delta-rule state ``[B, H, K, V]``."""

@@ -127,8 +127,8 @@ class GLAMixer(Mixer):
             init.zeros_(self.out_gate_proj.bias)
 
     def align_parameters(self):
-        """The new parts only (LoLCATs' attention transfer): conv, gates."""
-        return [p for n, p in self.named_parameters() if n.split(".")[0] in ("conv1d", "gate_proj", "out_gate_proj")]
+        """The new parts only (LoLCATs' attention transfer): conv, gates (:attr:`fast_parameters`)."""
+        return self.parameters_matching(self.fast_parameters)
 
     def state_shapes(self, batch_size: int) -> dict[str, tuple[int, ...]]:
         s = self.settings

@@ -84,8 +84,9 @@ class LinearAttentionMixer(WindowAttentionMixer):
         init.constant_(self.window_factors, s.mix_init)
 
     def align_parameters(self):
-        """The new parts only (LoLCATs' attention transfer): feature maps and mixing factors."""
-        return [self.feature_map_q, self.feature_map_k, self.window_factors]
+        """The new parts only (LoLCATs' attention transfer): feature maps and mixing factors
+        (:attr:`fast_parameters`)."""
+        return self.parameters_matching(self.fast_parameters)
 
     def new_cache_layer(self) -> WindowKVLayer:
         return WindowKVLayer(self.settings.window, 0)
