@@ -223,6 +223,8 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between checkpoints.")
 @click.option("--text-field", help="Field/column holding the text in jsonl/parquet/datasets.")
 @click.option("--held-out-docs", type=int, help="Documents kept out of training for perplexity (default 32).")
+@click.option("--validation-docs", type=int,
+              help="The next documents, also kept out: a stage that raises their perplexity is undone (default 0: off).")
 @click.option("--out", help="Output folder (a normal HF checkpoint).")
 @click.option("--allow-other-teacher", is_flag=True, default=None,
               help="Distill from a teacher other than the one the student was converted from.")
@@ -233,7 +235,7 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
 def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision, dtype,
-            distributed, checkpoint_every, text_field, held_out_docs, out, allow_other_teacher, resume, overwrite,
+            distributed, checkpoint_every, text_field, held_out_docs, validation_docs, out, allow_other_teacher, resume, overwrite,
             keep_checkpoints, fail_after_step, quiet):
     """Distill STUDENT (a converted folder) from its teacher: align -> hidden -> kd."""
     setup_logging(quiet)
@@ -244,7 +246,8 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
     options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
                "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
                "dtype": dtype, "distributed": distributed, "checkpoint_every": checkpoint_every,
-               "text_field": text_field, "held_out_docs": held_out_docs, "allow_other_teacher": allow_other_teacher,
+               "text_field": text_field, "held_out_docs": held_out_docs, "validation_docs": validation_docs,
+               "allow_other_teacher": allow_other_teacher,
                "stages": parse_stages(stages) if stages else None}
     if recipe:
         settings = DistillRecipe.from_yaml(recipe, **options)
@@ -266,7 +269,8 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
                                    f"good checkpoint {last} is kept: free some space, then run the same command "
                                    "with --resume") from None
     if is_main_process():  # one line per run, not per process
-        stages = "".join(f" -> {_fmt(s['perplexity'])} ({s['stage']})" for s in result.stage_perplexity)
+        stages = "".join(f" -> {_fmt(s['perplexity'])} ({s['stage']}{', undone' if s.get('reverted') else ''})"
+                         for s in result.stage_perplexity)
         click.echo(f"wrote {result.out}; held-out perplexity {_fmt(result.perplexity_before)}{stages}; "
                    f"teacher {_fmt(result.perplexity_teacher)}")
 

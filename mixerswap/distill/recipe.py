@@ -153,6 +153,9 @@ class DistillRecipe(BaseModel):
     teacher_offload: bool = Field(False, description="fsdp: keep the teacher's shards in CPU memory (GPUs)")
     checkpoint_every: int = Field(200, gt=0, description="optimizer steps between checkpoints")
     held_out_docs: int = Field(32, ge=0, description="documents kept out of training for perplexity")
+    validation_docs: int = Field(0, ge=0, description="documents after the held-out ones, also kept out of "
+                                                       "training: a stage that raises their perplexity is undone "
+                                                       "(0: every stage is kept)")
     lora: LoraOptions | None = None
     log_with: Literal["tensorboard"] | None = None
     allow_other_teacher: bool = Field(False, description="distill from a teacher other than the one the student "

@@ -31,7 +31,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import yaml
-from torch import nn
 
 from .. import __version__
 from ..convert.checkpoint_io import (
@@ -57,6 +56,7 @@ from .lora import add_lora, merge_lora
 from .recipe import DistillRecipe, StageConfig
 from .stages import build_stage
 from .teacher_cache import TeacherCache
+from .validation import HeldOutNLL, StageGuard, eval_rows, perplexity
 
 logger = logging.getLogger(__name__)
 
@@ -168,11 +168,17 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     check_seq_len(recipe.seq_len, teacher.config)
 
     train_docs, held_out = held_out_split(documents, recipe.held_out_docs)
-    eval_rows = _eval_rows(held_out, tokenizer, recipe.seq_len)
-    ppl_before = _perplexity(lambda o, b: o(b), HeldOutNLL(student), eval_rows, device)
-    ppl_teacher = _perplexity(lambda o, b: o(b), HeldOutNLL(teacher), eval_rows, device)
+    validation = []
+    if recipe.validation_docs:  # the next documents: apart from training and from what the run reports
+        train_docs, validation = held_out_split(train_docs, recipe.validation_docs)
+    held_rows = eval_rows(held_out, tokenizer, recipe.seq_len)
+    ppl_before = perplexity(lambda o, b: o(b), HeldOutNLL(student), held_rows, device)
+    ppl_teacher = perplexity(lambda o, b: o(b), HeldOutNLL(teacher), held_rows, device)
     student = engine.setup_student(student)
     teacher = engine.setup_teacher(teacher)
+    validation_rows = eval_rows(validation, tokenizer, recipe.seq_len)
+    guard = StageGuard(validation_rows, work, device) if validation_rows is not None else None
+    validation_start = guard.measure(engine.evaluate, student) if guard else None  # the weights before training
 
     state = Progress()
     ckpt_root = work / "checkpoints"
@@ -190,6 +196,31 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     work.mkdir(parents=True, exist_ok=True)
 
     world, rank, main = engine.world, engine.rank, accelerator.is_main_process
+
+    def finish_stage(config: StageConfig, rows) -> dict:
+        """Held-out perplexity after a stage (and the guard's verdict): the stage's record."""
+        record = {"stage": config.name, "perplexity": perplexity(engine.evaluate, HeldOutNLL(student), rows, device)}
+        if guard:
+            previous = state.stage_perplexity[-1] if state.stage_perplexity else {}
+            before = previous.get("validation_kept", validation_start)
+            trained = guard.measure(engine.evaluate, student)
+            reverted = guard.end(student, trained, before)
+            record.update(validation_perplexity=trained, reverted=reverted, validation_kept=min(before, trained))
+            if reverted:
+                logger.warning("%s raised validation perplexity %.3f -> %.3f: undone, the student goes on from "
+                               "the weights before it", config.name, before, trained)
+                record.update(perplexity_trained=record["perplexity"],
+                              perplexity=perplexity(engine.evaluate, HeldOutNLL(student), rows, device))
+        if record["perplexity"] is not None:
+            logger.info("after %s: held-out perplexity %.3f (teacher %.3f, before distillation %.3f)",
+                        config.name, record["perplexity"], ppl_teacher, ppl_before)
+        if main:
+            with open(metrics_path, "a") as f:
+                event = {"event": "stage_end", "global_step": state.global_step, **record,
+                         "held_out_perplexity": record["perplexity"], "teacher_perplexity": ppl_teacher}
+                f.write(json.dumps({k: v for k, v in event.items() if k != "perplexity"}) + "\n")
+        return record
+
     lora_added = False
     for stage_index in range(state.stage_index, len(recipe.stages)):
         config = recipe.stages[stage_index]
@@ -215,6 +246,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         if start:  # mid-stage: weights, optimizer, schedule, data position and random generators continue
             load_checkpoint(latest_checkpoint(ckpt_root), student, _unwrap(optimizer), _unwrap(scheduler))
             loader.load_state_dict(state.loader_state)
+        if guard:
+            guard.begin(stage_index, student, resumed_mid_stage=bool(start))
         batches = iter(loader)
         student.train()
         bar = progress_bar(total=total_steps, initial=start, desc=f"{config.name}", enabled=progress and main)
@@ -254,6 +287,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
                 if recipe.log_with:
                     accelerator.log({f"{config.name}/loss": step_loss, "lr": record["lr"]}, step=state.global_step)
             last_step = step + 1 == total_steps or exhausted
+            if last_step:  # before the stage's last checkpoint, so that it holds the weights the run goes on from
+                state.stage_perplexity.append(finish_stage(config, held_rows))
             if state.global_step % recipe.checkpoint_every == 0 or last_step:
                 saved = Progress(**{**state.__dict__, "stage_index": stage_index + 1 if last_step else stage_index,
                                     "stage_step": 0 if last_step else step + 1,
@@ -267,20 +302,13 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         engine.end_stage()
         del model, optimizer, scheduler
         state.stage_index, state.stage_step = stage_index + 1, 0
-        if eval_rows is not None:  # every stage should bring the student closer to the teacher end to end
-            ppl = _perplexity(engine.evaluate, HeldOutNLL(student), eval_rows, device)
-            state.stage_perplexity.append({"stage": config.name, "perplexity": ppl})
-            logger.info("after %s: held-out perplexity %.3f (teacher %.3f, before distillation %.3f)",
-                        config.name, ppl, ppl_teacher, ppl_before)
-            if main:
-                with open(metrics_path, "a") as f:
-                    f.write(json.dumps({"stage": config.name, "event": "stage_end", "global_step": state.global_step,
-                                        "held_out_perplexity": ppl, "teacher_perplexity": ppl_teacher}) + "\n")
+        if len(state.stage_perplexity) < stage_index + 1:  # the stage ended before its first step
+            state.stage_perplexity.append(finish_stage(config, held_rows))
 
     if lora_added:
         merge_lora(student)
     student.eval()
-    ppl_after = _perplexity(engine.evaluate, HeldOutNLL(student), eval_rows, device)
+    ppl_after = perplexity(engine.evaluate, HeldOutNLL(student), held_rows, device)
     weights = full_model_state(student)
     if main:
         _write_output(student.config, weights, out_dtype, tokenizer, recipe, out, overwrite, metrics_path,
@@ -391,7 +419,7 @@ def _check_teacher_identity(recipe: DistillRecipe, student_config: dict, teacher
 
 def _cache_fingerprint(recipe: DistillRecipe, world: int) -> dict:
     """What cached teacher logits depend on: teacher, data, batching and the stages' budgets."""
-    keys = ("teacher", "data", "text_field", "prompt_field", "response_field", "messages_field", "data_format", "seq_len", "batch_size", "grad_accum", "seed", "held_out_docs")
+    keys = ("teacher", "data", "text_field", "prompt_field", "response_field", "messages_field", "data_format", "seq_len", "batch_size", "grad_accum", "seed", "held_out_docs", "validation_docs")
     stages = [{"name": s.name, "tokens": s.tokens, "teacher_topk": s.teacher_topk} for s in recipe.stages]
     return {**{k: getattr(recipe, k) for k in keys}, "world": world, "stages": stages}
 
@@ -407,45 +435,6 @@ def _load_tokenizer(*folders):
             continue
     raise FileNotFoundError(f"no tokenizer in {' or '.join(map(str, folders))}; copy the teacher's tokenizer files "
                             "into the student folder")
-
-
-def _eval_rows(held_out: list, tokenizer, seq_len: int, max_rows: int = 8) -> torch.Tensor | None:
-    if not held_out:
-        return None
-    loader = PackedLoader(held_out, tokenizer, seq_len=seq_len, batch_size=max_rows, shuffle=False)
-    return next(iter(loader), None)
-
-
-class HeldOutNLL(nn.Module):
-    """Objective for evaluation: ``batch -> [summed next-token NLL, number of predicted tokens]``."""
-
-    def __init__(self, student: nn.Module):
-        super().__init__()
-        self.student = student
-
-    def forward(self, batch: dict, key: str | None = None) -> torch.Tensor:
-        from .masks import next_token_labels
-
-        inputs = {k: v for k, v in batch.items() if k in ("input_ids", "position_ids")}
-        labels = next_token_labels({**inputs, "labels": batch.get("labels")})  # responses only for chat data
-        logits = self.student(**inputs, use_cache=False).logits.float()
-        nll = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=-100,
-                                                reduction="sum")
-        return torch.stack([nll, (labels != -100).sum().to(nll.dtype)])
-
-
-@torch.no_grad()
-def _perplexity(run, objective: HeldOutNLL, batch: dict | None, device) -> float | None:
-    """Token-weighted perplexity of next-token prediction over the held-out rows (documents kept apart);
-    ``run(objective, batch)`` evaluates the objective (through the engine once the student is wrapped)."""
-    if batch is None:
-        return None
-    student = objective.student
-    was_training = student.training
-    student.eval()
-    nll, count = run(objective, {k: v.to(device) for k, v in batch.items()}).tolist()
-    student.train(was_training)
-    return math.exp(nll / max(1.0, count))
 
 
 def _write_output(config, weights: dict, dtype: torch.dtype, tokenizer, recipe, out, overwrite, metrics_path,

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -26,11 +27,11 @@ from .test_pipeline import assert_one_line_error, one_adam_step, recipe, run_cli
 STAGES = "align:512,hidden:512,kd:1k"  # 2 + 2 + 4 optimizer steps of 8 rows x 32 tokens
 
 
-def torchrun(setup, out, *extra):  # noqa: F811
+def torchrun(setup, out, *extra, stages=STAGES):  # noqa: F811
     """``torchrun --nproc_per_node 2 -m mixerswap distill`` on CPU (gloo), batch 4 per process."""
     args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
             "-m", "mixerswap", "distill", str(setup["student"]), "--teacher", str(setup["teacher"]), "--data", str(setup["data"]),
-            "--stages", STAGES, "--seq-len", "32", "--held-out-docs", "2", "--batch-size", "4", "--checkpoint-every", "2",
+            *(["--stages", stages] if stages else []), "--seq-len", "32", "--held-out-docs", "2", "--batch-size", "4", "--checkpoint-every", "2",
             "--out", str(out), "-q", *map(str, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(args, capture_output=True, text=True, timeout=600, env=env)
@@ -64,6 +65,21 @@ def test_fsdp_matches_one_process_and_resumes_exactly(setup, tmp_path):  # noqa:
     b = weights(tmp_path / "b")
     for name in fsdp:
         assert torch.equal(fsdp[name], b[name]), name
+
+
+def test_fsdp_undoes_a_bad_stage_like_one_process(setup, tmp_path):  # noqa: F811
+    """The stage guard under FSDP2: rank 0 keeps the gathered start weights, every rank gets them back."""
+    stages = [{"name": "align", "tokens": 512, "lr": 1.0}, {"name": "kd", "tokens": 1024}]
+    one = run_distill(recipe(setup, tmp_path / "one", stages, batch_size=8, validation_docs=4), progress=False)
+    assert [s["reverted"] for s in one.stage_perplexity] == [True, False]
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(yaml.safe_dump({"stages": stages, "validation_docs": 4}))
+    proc = torchrun(setup, tmp_path / "fsdp", "--distributed", "fsdp", "--recipe", recipe_file, stages=None)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "(align, undone)" in proc.stdout and "(kd)" in proc.stdout, proc.stdout
+    ones, fsdp = weights(tmp_path / "one"), weights(tmp_path / "fsdp")
+    for name in ones:
+        torch.testing.assert_close(fsdp[name], ones[name], rtol=0, atol=one_adam_step(name), msg=name)
 
 
 def test_bf16_autocast_lowers_the_loss(setup, tmp_path):  # noqa: F811

@@ -102,6 +102,41 @@ def test_resume_after_crash_is_bit_exact(setup, tmp_path):
     assert steps["a"] == steps["b"]
 
 
+BAD_ALIGN = [{"name": "align", "tokens": 1024, "lr": 2.0}, {"name": "kd", "tokens": 1024}]  # align's rate wrecks it
+
+
+def test_a_stage_that_raises_validation_perplexity_is_undone(setup, tmp_path):
+    result = run_distill(recipe(setup, tmp_path / "out", BAD_ALIGN, validation_docs=4), progress=False)
+    align, kd = result.stage_perplexity
+    assert align["reverted"] and align["validation_perplexity"] > align["validation_kept"], align
+    # undone: the held-out perplexity is the converted student's again, and kd started from there
+    assert align["perplexity_trained"] > 1.5 * align["perplexity"]
+    assert align["perplexity"] == pytest.approx(result.perplexity_before, rel=1e-6)
+    assert not kd["reverted"] and kd["validation_kept"] == kd["validation_perplexity"] < align["validation_kept"]
+    assert result.perplexity_after == pytest.approx(kd["perplexity"], rel=1e-4)
+    assert result.perplexity_after < result.perplexity_before
+    events = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
+              if '"stage_end"' in line]
+    assert [e["reverted"] for e in events] == [True, False]
+    # without validation documents every stage is kept, whatever it did
+    kept = run_distill(recipe(setup, tmp_path / "kept", BAD_ALIGN), progress=False)
+    assert kept.stage_perplexity[0]["perplexity"] > 1.5 * result.perplexity_before
+    assert "reverted" not in kept.stage_perplexity[0]
+
+
+def test_a_run_resumed_inside_an_undone_stage_undoes_it_the_same(setup, tmp_path):
+    run_distill(recipe(setup, tmp_path / "a", BAD_ALIGN, validation_docs=4), progress=False)
+    crashed = recipe(setup, tmp_path / "b", BAD_ALIGN, validation_docs=4)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run_distill(crashed, progress=False, _fail_after_step=5)  # inside align, after the checkpoint of step 4
+    resumed = run_distill(crashed, resume=True, progress=False)
+    assert resumed.stage_perplexity[0]["reverted"]
+    a = AutoModelForCausalLM.from_pretrained(tmp_path / "a").state_dict()
+    b = AutoModelForCausalLM.from_pretrained(tmp_path / "b").state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+
+
 def test_nan_loss_stops_and_keeps_last_checkpoint(setup, tmp_path, monkeypatch):
     from mixerswap.distill import stages as stages_module
 
