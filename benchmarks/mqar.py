@@ -2,6 +2,7 @@
 
     python benchmarks/mqar.py                      # 5 kinds at 0% and 50% attention (~10 min on 1 thread)
     python benchmarks/mqar.py --keep 0 --kinds gla,gdn
+    python benchmarks/mqar.py --layers 4 --keep 0.25 --kinds mamba2,gdn --select uniform,kl  # layer selection
     python benchmarks/mqar.py --quick               # a tiny run that checks the pipeline (~15 s), writes nothing
 
 Why a teacher of our own: the packaged stories260k has no recall circuit (MQAR 0.09 at length 64),
@@ -151,13 +152,13 @@ def measure(model, spec: MQARSpec, args) -> float:
     return round(result.accuracy, 4)
 
 
-def run_student(kind: str, keep: float, args, work: Path, teacher_dir: Path, data: Path, calibration: Path,
-                spec: MQARSpec, teacher_mqar: float) -> dict:
+def run_student(kind: str, keep: float, select: str | None, args, work: Path, teacher_dir: Path, data: Path,
+                calibration: Path, spec: MQARSpec, teacher_mqar: float) -> dict:
     started = time.perf_counter()
-    name = f"{kind}-{int(keep * 100)}"
+    name = f"{kind}-{int(keep * 100)}" + (f"-{select}" if select else "")
     student = work / name / "student"
     settings = kind_settings(kind, args.window)
-    conversion = convert(teacher_dir, student, to=kind, keep_attention=keep, mixer_settings=settings,
+    conversion = convert(teacher_dir, student, to=kind, keep_attention=keep, mixer_settings=settings, select=select,
                          calibration=calibration, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     mqar_init = measure(model, spec, args)
@@ -170,7 +171,8 @@ def run_student(kind: str, keep: float, args, work: Path, teacher_dir: Path, dat
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
     kinds = [entry["kind"] for entry in conversion.plan]
     row = {
-        "name": name, "kind": kind, "plan": kinds, "attention_kept": round(kinds.count("attention") / len(kinds), 3),
+        "name": name, "kind": kind, "select": select, "plan": kinds,
+        "attention_kept": round(kinds.count("attention") / len(kinds), 3),
         "mqar_init": mqar_init, "mqar_final": measure(model, spec, args), "teacher_mqar": teacher_mqar,
         "answer_ppl_teacher": result.perplexity_teacher, "answer_ppl_init": result.perplexity_before,
         "answer_ppl_final": result.perplexity_after,
@@ -198,6 +200,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--keep", default="0,0.5", help="comma-separated fractions of layers that keep attention")
+    parser.add_argument("--select", default="uniform",
+                        help="comma-separated: uniform (evenly spaced attention layers) and/or kl (convert --select "
+                             "kl, scored on the calibration sequences); kl only where some attention is kept")
     parser.add_argument("--length", type=int, default=64, help="MQAR sequence length")
     parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
     parser.add_argument("--vocab", type=int, default=64, help="vocabulary: (vocab - 5) // 2 keys and as many values")
@@ -225,6 +230,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     elif args.out is None:
         args.out = RESULTS / "mqar.json"
     args.kinds, args.keep = args.kinds.split(","), [float(k) for k in args.keep.split(",")]
+    args.select = [None if s == "uniform" else s for s in args.select.split(",")]
+    if set(args.select) - {None, "kl"}:
+        parser.error(f"--select takes uniform and/or kl, not {args.select}")
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")
@@ -279,9 +287,10 @@ def main(argv=None) -> dict:
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
     for keep in args.keep:
-        for kind in args.kinds:  # the file is rewritten after every row: an interrupted run keeps what it measured
-            print(f"== {kind} (attention kept {keep:.0%})", flush=True)
-            report["rows"].append(run_student(kind, keep, args, work, teacher_dir, data, calibration, spec,
+        for kind, select in [(k, s) for k in args.kinds for s in args.select if s is None or 0 < keep < 1]:
+            # the file is rewritten after every row: an interrupted run keeps what it measured
+            print(f"== {kind} (attention kept {keep:.0%}{', selected by ' + select if select else ''})", flush=True)
+            report["rows"].append(run_student(kind, keep, select, args, work, teacher_dir, data, calibration, spec,
                                               teacher_mqar))
             print(json.dumps(report["rows"][-1]), flush=True)
             report["seconds"] = round(time.perf_counter() - started, 1)

@@ -9,6 +9,8 @@ Data. stories260k (the default, packaged with mixerswap) only knows TinyStories:
 own corpus (``--stories`` seeded samples); the first 10% are held out, the next 40 calibrate every
 conversion. With ``--text`` (a raw WikiText-style file, articles split at `` = Title = `` lines) the
 first ``--held-out-docs`` articles are held out, the next ones calibrate, the rest train.
+With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
+their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
 
 Per row: ``convert`` (calibrated; ``select`` rows choose their attention layers by KL), ``distill``
 align → hidden → kd with ``--tokens`` split 1:1:2, then on the held-out documents: perplexity (the
@@ -129,7 +131,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
               for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "stages": stages})
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held,
+        "validation_docs": args.validation_docs, "stages": stages})
     result = run_distill(recipe, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
     ids = torch.cat([torch.tensor(tokenizer(d)["input_ids"]) for d in held_docs])[: args.agreement_tokens]
@@ -143,6 +146,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "kv_fraction": row.get("kv_fraction"), "teacher": str(args.teacher), "teacher_ppl": result.perplexity_teacher,
         "student_ppl_init": result.perplexity_before,
         "stage_ppl": {r["stage"]: r["perplexity"] for r in result.stage_perplexity},
+        **({"undone": {r["stage"]: r["perplexity_trained"] for r in result.stage_perplexity if r["reverted"]}}
+           if args.validation_docs else {}),
         "student_ppl_final": result.perplexity_after, "next_token_agreement": round(agreement, 4),
         "gen_agreement": round(generation_agreement(model, teacher, prompts, args.gen_tokens), 4),
         "mqar": (round(mqar_accuracy(model, [args.mqar_length])[0].accuracy, 4) if teacher_mqar is not None else None),
@@ -150,7 +155,7 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
                     if passkey_length else None),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
         "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
-        "seconds": round(time.perf_counter() - started, 1),
+        "validation_docs": args.validation_docs, "seconds": round(time.perf_counter() - started, 1),
     }
     shutil.rmtree(work / name, ignore_errors=True)
     return out
@@ -186,7 +191,8 @@ def table(rows: list[dict]) -> str:
             "cache B/tok 1K", "8K", "s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" for s in ("align", "hidden", "kd")]
+        stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" + ("*" if s in r.get("undone", {}) else "")
+                 for s in ("align", "hidden", "kd")]
         cache = list(r["cache_bytes_per_token"].values())
         lines.append("| " + " | ".join([
             r["name"], f"{r['attention_kept']:.2f}", f"x{r.get('fast_lr_scale') or 1:g}", f"{r['student_ppl_init']:.2f}", *stage,
@@ -194,13 +200,16 @@ def table(rows: list[dict]) -> str:
             "n/a" if r["mqar"] is None else f"{r['mqar']:.2f}",
             "n/a" if r.get("passkey") is None else f"{r['passkey']:.2f}",
             *[f"{c:.0f}" for c in cache], f"{r['seconds']:.0f}"]) + " |")
+    if any(r.get("undone") for r in rows):
+        lines.append("\n\\* stage undone: it raised perplexity on the validation documents (the figure is the kept one)")
     return "\n".join(lines)
 
 
 def rows_with_settings(report: dict) -> list[dict]:
     """A report's rows, each with the run's learning rates and fast-parameter multiple unless it has its own
     (1.0 for runs from before fast parameters), so rows of several runs can share one table."""
-    return [{"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0), **r} for r in report["rows"]]
+    return [{"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0),
+             "validation_docs": report.get("validation_docs", 0), **r} for r in report["rows"]]
 
 
 def merge(reports: list[Path], out: Path) -> None:
@@ -238,6 +247,9 @@ def main() -> None:
     parser.add_argument("--lr", help="peak learning rates of align, hidden, kd (default: the demo's, 3e-3,1e-3,5e-4)")
     parser.add_argument("--fast-lr-scale", type=float, default=DEFAULT_FAST_LR_SCALE,
                         help="learning-rate multiple of the mixers' fast parameters (1: none)")
+    parser.add_argument("--validation-docs", type=int, default=0,
+                        help="documents after the calibration ones kept out of training: a stage that raises their "
+                             "perplexity is undone (0: every stage kept)")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-prompts", type=int, default=16)
@@ -305,7 +317,7 @@ def main() -> None:
     teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
-              "teacher_row": teacher_row, "rows": [],
+              "validation_docs": args.validation_docs, "teacher_row": teacher_row, "rows": [],
               "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
               "passkey": None if passkey_length is None else {"length": passkey_length, "samples": args.passkey_samples,

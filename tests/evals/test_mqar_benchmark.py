@@ -43,3 +43,11 @@ def test_quick_run_writes_one_row_per_student(tmp_path):
         assert 0.0 <= row["mqar_init"] <= 1.0 and 0.0 <= row["mqar_final"] <= 1.0
         assert row["tokens"] == 4096 and row["answer_ppl_final"] > 0
     assert report["rows"][0]["settings"]["mixer"] == {"window": 16, "sinks": 0}
+
+
+def test_quick_run_compares_kl_selection_with_uniform(tmp_path):
+    report = load_script().main(["--quick", "--kinds", "mamba2", "--keep", "0,0.5", "--select", "uniform,kl"])
+    rows = {r["name"]: r for r in report["rows"]}
+    assert list(rows) == ["mamba2-0", "mamba2-50", "mamba2-50-kl"]  # nothing to select at 0%
+    assert rows["mamba2-50-kl"]["select"] == "kl" and rows["mamba2-50"]["select"] is None
+    assert rows["mamba2-50-kl"]["plan"].count("attention") == rows["mamba2-50"]["plan"].count("attention") == 1
