@@ -2,7 +2,7 @@
 
     python benchmarks/mqar.py                      # 5 kinds at 0% and 50% attention (~10 min on 1 thread)
     python benchmarks/mqar.py --keep 0 --kinds gla,gdn
-    python benchmarks/mqar.py --layers 4 --keep 0.25 --kinds mamba2,gdn --select uniform,kl  # layer selection
+    python benchmarks/mqar.py --layers 4 --keep 0.25 --kinds mamba2,gdn --select uniform,kl,kl-init  # selection
     python benchmarks/mqar.py --quick               # a tiny run that checks the pipeline (~15 s), writes nothing
 
 Why a teacher of our own: the packaged stories260k has no recall circuit (MQAR 0.09 at length 64),
@@ -158,7 +158,8 @@ def run_student(kind: str, keep: float, select: str | None, args, work: Path, te
     name = f"{kind}-{int(keep * 100)}" + (f"-{select}" if select else "")
     student = work / name / "student"
     settings = kind_settings(kind, args.window)
-    conversion = convert(teacher_dir, student, to=kind, keep_attention=keep, mixer_settings=settings, select=select,
+    selection = {} if select is None else {"select": "kl", "select_align_steps": 0 if select == "kl-init" else None}
+    conversion = convert(teacher_dir, student, to=kind, keep_attention=keep, mixer_settings=settings, **selection,
                          calibration=calibration, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     mqar_init = measure(model, spec, args)
@@ -201,8 +202,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--keep", default="0,0.5", help="comma-separated fractions of layers that keep attention")
     parser.add_argument("--select", default="uniform",
-                        help="comma-separated: uniform (evenly spaced attention layers) and/or kl (convert --select "
-                             "kl, scored on the calibration sequences); kl only where some attention is kept")
+                        help="comma-separated: uniform (evenly spaced attention layers), kl (convert --select kl, "
+                             "scored on the calibration sequences), kl-init (the same with --select-align-steps 0: "
+                             "scored on the conversion before any alignment); kl only where some attention is kept")
     parser.add_argument("--length", type=int, default=64, help="MQAR sequence length")
     parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
     parser.add_argument("--vocab", type=int, default=64, help="vocabulary: (vocab - 5) // 2 keys and as many values")
@@ -231,8 +233,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.out = RESULTS / "mqar.json"
     args.kinds, args.keep = args.kinds.split(","), [float(k) for k in args.keep.split(",")]
     args.select = [None if s == "uniform" else s for s in args.select.split(",")]
-    if set(args.select) - {None, "kl"}:
-        parser.error(f"--select takes uniform and/or kl, not {args.select}")
+    if set(args.select) - {None, "kl", "kl-init"}:
+        parser.error(f"--select takes uniform, kl and kl-init, not {args.select}")
     unknown = sorted(set(args.kinds) - set(KINDS))
     if unknown:
         parser.error(f"unknown kinds {unknown}; known: {', '.join(KINDS)}")

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import transformers
+import yaml
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mixerswap.architectures.cache import HybridMixerCache
@@ -59,6 +60,8 @@ def rows_for(teacher_config) -> dict[str, dict]:
 
     rows = {f"mamba2-{int(k * 100)}": {"to": "mamba2", "keep": k} for k in (0.5, 0.25, 0.0)}
     rows |= {f"mamba2-{int(k * 100)}-kl": {"to": "mamba2", "keep": k, "select": "kl"} for k in (0.5, 0.25)}
+    # the same selection scored on the conversion as it is, before any alignment (--select-align-steps 0)
+    rows["mamba2-25-kl-init"] = {"to": "mamba2", "keep": 0.25, "select": "kl", "select_align_steps": 0}
     window = min(64, teacher_config.max_position_embeddings // 8)
     linear_family = {"swa": {"window": window}, "linear": {"window": window // 4}, "gla": {}, "gdn": {}}
     for kind, settings in linear_family.items():
@@ -116,8 +119,6 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
     student = work / name / "student"
     plan_file = None
     if "plan" in row:
-        import yaml
-
         plan_file = work / name / "plan.yaml"
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_text(yaml.safe_dump(row["plan"], sort_keys=False))
@@ -125,7 +126,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
                              progress=False)
     else:
         conversion = convert(args.teacher_dir, student, to=row["to"], keep_attention=row["keep"],
-                             mixer_settings=row.get("settings"), select=row.get("select"), calibration=calibration,
+                             mixer_settings=row.get("settings"), select=row.get("select"),
+                             select_align_steps=row.get("select_align_steps"), calibration=calibration,
                              overwrite=True, progress=False)
     stages = [{**stage, "lr": lr, "fast_lr_scale": args.fast_lr_scale}
               for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
@@ -140,9 +142,13 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         agreement = top1_agreement(model, teacher, ids, seq=args.seq_len)
     prompts = held_out_prompts(tokenizer, held_docs, args.gen_prompts, 16)
     kinds = [e["kind"] for e in conversion.plan]
+    selection = {}
+    if row.get("select"):  # how the kept layers were scored (rows from before aligned scoring: 0)
+        chosen = yaml.safe_load((student / "mixerswap.yaml").read_text())["selection"]
+        selection = {"select_align_steps": chosen["align_steps"], "kept_layers": chosen["keep"]}
     out = {
         "name": name, "kind": "+".join(sorted(set(kinds) - {"attention"})), "plan": kinds,
-        "select": row.get("select"), "attention_kept": round(kinds.count("attention") / len(kinds), 3),
+        "select": row.get("select"), **selection, "attention_kept": round(kinds.count("attention") / len(kinds), 3),
         "kv_fraction": row.get("kv_fraction"), "teacher": str(args.teacher), "teacher_ppl": result.perplexity_teacher,
         "student_ppl_init": result.perplexity_before,
         "stage_ppl": {r["stage"]: r["perplexity"] for r in result.stage_perplexity},
@@ -207,9 +213,17 @@ def table(rows: list[dict]) -> str:
 
 def rows_with_settings(report: dict) -> list[dict]:
     """A report's rows, each with the run's learning rates and fast-parameter multiple unless it has its own
-    (1.0 for runs from before fast parameters), so rows of several runs can share one table."""
-    return [{"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0),
-             "validation_docs": report.get("validation_docs", 0), **r} for r in report["rows"]]
+    (1.0 for runs from before fast parameters), so rows of several runs can share one table. A ``-kl`` row
+    from before selection scored aligned mixers is the ``-kl-init`` row (scored on the conversion as is)."""
+    rows = []
+    for r in report["rows"]:
+        r = {"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0),
+             "validation_docs": report.get("validation_docs", 0), **({"select_align_steps": 0} if r.get("select") else {}),
+             **r}
+        if r.get("select") and r["select_align_steps"] == 0 and not r["name"].endswith("-init"):
+            r["name"] += "-init"
+        rows.append(r)
+    return rows
 
 
 def merge(reports: list[Path], out: Path) -> None:

@@ -122,6 +122,8 @@ def main():
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
 @click.option("--select", type=click.Choice(["kl"]),
               help="Choose the --keep-attention layers by measured KL on the --calibration text (see `select`).")
+@click.option("--select-align-steps", type=int,
+              help="--select: alignment steps of each mixer before it is scored (default 100; 0: as converted).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--seed", default=0, show_default=True, help="Seed for the parts attention does not determine.")
@@ -132,8 +134,8 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
 @click.pass_context
 @user_errors
-def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, select, settings,
-            dtype, seed, max_shard_size, revision, out, overwrite, quiet):
+def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, select,
+            select_align_steps, settings, dtype, seed, max_shard_size, revision, out, overwrite, quiet):
     """Convert TEACHER (local HF folder or hub id) into a hybrid student folder.
 
     Any other --NAME VALUE is a setting of the mixer kind (same as --set NAME=VALUE), e.g.
@@ -147,7 +149,7 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
     calibration = None if calibration.lower() == "none" else calibration
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
-        keep_attention=keep_attention, attention_layers=layers, select=select,
+        keep_attention=keep_attention, attention_layers=layers, select=select, select_align_steps=select_align_steps,
         mixer_settings={**parse_settings(settings), **parse_extra_settings(ctx.args)}, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),
@@ -168,7 +170,9 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
 @click.option("--calibration-tokens", default=2048, show_default=True)
 @click.option("--scoring-tokens", default=2048, show_default=True)
 @click.option("--seq-len", default=256, show_default=True)
-@click.option("--align-steps", default=20, show_default=True, help="Per-layer alignment steps scored (0: skip).")
+@click.option("--align-steps", default=100, show_default=True,
+              help="Alignment steps of each mixer on its layer before KL scores, as the align stage would "
+                   "(0: score the calibrated conversion).")
 @click.option("--mqar/--no-mqar", default=True, show_default=True,
               help="Score MQAR per layer (only when the teacher itself solves it).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")

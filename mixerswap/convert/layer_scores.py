@@ -8,8 +8,9 @@ teacher pass. Per layer (that layer alone replaced, all others attention):
 * ``init_error``: relative error ``||m(x) - a(x)|| / ||a(x)||`` of the calibrated mixer's output
   against the attention output it replaces, on the teacher's own layer inputs;
 * ``align_error``: the same after a short alignment of that mixer alone (``align_steps`` Adam steps on
-  the relative squared error; 0 skips it);
-* ``kl``: end-to-end ``KL(teacher || student)`` in nats per token on the scoring rows;
+  the relative squared error of its own layer, on the calibration rows; 0 skips it);
+* ``kl``: end-to-end ``KL(teacher || student)`` in nats per token on the scoring rows, with the aligned
+  mixer when ``align_steps > 0`` (the greedy set below uses the aligned mixers too);
 * ``mqar``: MQAR accuracy of that student, when the teacher itself solves MQAR (a teacher without
   a recall circuit has nothing to lose, and the column is left out).
 
@@ -17,6 +18,14 @@ The set: ``keep`` layers are chosen greedily by the KL *of the set* — adding a
 at a time to the all-replaced student (or replacing one layer at a time, whichever takes fewer steps),
 each step taking the layer that lowers the set's KL most — and compared with evenly spaced layers.
 Scoring uses the tokens after the calibration tokens when the text has enough of them.
+
+Why aligned mixers: distillation starts with ``align``, so what a kept attention layer must be kept for
+is what a mixer cannot learn to do, not how far the raw conversion starts from it. The two differ. On a
+4-layer Llama trained on MQAR (``benchmarks/mqar.py --layers 4``), the KL of the calibrated conversion
+keeps layer 0, whose replacement starts furthest from the teacher; distilled alike, 25%-attention
+Mamba-2 students keeping layer 0, 1, 2 or 3 reach MQAR 0.85, 0.98, 0.98, 0.90: layer 0's work (local,
+previous-token mixing) is what a mixer relearns easily. After 100 alignment steps per mixer the set's KL
+keeps layer 1 (benchmarks/RESULTS.md, "Layer selection").
 
 Cost: the models a step compares differ from one base model (the teacher while scoring layers, the
 current set during a greedy step) in one layer each, so the base model's layer outputs are recorded
@@ -26,7 +35,6 @@ once per step and a candidate that differs from layer ``i`` on runs only layers 
 
 from __future__ import annotations
 
-import copy
 import logging
 import tempfile
 from contextlib import contextmanager, nullcontext
@@ -45,6 +53,11 @@ from .selection import attention_count, evenly_spaced
 logger = logging.getLogger(__name__)
 
 MQAR_MIN_TEACHER_ACCURACY = 0.2
+# Each mixer is aligned before it is scored, with the align stage's default rates (distill.recipe's
+# DEFAULT_LR["align"] and DEFAULT_FAST_LR_SCALE; a test keeps them equal).
+SELECT_ALIGN_STEPS = 100
+ALIGN_LR = 3e-3
+FAST_LR_SCALE = 10.0
 
 
 @dataclass
@@ -74,6 +87,7 @@ class Selection:
     all_replaced_kl: float | None = None
     path: list[dict] = field(default_factory=list)
     teacher_mqar: float | None = None
+    align_steps: int = 0  # alignment steps of every mixer before the KL scores (0: the calibrated conversion)
 
     def ranked(self) -> list[LayerScore]:
         """Layers from the one that matters least (cheapest to replace) to the one that matters most."""
@@ -158,13 +172,19 @@ def _kl(model: nn.Module, rows: torch.Tensor, reference: list[torch.Tensor], bat
     return total / rows.numel()
 
 
-def _align_error(mixer: nn.Module, stats, steps: int, lr: float) -> float:
-    """Relative output error of a copy of ``mixer`` after ``steps`` Adam steps on its own layer's data."""
-    mixer = copy.deepcopy(mixer).float().train()
+def _align(mixer: nn.Module, stats, steps: int, lr: float, fast_lr_scale: float) -> float:
+    """Align ``mixer`` in place for ``steps`` Adam steps on the relative squared error of its own layer's
+    output; returns the relative output error after. Every parameter trains (what the mixer can learn to
+    do over the whole distillation, not only what the ``align`` stage trains: gdn's align leaves its
+    projections alone), the declared ``fast_parameters`` at ``fast_lr_scale`` times ``lr`` as in distill."""
+    mixer.float().train()
+    fast = {id(p) for p in mixer.parameters_matching(mixer.fast_parameters)}
     params = [p for p in mixer.parameters() if p.is_floating_point()]
     for p in params:
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(params, lr=lr)
+    groups = [{"params": [p for p in params if id(p) not in fast], "lr": lr},
+              {"params": [p for p in params if id(p) in fast], "lr": lr * fast_lr_scale}]
+    optimizer = torch.optim.Adam([g for g in groups if g["params"]])
     target = stats.outputs.float()
     scale = target.square().mean().clamp_min(1e-30)
     for _ in range(steps):
@@ -173,6 +193,8 @@ def _align_error(mixer: nn.Module, stats, steps: int, lr: float) -> float:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    for p in params:
+        p.requires_grad_(False)
     with torch.no_grad():
         out, _ = mixer.eval()(stats.inputs.float(), **stats.kwargs)
     return output_match(out, target)["rel_error"]
@@ -194,8 +216,9 @@ def score_layers(
     calibration_tokens: int = 2048,
     scoring_tokens: int = 2048,
     seq_len: int = 256,
-    align_steps: int = 0,
-    align_lr: float = 1e-3,
+    align_steps: int = SELECT_ALIGN_STEPS,
+    align_lr: float = ALIGN_LR,
+    fast_lr_scale: float = FAST_LR_SCALE,
     mqar: bool = False,
     mqar_length: int = 128,
     mqar_samples: int = 32,
@@ -242,17 +265,17 @@ def score_layers(
         model = swap.use({i})
         with torch.no_grad():
             out, _ = swap.mixers[i](stats[i].inputs, **stats[i].kwargs)
+        init_error = output_match(out, stats[i].outputs)["rel_error"]
+        align_error = _align(swap.mixers[i], stats[i], align_steps, align_lr, fast_lr_scale) if align_steps else None
         scores.append(LayerScore(
-            layer=i,
-            init_error=output_match(out, stats[i].outputs)["rel_error"],
+            layer=i, init_error=init_error, align_error=align_error,
             kl=round(_kl(model, rows, reference, batch_size, teacher_outputs, i), 5),
-            align_error=_align_error(swap.mixers[i], stats[i], align_steps, align_lr) if align_steps else None,
             mqar=round(_mqar(model, mqar_length, mqar_samples), 4) if use_mqar else None,
         ))
     del teacher_outputs
     selection = Selection(kind=to, teacher=str(teacher), text=describe_calibration(text), calibration_tokens=calib_rows.numel(),
                           scoring_tokens=rows.numel(), scored_on_held_out=held_out, scores=scores,
-                          teacher_mqar=teacher_mqar)
+                          teacher_mqar=teacher_mqar, align_steps=align_steps)
     selection.all_replaced_kl = round(_kl(swap.use(everything), rows, reference, batch_size), 5)
     if keep_attention is not None:
         count = attention_count(num_layers, keep_attention)

@@ -90,6 +90,7 @@ def convert(
     calibration: str | Path | None = None,
     calibration_tokens: int = 2048,
     select: str | None = None,
+    select_align_steps: int | None = None,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
 
@@ -110,6 +111,8 @@ def convert(
             per-layer output match before/after goes to ``mixerswap.yaml`` and the model card.
         select: ``"kl"`` chooses the ``keep_attention`` layers by measurement on the calibration text
             (see :mod:`.layer_scores`) instead of spacing them evenly; scores and choice are recorded.
+        select_align_steps: alignment steps of each mixer before it is scored (default
+            ``layer_scores.SELECT_ALIGN_STEPS``; 0 scores the calibrated conversion as it is).
     """
     if plan is None and to not in registered_kinds():
         raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(registered_kinds())}")
@@ -142,8 +145,10 @@ def convert(
     elif select is not None:
         from .layer_scores import score_layers
 
+        aligned = {} if select_align_steps is None else {"align_steps": select_align_steps}
         selection = score_layers(model_dir, to=to, text=calibration, keep_attention=keep_attention,
                                  mixer_settings=mixer_settings, calibration_tokens=calibration_tokens, seed=seed,
+                                 **aligned,
                                  progress=progress)
         requested = shorthand_plan(num_layers, to, selection.keep, mixer_settings)
     else:

@@ -13,7 +13,9 @@ from mixerswap.architectures import MixerSwapForCausalLM
 from mixerswap.cli import main
 from mixerswap.convert import convert
 from mixerswap.convert.calibration import calibration_rows, load_teacher_fp32, load_tokenizer
-from mixerswap.convert.layer_scores import _kl, _LayerOutputs, _Swapper, _teacher_logprobs, score_layers
+from mixerswap.convert.layer_scores import (ALIGN_LR, FAST_LR_SCALE, SELECT_ALIGN_STEPS, _kl, _LayerOutputs, _Swapper,
+                                            _teacher_logprobs, score_layers)
+from mixerswap.distill.recipe import DEFAULT_FAST_LR_SCALE, DEFAULT_LR
 
 from ..conftest import teacher_stories
 
@@ -26,13 +28,22 @@ def stories_text(stories_dir, tmp_path_factory):
     return path
 
 
+def select_kl(stories_dir, stories_text, out, **options):
+    result = convert(stories_dir, out, to="mamba2", keep_attention=0.2, select="kl", calibration=stories_text,
+                     calibration_tokens=384, progress=False, dtype="float32", **options)
+    return out, result, yaml.safe_load((out / "mixerswap.yaml").read_text())["selection"]
+
+
 @pytest.fixture(scope="module")
 def selected(stories_dir, stories_text, tmp_path_factory):
     """A student converted with ``--select kl`` (1 of 5 layers keeps attention) and its provenance."""
-    out = tmp_path_factory.mktemp("selected") / "s"
-    result = convert(stories_dir, out, to="mamba2", keep_attention=0.2, select="kl", calibration=stories_text,
-                     calibration_tokens=384, progress=False, dtype="float32")
-    return out, result, yaml.safe_load((out / "mixerswap.yaml").read_text())["selection"]
+    return select_kl(stories_dir, stories_text, tmp_path_factory.mktemp("selected") / "s")
+
+
+@pytest.fixture(scope="module")
+def selected_as_converted(stories_dir, stories_text, tmp_path_factory):
+    """The same, scored on the calibrated conversion itself (no alignment before scoring)."""
+    return select_kl(stories_dir, stories_text, tmp_path_factory.mktemp("selected0") / "s", select_align_steps=0)
 
 
 def test_every_layer_is_scored_and_the_greedy_single_layer_is_the_best_single(selected):
@@ -48,9 +59,10 @@ def test_every_layer_is_scored_and_the_greedy_single_layer_is_the_best_single(se
     assert selection["path"][0]["layer"] == selection["keep"][0]
 
 
-def test_the_scored_kl_is_the_kl_of_the_written_student(stories_dir, stories_text, selected):
+def test_the_scored_kl_is_the_kl_of_the_written_student(stories_dir, stories_text, selected_as_converted):
     """Swapping the teacher's attention into an all-replaced student models the real student exactly."""
-    out, _, selection = selected
+    out, _, selection = selected_as_converted
+    assert selection["align_steps"] == 0
     assert "chosen by `--select kl`" in (out / "README.md").read_text()
     tokenizer = load_tokenizer(stories_dir)
     skip = selection["calibration_tokens"] if selection["scored_on_held_out"] else 0
@@ -85,6 +97,28 @@ def test_replaying_the_layers_below_the_change_gives_the_full_forward_kl(stories
         assert _kl(other, rows, reference, 2, recorded, changed) != pytest.approx(_kl(other, rows, reference, 2),
                                                                                  rel=1e-3)
     assert all("forward" not in layer.__dict__ for layer in swap.layers)
+
+
+def test_sets_are_scored_with_aligned_mixers_but_the_student_is_written_as_converted(
+        stories_dir, stories_text, selected, selected_as_converted, tmp_path):
+    """By default every mixer is aligned on its layer before the KL scores (what distillation's first stage
+    would make of it); the student written is still the calibrated conversion of the kept set."""
+    out, result, aligned = selected
+    _, _, plain = selected_as_converted
+    assert aligned["align_steps"] == SELECT_ALIGN_STEPS > 0
+    assert aligned["all_replaced_kl"] < plain["all_replaced_kl"]
+    assert all(s["align_error"] < s["init_error"] for s in aligned["scores"])
+    assert [s["init_error"] for s in aligned["scores"]] == [s["init_error"] for s in plain["scores"]]
+    same = convert(stories_dir, tmp_path / "same", to="mamba2", attention_layers=result.attention_layers,
+                   calibration=stories_text, calibration_tokens=384, progress=False, dtype="float32")
+    assert same.attention_layers == aligned["keep"]
+    written = MixerSwapForCausalLM.from_pretrained(out, dtype=torch.float32).state_dict()
+    for name, value in MixerSwapForCausalLM.from_pretrained(tmp_path / "same", dtype=torch.float32).state_dict().items():
+        assert torch.equal(written[name], value), name
+
+
+def test_selection_aligns_with_the_align_stage_rates():
+    assert (ALIGN_LR, FAST_LR_SCALE) == (DEFAULT_LR["align"], DEFAULT_FAST_LR_SCALE)
 
 
 def test_align_steps_lower_the_layer_error(stories_dir, stories_text):

@@ -46,8 +46,8 @@ def test_quick_run_writes_one_row_per_student(tmp_path):
 
 
 def test_quick_run_compares_kl_selection_with_uniform(tmp_path):
-    report = load_script().main(["--quick", "--kinds", "mamba2", "--keep", "0,0.5", "--select", "uniform,kl"])
+    report = load_script().main(["--quick", "--kinds", "mamba2", "--keep", "0,0.5", "--select", "uniform,kl,kl-init"])
     rows = {r["name"]: r for r in report["rows"]}
-    assert list(rows) == ["mamba2-0", "mamba2-50", "mamba2-50-kl"]  # nothing to select at 0%
+    assert list(rows) == ["mamba2-0", "mamba2-50", "mamba2-50-kl", "mamba2-50-kl-init"]  # nothing to select at 0%
     assert rows["mamba2-50-kl"]["select"] == "kl" and rows["mamba2-50"]["select"] is None
-    assert rows["mamba2-50-kl"]["plan"].count("attention") == rows["mamba2-50"]["plan"].count("attention") == 1
+    assert all(rows[n]["plan"].count("attention") == 1 for n in ("mamba2-50", "mamba2-50-kl", "mamba2-50-kl-init"))
