@@ -12,7 +12,8 @@ first ``--held-out-docs`` articles are held out, the next ones calibrate, the re
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
 
-Per row: ``convert`` (calibrated; ``select`` rows choose their attention layers by KL), ``distill``
+Per row: ``convert`` (calibrated; ``-kl`` rows choose their attention layers by the KL of aligned mixers,
+``-kl-init`` by that of the conversion as it is), ``distill``
 align → hidden → kd with ``--tokens`` split 1:1:2, then on the held-out documents: perplexity (the
 trainer's held-out perplexity, one definition for teacher, init and after every stage), next-token
 agreement with the teacher, greedy-generation agreement (share of ``--gen-tokens`` greedy tokens the
@@ -152,7 +153,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "kv_fraction": row.get("kv_fraction"), "teacher": str(args.teacher), "teacher_ppl": result.perplexity_teacher,
         "student_ppl_init": result.perplexity_before,
         "stage_ppl": {r["stage"]: r["perplexity"] for r in result.stage_perplexity},
-        **({"undone": {r["stage"]: r["perplexity_trained"] for r in result.stage_perplexity if r["reverted"]}}
+        **({"undone": {r["stage"]: r["perplexity_trained"] for r in result.stage_perplexity if r["reverted"]},
+            "stage_validation_ppl": {r["stage"]: r["validation_perplexity"] for r in result.stage_perplexity}}
            if args.validation_docs else {}),
         "student_ppl_final": result.perplexity_after, "next_token_agreement": round(agreement, 4),
         "gen_agreement": round(generation_agreement(model, teacher, prompts, args.gen_tokens), 4),
