@@ -49,6 +49,7 @@ import transformers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
 from mixerswap.convert import convert
+from mixerswap.convert.layer_scores import score_layers
 from mixerswap.demo import distill_stages
 from mixerswap.distill.recipe import DistillRecipe
 from mixerswap.distill.trainer import run_distill
@@ -158,9 +159,17 @@ def run_student(kind: str, keep: float, select: str | None, args, work: Path, te
     name = f"{kind}-{int(keep * 100)}" + (f"-{select}" if select else "")
     student = work / name / "student"
     settings = kind_settings(kind, args.window)
-    selection = {} if select is None else {"select": "kl", "select_align_steps": 0 if select == "kl-init" else None}
-    conversion = convert(teacher_dir, student, to=kind, keep_attention=keep, mixer_settings=settings, **selection,
-                         calibration=calibration, overwrite=True, progress=False)
+    layers, scored = None, {}
+    if select is not None:  # `mixerswap select` on rows of one MQAR sequence each (the teacher's length), then
+        # `convert --plan`: convert --select would score rows of 256 tokens, positions the teacher never saw
+        options = {"align_steps": 0} if select == "kl-init" else {}
+        selection = score_layers(teacher_dir, to=kind, text=calibration, keep_attention=keep, mixer_settings=settings,
+                                 seq_len=args.length, progress=False, **options)
+        layers, scored = selection.keep, {"select_align_steps": selection.align_steps, "keep_kl": selection.keep_kl,
+                                          "uniform_kl": selection.uniform_kl}
+    conversion = convert(teacher_dir, student, to=kind, mixer_settings=settings, calibration=calibration,
+                         **({"attention_layers": layers} if layers is not None else {"keep_attention": keep}),
+                         overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(student, dtype=torch.float32).eval()
     mqar_init = measure(model, spec, args)
     stages = distill_stages(args.tokens)
@@ -172,7 +181,7 @@ def run_student(kind: str, keep: float, select: str | None, args, work: Path, te
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
     kinds = [entry["kind"] for entry in conversion.plan]
     row = {
-        "name": name, "kind": kind, "select": select, "plan": kinds,
+        "name": name, "kind": kind, "select": select, **scored, "plan": kinds,
         "attention_kept": round(kinds.count("attention") / len(kinds), 3),
         "mqar_init": mqar_init, "mqar_final": measure(model, spec, args), "teacher_mqar": teacher_mqar,
         "answer_ppl_teacher": result.perplexity_teacher, "answer_ppl_init": result.perplexity_before,
@@ -202,9 +211,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--kinds", default=",".join(KINDS))
     parser.add_argument("--keep", default="0,0.5", help="comma-separated fractions of layers that keep attention")
     parser.add_argument("--select", default="uniform",
-                        help="comma-separated: uniform (evenly spaced attention layers), kl (convert --select kl, "
-                             "scored on the calibration sequences), kl-init (the same with --select-align-steps 0: "
-                             "scored on the conversion before any alignment); kl only where some attention is kept")
+                        help="comma-separated: uniform (evenly spaced attention layers), kl (layers chosen as "
+                             "`mixerswap select` does, on the calibration sequences), kl-init (the same with "
+                             "--align-steps 0: scored on the conversion before any alignment); kl only where some "
+                             "attention is kept")
     parser.add_argument("--length", type=int, default=64, help="MQAR sequence length")
     parser.add_argument("--pairs", type=int, default=8, help="key-value pairs per sequence")
     parser.add_argument("--vocab", type=int, default=64, help="vocabulary: (vocab - 5) // 2 keys and as many values")
