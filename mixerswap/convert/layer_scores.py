@@ -21,11 +21,12 @@ Scoring uses the tokens after the calibration tokens when the text has enough of
 
 Why aligned mixers: distillation starts with ``align``, so what a kept attention layer must be kept for
 is what a mixer cannot learn to do, not how far the raw conversion starts from it. The two differ. On a
-4-layer Llama trained on MQAR (``benchmarks/mqar.py --layers 4``), the KL of the calibrated conversion
-keeps layer 0, whose replacement starts furthest from the teacher; distilled alike, 25%-attention
-Mamba-2 students keeping layer 0, 1, 2 or 3 reach MQAR 0.85, 0.98, 0.98, 0.90: layer 0's work (local,
-previous-token mixing) is what a mixer relearns easily. After 100 alignment steps per mixer the set's KL
-keeps layer 1 (benchmarks/RESULTS.md, "Layer selection").
+4-layer Llama trained on MQAR (``benchmarks/mqar.py --layers 4 --keep 0.25 --select uniform,kl,kl-init``),
+the KL of the calibrated conversion keeps layer 0, whose replacement starts furthest from the teacher,
+and its Mamba-2 / gdn students end at MQAR 0.85 / 0.88 after distillation: local mixing is what a mixer
+relearns easily. With 100 alignment steps per mixer first, the set's KL keeps layer 1: 0.985 / 0.985,
+against 0.976 / 0.987 for the evenly spaced layer 2 (benchmarks/RESULTS.md, "Layer selection on a
+recall teacher").
 
 Cost: the models a step compares differ from one base model (the teacher while scoring layers, the
 current set during a greedy step) in one layer each, so the base model's layer outputs are recorded
