@@ -31,7 +31,9 @@ recall teacher").
 Cost: the models a step compares differ from one base model (the teacher while scoring layers, the
 current set during a greedy step) in one layer each, so the base model's layer outputs are recorded
 once per step and a candidate that differs from layer ``i`` on runs only layers ``i`` and above
-(about half a forward on average; the KL is the same).
+(about half a forward on average; the KL is the same). Aligning adds ``align_steps`` forward and
+backward passes of each mixer alone over the calibration rows; on SmolLM2-135M (30 layers, one CPU
+thread) it made ``convert --select kl`` take about twice as long.
 """
 
 from __future__ import annotations
