@@ -197,9 +197,12 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
 
     world, rank, main = engine.world, engine.rank, accelerator.is_main_process
 
-    def finish_stage(config: StageConfig, rows) -> dict:
+    def held_out_perplexity() -> float | None:  # of the student as it is now, through the engine
+        return perplexity(engine.evaluate, HeldOutNLL(student), held_rows, device)
+
+    def finish_stage(config: StageConfig) -> dict:
         """Held-out perplexity after a stage (and the guard's verdict): the stage's record."""
-        record = {"stage": config.name, "perplexity": perplexity(engine.evaluate, HeldOutNLL(student), rows, device)}
+        record = {"stage": config.name, "perplexity": held_out_perplexity()}
         if guard:
             previous = state.stage_perplexity[-1] if state.stage_perplexity else {}
             before = previous.get("validation_kept", validation_start)
@@ -209,8 +212,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
             if reverted:
                 logger.warning("%s raised validation perplexity %.3f -> %.3f: undone, the student goes on from "
                                "the weights before it", config.name, before, trained)
-                record.update(perplexity_trained=record["perplexity"],
-                              perplexity=perplexity(engine.evaluate, HeldOutNLL(student), rows, device))
+                record.update(perplexity_trained=record["perplexity"], perplexity=held_out_perplexity())
         if record["perplexity"] is not None:
             logger.info("after %s: held-out perplexity %.3f (teacher %.3f, before distillation %.3f)",
                         config.name, record["perplexity"], ppl_teacher, ppl_before)
@@ -288,7 +290,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
                     accelerator.log({f"{config.name}/loss": step_loss, "lr": record["lr"]}, step=state.global_step)
             last_step = step + 1 == total_steps or exhausted
             if last_step:  # before the stage's last checkpoint, so that it holds the weights the run goes on from
-                state.stage_perplexity.append(finish_stage(config, held_rows))
+                state.stage_perplexity.append(finish_stage(config))
             if state.global_step % recipe.checkpoint_every == 0 or last_step:
                 saved = Progress(**{**state.__dict__, "stage_index": stage_index + 1 if last_step else stage_index,
                                     "stage_step": 0 if last_step else step + 1,
@@ -303,12 +305,12 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         del model, optimizer, scheduler
         state.stage_index, state.stage_step = stage_index + 1, 0
         if len(state.stage_perplexity) < stage_index + 1:  # the stage ended before its first step
-            state.stage_perplexity.append(finish_stage(config, held_rows))
+            state.stage_perplexity.append(finish_stage(config))
 
     if lora_added:
         merge_lora(student)
     student.eval()
-    ppl_after = perplexity(engine.evaluate, HeldOutNLL(student), held_rows, device)
+    ppl_after = held_out_perplexity()
     weights = full_model_state(student)
     if main:
         _write_output(student.config, weights, out_dtype, tokenizer, recipe, out, overwrite, metrics_path,

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 from pathlib import Path
@@ -30,8 +29,6 @@ from torch import nn
 
 from .checkpoint import full_model_state, is_main, load_model_state
 from .data import PackedLoader
-
-logger = logging.getLogger(__name__)
 
 
 def eval_rows(documents: list, tokenizer, seq_len: int, max_rows: int = 8) -> dict | None:
