@@ -173,7 +173,9 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         train_docs, validation = held_out_split(train_docs, recipe.validation_docs)
     held_rows = eval_rows(held_out, tokenizer, recipe.seq_len)
     ppl_before = perplexity(lambda o, b: o(b), HeldOutNLL(student), held_rows, device)
-    ppl_teacher = perplexity(lambda o, b: o(b), HeldOutNLL(teacher), held_rows, device)
+    # the teacher runs where setup_teacher will put it: the device, or CPU when its weights are offloaded
+    teacher_device = torch.device("cpu") if recipe.teacher_offload else device
+    ppl_teacher = perplexity(lambda o, b: o(b), HeldOutNLL(teacher.to(teacher_device)), held_rows, teacher_device)
     student = engine.setup_student(student)
     teacher = engine.setup_teacher(teacher)
     validation_rows = eval_rows(validation, tokenizer, recipe.seq_len)
@@ -202,6 +204,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
 
     def finish_stage(config: StageConfig) -> dict:
         """Held-out perplexity after a stage (and the guard's verdict): the stage's record."""
+        speed = {"tokens_per_s": (state.tokens_seen - tokens_at_start) / max(time.perf_counter() - started, 1e-9),
+                 "peak_memory_bytes": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None}
         record = {"stage": config.name, "perplexity": held_out_perplexity()}
         if guard:
             previous = state.stage_perplexity[-1] if state.stage_perplexity else {}
@@ -219,7 +223,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         if main:
             with open(metrics_path, "a") as f:
                 event = {"event": "stage_end", "global_step": state.global_step, **record,
-                         "held_out_perplexity": record["perplexity"], "teacher_perplexity": ppl_teacher}
+                         "held_out_perplexity": record["perplexity"], "teacher_perplexity": ppl_teacher,
+                         **speed}
                 f.write(json.dumps({k: v for k, v in event.items() if k != "perplexity"}) + "\n")
         return record
 
@@ -253,6 +258,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         batches = iter(loader)
         student.train()
         bar = progress_bar(total=total_steps, initial=start, desc=f"{config.name}", enabled=progress and main)
+        if device.type == "cuda":  # the stage_end event reports each stage's own peak
+            torch.cuda.reset_peak_memory_stats(device)
         started, tokens_at_start = time.perf_counter(), state.tokens_seen
         for step in range(start, total_steps):
             micros = list(islice(batches, recipe.grad_accum))

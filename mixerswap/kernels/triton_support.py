@@ -67,3 +67,32 @@ def register_triton(op: str, module: str, name: str, *, dtypes: Iterable[torch.d
         return call.device == "cuda" and supports(call)
 
     register(op, "triton", lazy(module, name), supports=supports, auto=auto)
+
+
+_FITTING: dict[tuple, object] = {}
+
+
+def launch_fitting(key: tuple, candidates: Iterable, launch: Callable) -> object:
+    """Run ``launch(candidate)`` with the first of ``candidates`` (largest tiles first) whose kernels fit in
+    this GPU's shared memory, and remember it under ``key`` (the kernel and the shapes that set its tiles).
+
+    Shared memory per block differs between GPUs (about 227 KiB on an H100, 163 KiB on an A100, 99 KiB on
+    consumer cards) and between triton versions, so the tiles are not fixed in advance: triton raises
+    ``OutOfResources`` at launch, before the kernel runs and writes anything, and the next candidate is
+    tried. Returns what ``launch`` returned.
+    """
+    from triton.runtime.errors import OutOfResources
+
+    candidates = list(candidates)
+    if key in _FITTING:
+        candidates = [_FITTING[key]]
+    error = None
+    for candidate in candidates:
+        try:
+            result = launch(candidate)
+        except OutOfResources as err:
+            error = err
+            continue
+        _FITTING[key] = candidate
+        return result
+    raise RuntimeError(f"no tile size of {key[0]} fits in this GPU's shared memory (tried {candidates}): {error}")

@@ -22,7 +22,7 @@ from mixerswap.distill.stages import build_stage
 from mixerswap.distill.trainer import run_distill, save_student, saved_dtype
 
 from ..conftest import build_teacher
-from .test_pipeline import assert_one_line_error, one_adam_step, recipe, run_cli, setup  # noqa: F401  (module fixture)
+from .test_pipeline import CPU_PROCESSES, assert_one_line_error, one_adam_step, recipe, run_cli, setup  # noqa: F401  (module fixture)
 
 STAGES = "align:512,hidden:512,kd:1k"  # 2 + 2 + 4 optimizer steps of 8 rows x 32 tokens
 
@@ -48,6 +48,7 @@ def pico_student(teacher_dir, tmp_path_factory):
     return folder
 
 
+@CPU_PROCESSES
 def test_fsdp_matches_one_process_and_resumes_exactly(setup, tmp_path):  # noqa: F811
     """FSDP2 over 2 CPU processes = one process with the same global batch; a crash + resume = no crash."""
     run_distill(recipe(setup, tmp_path / "one", parse_stages(STAGES), batch_size=8), progress=False)
@@ -67,6 +68,7 @@ def test_fsdp_matches_one_process_and_resumes_exactly(setup, tmp_path):  # noqa:
         assert torch.equal(fsdp[name], b[name]), name
 
 
+@CPU_PROCESSES
 def test_fsdp_undoes_a_bad_stage_like_one_process(setup, tmp_path):  # noqa: F811
     """The stage guard under FSDP2: rank 0 keeps the gathered start weights, every rank gets them back."""
     stages = [{"name": "align", "tokens": 512, "lr": 1.0}, {"name": "kd", "tokens": 1024}]

@@ -102,6 +102,9 @@ def test_resume_after_crash_is_bit_exact(setup, tmp_path):
     assert steps["a"] == steps["b"]
 
 
+# Two processes on CPU (gloo) against one in this process: with a GPU, this process would train on it while two
+# ranks cannot share one GPU under NCCL, so these checks are for machines without one (CI).
+CPU_PROCESSES = pytest.mark.skipif(torch.cuda.is_available(), reason="CPU multi-process check (two ranks, gloo)")
 BAD_ALIGN = [{"name": "align", "tokens": 1024, "lr": 2.0}, {"name": "kd", "tokens": 1024}]  # align's rate wrecks it
 
 
@@ -118,8 +121,9 @@ def test_a_stage_that_raises_validation_perplexity_is_undone(setup, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
               if '"stage_end"' in line]
     assert [e["reverted"] for e in events] == [True, False]
+    assert all(e["tokens_per_s"] > 0 and e["peak_memory_bytes"] is None for e in events)  # memory: CUDA only
     # without validation documents every stage is kept, whatever it did
-    kept = run_distill(recipe(setup, tmp_path / "kept", BAD_ALIGN), progress=False)
+    kept = run_distill(recipe(setup, tmp_path / "kept", BAD_ALIGN[:1]), progress=False)  # kd after it may overflow
     assert kept.stage_perplexity[0]["perplexity"] > 1.5 * result.perplexity_before
     assert "reverted" not in kept.stage_perplexity[0]
 
@@ -304,6 +308,7 @@ def test_lora_on_kept_attention_is_merged_and_resumable(setup, tmp_path):
         recipe(setup, tmp_path / "c", stages, lora={"rank": 4})
 
 
+@CPU_PROCESSES
 def test_two_process_data_parallel_matches_one_process(setup, tmp_path):
     """`torchrun --nproc_per_node 2` (CPU, gloo): each rank takes half of every batch, gradients are averaged;
     only rank 0 logs, draws progress (plain lines: stderr is a pipe) and says "wrote"."""

@@ -31,7 +31,8 @@ def pico_student(teacher_dir, tmp_path_factory):
 
 def test_bench_command_writes_table_json_and_plot(pico_student, teacher_dir, tmp_path):
     result = run("bench", pico_student, "--vs", teacher_dir("llama"), "--context", "16,32", "--batch", "1,2",
-                 "--decode-tokens", "2", "--plot", tmp_path / "b.png", "--json", tmp_path / "b.json", "-q")
+                 "--decode-tokens", "2", "--plot", tmp_path / "b.png", "--json", tmp_path / "b.json", "--device", "cpu",
+                 "-q")
     assert result.exit_code == 0, result.output
     assert "| pico-student" in result.output and "kernels: auto -> " in result.output
     assert "ssd_chunk_scan=" in result.output  # every op the registered kinds call, with its backend
@@ -103,7 +104,7 @@ def test_eval_needs_a_tokenizer_for_tasks(pico_student):
     [
         (["--context", "1k"], ["bench context 1k + 32 generated tokens exceeds the model's limit of 256"]),
         (["--context", "200", "--decode-tokens", "64"], ["exceeds the model's limit of 256"]),
-        (["--max-memory", "1GB", "--context", "16"], ["needs a CUDA device"]),
+        (["--max-memory", "1GB", "--context", "16", "--device", "cpu"], ["needs a CUDA device"]),
         (["--context", "1k,x"], ["Invalid value for '--context'"]),
     ],
     ids=["context-too-long", "decode-past-limit", "max-memory-on-cpu", "bad-length"],

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
 
 from mixerswap.architectures.cache import HybridMixerCache
@@ -17,8 +18,10 @@ from mixerswap.evals.harness import metric_rows, resolve_tasks, run_lm_eval
 from mixerswap.evals.loading import load_model
 from mixerswap.evals.text_tasks import BUNDLED_SOURCE, build_story_tasks, bundled_text, story_docs
 
+from ..conftest import SHARED_DATA
+
 OFFLINE = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-WIKITEXT = Path(__file__).resolve().parents[3] / "shared" / "data" / "text" / "wikitext2-test.raw"
+WIKITEXT = SHARED_DATA / "text" / "wikitext2-test.raw"
 
 
 @pytest.fixture(autouse=True)
@@ -107,7 +110,8 @@ def test_eval_command_matches_plain_lm_eval(stories_student, tmp_path):
     ours_rows, plain_rows = metric_rows(ours), metric_rows(plain)
     assert ours_rows.keys() == plain_rows.keys() and len(ours_rows) >= 5
     for key, value in plain_rows.items():
-        assert ours_rows[key] == pytest.approx(value, rel=1e-6, abs=1e-9), key
+        # on a GPU both runs take the same path, but matmul reductions there depend on the batch shapes
+        assert ours_rows[key] == pytest.approx(value, rel=1e-4 if torch.cuda.is_available() else 1e-6, abs=1e-9), key
     assert any(0 < v < 1 for (task, metric), v in ours_rows.items() if metric.startswith("acc")), ours_rows
 
 

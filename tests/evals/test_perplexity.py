@@ -28,7 +28,7 @@ def test_windows_score_every_token_once_with_enough_context(num_tokens, context,
 def naive_nll(model, ids: torch.Tensor) -> float:
     """One forward over the whole sequence, summed in float64."""
     with torch.no_grad():
-        logp = model(ids[None]).logits[0].double().log_softmax(-1)
+        logp = model(ids[None].to(model.device)).logits[0].double().log_softmax(-1).cpu()
     return -logp[:-1].gather(-1, ids[1:, None]).sum().item()
 
 

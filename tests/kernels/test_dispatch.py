@@ -194,3 +194,27 @@ def test_triton_backend_registration_is_lazy_and_cpu_only_when_interpreting(monk
     assert not backend.supports(dispatch.Call("ssd_step", "cuda", torch.bfloat16, False))
     assert not backend.supports(dispatch.Call("ssd_step", "cuda", torch.float32, True))
     assert backend.fn([1]) == "[1]"  # imported at the first call
+
+
+def test_launch_fitting_takes_the_first_tile_that_fits_and_remembers_it(monkeypatch):
+    """A tile whose kernel needs more shared memory than the GPU has raises OutOfResources at launch: the
+    next candidate runs, later calls go straight to it, and when none fits the error names the kernel."""
+    pytest.importorskip("triton")
+    from triton.runtime.errors import OutOfResources
+
+    from mixerswap.kernels import triton_support
+
+    monkeypatch.setattr(triton_support, "_FITTING", {})
+    tried = []
+
+    def launch(tile):
+        tried.append(tile)
+        if tile > 32:
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return f"ran with {tile}"
+
+    assert triton_support.launch_fitting(("k", 128), [64, 32, 16], launch) == "ran with 32"
+    assert triton_support.launch_fitting(("k", 128), [64, 32, 16], launch) == "ran with 32"
+    assert tried == [64, 32, 32]
+    with pytest.raises(RuntimeError, match="no tile size of k fits in this GPU's shared memory"):
+        triton_support.launch_fitting(("k", 256), [128, 64], launch)

@@ -17,13 +17,15 @@ from mixerswap.kernels import dispatch
 
 from .conftest import requires_triton
 
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # on CPU the kernels run in triton's interpreter
+
 
 @requires_triton
 @pytest.mark.parametrize("kind", ["mamba2", "gla", "gdn"])
 def test_student_with_triton_kernels_matches_the_reference(kind, teacher_dir, tmp_path, monkeypatch, caplog):
     convert(teacher_dir("llama"), tmp_path / "s", to=kind, keep_attention=0.34, dtype="float32", progress=False)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
-    ids = torch.randint(3, 128, (2, 37), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).to(DEVICE).eval()
+    ids = torch.randint(3, 128, (2, 37), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     prompt = ids[:1, :9]
 
     def run():
@@ -33,6 +35,8 @@ def test_student_with_triton_kernels_matches_the_reference(kind, teacher_dir, tm
                                     pad_token_id=0)
         return logits, tokens
 
+    monkeypatch.setenv(dispatch.ENV_VAR, "torch")  # on CUDA, auto would already pick triton
+    dispatch.reset()
     reference, ref_tokens = run()
     monkeypatch.setenv(dispatch.ENV_VAR, "triton")
     dispatch.reset()
@@ -49,9 +53,11 @@ def test_student_with_triton_kernels_matches_the_reference(kind, teacher_dir, tm
 def test_linear_student_runs_its_far_part_on_the_triton_gla_kernel(teacher_dir, tmp_path, monkeypatch, caplog):
     convert(teacher_dir("llama"), tmp_path / "s", to="linear", keep_attention=0.34, dtype="float32",
             mixer_settings={"window": 8}, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).eval()
-    ids = torch.randint(3, 128, (2, 37), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "s", dtype=torch.float32).to(DEVICE).eval()
+    ids = torch.randint(3, 128, (2, 37), generator=torch.Generator().manual_seed(0)).to(DEVICE)
     with torch.no_grad():
+        monkeypatch.setenv(dispatch.ENV_VAR, "torch")
+        dispatch.reset()
         reference = model(ids).logits
         monkeypatch.setenv(dispatch.ENV_VAR, "triton")
         dispatch.reset()

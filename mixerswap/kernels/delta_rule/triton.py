@@ -40,18 +40,23 @@ import torch
 import triton
 import triton.language as tl
 
-from ..triton_support import interpreting
+from ..triton_support import interpreting, launch_fitting
 from .naive import _check_shapes
 
 
-def _configs(*options: tuple[int, int]) -> list[triton.Config]:
-    """Autotune over ``(BV, num_warps)`` on a GPU; one fixed configuration under the interpreter."""
+def _configs(*options: tuple[int, int, int]) -> list[triton.Config]:
+    """Autotune over ``(BV, num_warps, num_stages)`` on a GPU; one fixed configuration under the interpreter.
+
+    The shallower pipelines are there for shared memory: with 128-wide fp32 keys, prefetching three
+    chunks ahead needs more than an H100 has (the autotuner skips configurations that do not fit)."""
     if interpreting():
         return [triton.Config({"BV": 32}, num_warps=4)]
-    return [triton.Config({"BV": bv}, num_warps=w) for bv, w in options]
+    return [triton.Config({"BV": bv}, num_warps=w, num_stages=st) for bv, w, st in options]
 
 
-_V_CONFIGS = _configs((32, 4), (64, 4), (64, 8))
+# (BV, num_warps, num_stages) of the backward's chunk kernel, widest first; the first that fits in shared memory runs
+CHUNK_BWD_TILES = ((64, 8, 3), (64, 8, 2), (32, 8, 2), (64, 8, 1), (32, 4, 1), (16, 4, 1))
+_V_CONFIGS = _configs((32, 4, 3), (64, 4, 3), (64, 8, 3), (32, 4, 2), (64, 4, 2), (32, 4, 1), (64, 4, 1))
 # The kernels call only builtins of triton.language, not its jit'd standard library (tl.sum, tl.zeros,
 # tl.cumsum): when triton is imported before TRITON_INTERPRET=1 is set (torch._dynamo imports it), those
 # stay compiled-only and the interpreter refuses them. Reductions and scans use the standard library's
@@ -479,9 +484,17 @@ class DeltaRuleChunkFn(torch.autograd.Function):
             HAS_DHT=dfinal is not None, **meta)
         dq, dk_, dv_, dbeta = (torch.empty_like(t) for t in (q, k, v, beta))
         dg = torch.empty_like(gcum, dtype=ctx.g_dtype)
-        _chunk_bwd_kernel[(nchunks, batch * heads)](
-            q, k, v, gcum, beta, sid, ainv, h, dh, unew, du, do, dq, dk_, dv_, dg, dbeta, ctx.scale,
-            seqlen, heads, dk, dv, nchunks, BV=min(64, _block(dv)), num_warps=8, **meta)  # many live tiles
+
+        def launch(tiles: tuple[int, int, int]):  # many live tiles: the widest that fits in shared memory
+            bv, warps, stages = tiles
+            _chunk_bwd_kernel[(nchunks, batch * heads)](
+                q, k, v, gcum, beta, sid, ainv, h, dh, unew, du, do, dq, dk_, dv_, dg, dbeta, ctx.scale,
+                seqlen, heads, dk, dv, nchunks, BV=bv,
+                **({} if interpreting() else {"num_warps": warps, "num_stages": stages}), **meta)
+
+        widest = min(64, _block(dv))
+        tiles = [t for t in CHUNK_BWD_TILES if t[0] <= widest] or [(widest, 4, 1)]
+        launch_fitting(("delta rule backward", dk, dv, q.dtype, ctx.has_seq_idx, q.device.index), tiles, launch)
         dinit = dh0.to(initial_state.dtype) if initial_state is not None else None
         return dq, dk_, dv_, dg, dbeta, dinit, None, None, None
 

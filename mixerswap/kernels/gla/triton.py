@@ -39,13 +39,16 @@ import triton
 import triton.language as tl
 
 from . import naive
-from ..triton_support import interpreting
+from ..triton_support import interpreting, launch_fitting
 
 MAX_K = 256
+BWD_WIDTHS = (64, 32, 16)  # V tiles of the backward, widest first; the first that fits in shared memory runs
 
 
-def _block_t(chunk_size: int) -> int:
-    return chunk_size if 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0 else 64
+def _block_t(chunk_size: int, dk: int) -> int:
+    block = chunk_size if 16 <= chunk_size <= 128 and chunk_size & (chunk_size - 1) == 0 else 64
+    # keys above 128: the backward's tiles at 64 positions need more shared memory than an H100 has
+    return min(block, 32) if dk > 128 else block
 
 
 def _blocks(dk: int, dv: int) -> tuple[int, int]:
@@ -319,25 +322,35 @@ def _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, scale, block_t):
     """``(dq, dk, dv, dg, d initial_state)``: ``dq, dk, dg`` in fp32, ``dv`` in ``v.dtype``, ``dh0`` fp32."""
     batch, seqlen, heads, dk = q.shape
     dv_size = v.shape[-1]
-    bk, bv = _blocks(dk, dv_size)
-    n_chunks, n_v = triton.cdiv(seqlen, block_t), triton.cdiv(dv_size, bv)
+    bk, widest = _blocks(dk, dv_size)
+    n_chunks = triton.cdiv(seqlen, block_t)
     d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
     d_states = torch.empty_like(states)
     dh0 = torch.empty_like(final)
-    dq = q.new_empty(n_v, batch, seqlen, heads, dk, dtype=torch.float32)
-    dk_ = torch.empty_like(dq)
-    d_b = q.new_empty(n_v, batch, seqlen, heads, dtype=torch.float32)
     dv = torch.empty_like(v)
     seq = seq_idx if seq_idx is not None else g
-    shapes = dict(H=heads, K=dk, V=dv_size, BT=block_t, BK=bk, BV=bv, HAS_SEQ=seq_idx is not None,
-                  PREC=_precision(q, k, v), **_launch_options(block_t, bk, bv))
-    _gla_bwd_states_kernel[(n_v, batch * heads)](
-        q, g, seq, d_o, d_final.contiguous() if d_final is not None else final, d_states, dh0, scale, seqlen,
-        n_chunks, HAS_DHT=d_final is not None, **shapes,
-    )
-    _gla_bwd_chunk_kernel[(n_chunks, n_v, batch * heads)](
-        q, k, v, g, seq, d_o, states, d_states, dq, dk_, dv, d_b, scale, seqlen, n_chunks, batch * heads, **shapes,
-    )
+    precision = _precision(q, k, v)
+
+    def launch(bv: int):  # the V tile sets the grid and the partial sums; narrower tiles need less shared memory
+        n_v = triton.cdiv(dv_size, bv)
+        dq = q.new_empty(n_v, batch, seqlen, heads, dk, dtype=torch.float32)
+        dk_ = torch.empty_like(dq)
+        d_b = q.new_empty(n_v, batch, seqlen, heads, dtype=torch.float32)
+        shapes = dict(H=heads, K=dk, V=dv_size, BT=block_t, BK=bk, BV=bv, HAS_SEQ=seq_idx is not None,
+                      PREC=precision, **_launch_options(block_t, bk, bv))
+        _gla_bwd_states_kernel[(n_v, batch * heads)](
+            q, g, seq, d_o, d_final.contiguous() if d_final is not None else final, d_states, dh0, scale, seqlen,
+            n_chunks, HAS_DHT=d_final is not None, **shapes,
+        )
+        _gla_bwd_chunk_kernel[(n_chunks, n_v, batch * heads)](
+            q, k, v, g, seq, d_o, states, d_states, dq, dk_, dv, d_b, scale, seqlen, n_chunks, batch * heads,
+            **shapes,
+        )
+        return dq, dk_, d_b
+
+    widths = [w for w in BWD_WIDTHS if w <= widest] or [widest]
+    key = ("gla backward", dk, dv_size, block_t, q.dtype, seq_idx is not None, d_final is not None, q.device.index)
+    dq, dk_, d_b = launch_fitting(key, widths, launch)
     # d_b: gradient of b_i, the log-decay accumulated from the chunk start; g_t enters every b_i with
     # i >= t of its chunk.
     d_b = torch.nn.functional.pad(d_b.sum(0), (0, 0, 0, n_chunks * block_t - seqlen))
@@ -403,7 +416,7 @@ def gla_chunk_triton(
         initial_state = initial_state.contiguous()
     if seq_idx is not None:
         seq_idx = seq_idx.to(torch.int32).contiguous()
-    block_t = _block_t(chunk_size)
+    block_t = _block_t(chunk_size, dk)
     tensors = (q, k, v, g) if initial_state is None else (q, k, v, g, initial_state)
     if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
         return GLAChunkFn.apply(q, k, v, g, scale, block_t, initial_state, seq_idx)
