@@ -120,7 +120,10 @@ def main() -> int:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mixerswap-e2e-"))
     try:
         teacher = work / ("teacher-tiny" if args.tiny else "teacher")
-        build_teacher(teacher, tiny=args.tiny, dtype=getattr(torch, dtype), max_positions=max(contexts) + decode_tokens)
+        # full size: room for the longest default context whatever this run measures, so that later runs with
+        # longer contexts can reuse the checkpoints of --workdir
+        longest = max(contexts) if args.tiny else max(max(contexts), 131072)
+        build_teacher(teacher, tiny=args.tiny, dtype=getattr(torch, dtype), max_positions=longest + max(decode_tokens, 64))
         paths = {"teacher": teacher}
         for name in students:
             out = work / f"{teacher.name}-{name.replace('%', 'pct')}"
@@ -129,9 +132,10 @@ def main() -> int:
             paths[name] = out
         loaders = {name: (lambda p=path: load_model(p, dtype=dtype, device=args.device)[0])
                    for name, path in paths.items()}
+        partial = (lambda r: save_report(r, args.json)) if args.json else None  # kept if the run is stopped
         report = bench(loaders, contexts=contexts, batches=batches, decode_tokens=decode_tokens, reference="teacher",
                        repeats=args.repeats, timing=args.timing, prefill_chunk=prefill_chunk,
-                       echo=lambda line: print(line, flush=True))
+                       echo=lambda line: print(line, flush=True), on_configuration=partial)
         for name, path in paths.items():
             report.models[name]["path"] = str(path)
         print(report.table())

@@ -52,6 +52,7 @@ from __future__ import annotations
 import functools
 import gc
 import json
+import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -347,7 +348,8 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
           batches: list[int], decode_tokens: int = 32, reference: str | None = None, warmup: int = 1,
           repeats: int = 5, timing: str = "wall", prefill_chunk: int | None = None,
           max_memory_bytes: int | None = None, interleave: bool | None = None, seed: int = 0,
-          echo: Callable[[str], None] | None = None) -> BenchReport:
+          echo: Callable[[str], None] | None = None,
+          on_configuration: Callable[[BenchReport], None] | None = None) -> BenchReport:
     """Measure every model at every ``(batch, context)``; see the module docstring.
 
     Args:
@@ -366,6 +368,9 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
             are medians of per-round ratios (all models are loaded at once). ``False``: one model after
             the other, each loaded for its turn only and freed after it (models too large to fit
             together). Default: interleave on CPU, not on CUDA.
+        echo: called with one line per model and configuration as it finishes (``"name batch B context L: ok"``).
+        on_configuration: called with the report so far after each configuration, e.g. to save it, so that
+            a run stopped part way keeps what it measured.
     """
     if not models:
         raise ValueError("nothing to benchmark")
@@ -388,13 +393,13 @@ def bench(models: Mapping[str, torch.nn.Module | Callable[[], torch.nn.Module]],
     _cap_memory(device, max_memory_bytes)
     if interleave:
         group = {names[0]: first, **{name: _load(models[name], contexts, decode_tokens) for name in names[1:]}}
-        _bench_group(report, group, batches, contexts, seed, echo)
+        _bench_group(report, group, batches, contexts, seed, echo, on_configuration)
         del group
     else:
         for name in names:
             model = first if name == names[0] else _load(models[name], contexts, decode_tokens)
             first = None
-            _bench_group(report, {name: model}, batches, contexts, seed, echo)
+            _bench_group(report, {name: model}, batches, contexts, seed, echo, on_configuration)
             del model
             _free(device)
     _free(device)
@@ -411,7 +416,8 @@ def _load(source, contexts: list[int], decode_tokens: int) -> torch.nn.Module:
 
 
 def _bench_group(report: BenchReport, group: dict[str, torch.nn.Module], batches: list[int], contexts: list[int],
-                 seed: int, echo: Callable[[str], None] | None) -> None:
+                 seed: int, echo: Callable[[str], None] | None,
+                 on_configuration: Callable[[BenchReport], None] | None = None) -> None:
     """Every configuration for the models of ``group`` (taking turns when there are several)."""
     for name, model in group.items():
         report.models[name] = describe_model(model)
@@ -428,6 +434,8 @@ def _bench_group(report: BenchReport, group: dict[str, torch.nn.Module], batches
                     echo(f"{name} batch {batch} context {context}: {run.status}")
                 if run.status == "oom":
                     oom_at[name] = context
+            if on_configuration:  # e.g. save what was measured so far: a long run may be stopped
+                on_configuration(report)
 
 
 def _new_report(device, dtype, warmup, repeats, timing, decode_tokens, reference, prefill_chunk,
@@ -568,5 +576,7 @@ def save_report(report: BenchReport, path: str | Path) -> Path:
 
     path = check_output_file(path, inputs=[m.get("path") for m in report.models.values()])
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report.to_dict(), indent=1))
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(report.to_dict(), indent=1))
+    os.replace(tmp, path)  # a reader never sees half a report
     return path

@@ -176,3 +176,19 @@ def test_models_take_turns_and_ratios_are_medians_of_rounds(pico):
     (ratio,) = sequential.ratios()
     assert ratio["decode_speedup"] == pytest.approx(run.decode_tokens_per_s
                                                     / sequential.run("teacher", 1, 24).decode_tokens_per_s)
+
+
+def test_each_configuration_is_reported_as_it_finishes(pico, tmp_path):
+    """``on_configuration`` sees the runs measured so far (a long GPU run that is stopped keeps them)."""
+    teacher, student = pico
+    seen = []
+
+    def save(report):
+        seen.append(len(report.runs))
+        save_report(report, tmp_path / "partial.json")
+
+    report = bench({"student": student, "teacher": teacher}, contexts=[16, 32], batches=[1, 2], decode_tokens=2,
+                   repeats=1, reference="teacher", on_configuration=save)
+    assert seen == [2, 4, 6, 8]  # two models per configuration, interleaved on CPU
+    saved = json.loads((tmp_path / "partial.json").read_text())
+    assert len(saved["runs"]) == len(report.runs) == 8 and not list(tmp_path.glob(".*.tmp"))

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in the order that matters, each step bounded so that a short session on a
+# rented GPU comes back with results even when it ends early:
+#
+#   benchmarks/gpu_session.sh OUT_DIR [STEP ...]     # default: every step, in this order
+#
+# Steps (each writes OUT_DIR/<step>.log and its JSON; a step that runs out of time keeps what it measured):
+#   tests          the whole suite on CUDA (tests/test_gpu.py included)                     ~5 min on an H100
+#   kernels-check  our Triton kernels against the references at real sizes, forward and backward
+#   e2e-targets    the issue's three targets: batch 1 at 128K (pure Mamba-2 prefill) and batch 64 at 32K
+#                  (25%-attention decode and cache) against the Llama-3.2-1B-shaped teacher; the teacher's
+#                  cache there is 64 GiB, so this step wants an 80 GB GPU or larger
+#   e2e-kinds      every student kind at batch 1, 2K and 32K
+#   distill        stories260k -> Mamba-2 50%, align/hidden/kd in bf16, loss curves against the CPU run
+#                  (benchmarks/results/distill-cpu.json)
+#   kernels-speed  kernel timings against the references (and mamba-ssm, causal-conv1d, fla when installed)
+# Time limits per command of a step, in seconds: MIXERSWAP_GPU_LIMITS="tests=420 e2e-targets=480 ..." overrides the defaults.
+# The e2e checkpoints (a 1B teacher and its students, ~30 GB) go to ${E2E_WORK:-/tmp/mixerswap-e2e}.
+set -u
+out=${1:?usage: benchmarks/gpu_session.sh OUT_DIR [STEP ...]}
+shift
+steps=${*:-tests kernels-check e2e-targets e2e-kinds distill kernels-speed}
+mkdir -p "$out"
+work=${E2E_WORK:-/tmp/mixerswap-e2e}
+declare -A limit=([tests]=420 [kernels-check]=240 [e2e-targets]=480 [e2e-kinds]=300 [distill]=180 [kernels-speed]=300)
+for pair in ${MIXERSWAP_GPU_LIMITS:-}; do limit[${pair%%=*}]=${pair#*=}; done
+export PYTHONUNBUFFERED=1
+
+run() {  # run STEP COMMAND...: bounded, logged, with its exit status and seconds
+    local step=$1 began=$SECONDS
+    shift
+    timeout "${limit[$step]}" "$@" >>"$out/$step.log" 2>&1
+    local status=$?
+    echo "$step: exit $status after $((SECONDS - began)) s ($*)" | tee -a "$out/summary.txt"
+}
+
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader >"$out/device.txt" 2>&1
+python -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda,
+'triton', triton.__version__, 'transformers', transformers.__version__)" >>"$out/device.txt" 2>&1
+cat "$out/device.txt"
+for step in $steps; do
+    case $step in
+        tests) OMP_NUM_THREADS=1 run tests python -m pytest -q -n 8 -p no:cacheprovider tests ;;
+        kernels-check) run kernels-check python benchmarks/kernel_speed.py --check-only --out "$out/kernels-check.json" ;;
+        e2e-targets)
+            run e2e-targets python benchmarks/e2e_speed.py --workdir "$work" --students mamba2-25%,mamba2-0% \
+                --batch 1 --context 128k --repeats 3 --json "$out/e2e-b1-128k.json"
+            run e2e-targets python benchmarks/e2e_speed.py --workdir "$work" --students mamba2-25%,mamba2-0% \
+                --batch 64 --context 32k --repeats 2 --json "$out/e2e-b64-32k.json" ;;
+        e2e-kinds) run e2e-kinds python benchmarks/e2e_speed.py --workdir "$work" --batch 1 --context 2k,32k \
+                --repeats 3 --json "$out/e2e-b1.json" --plot "$out/e2e-b1.png" ;;
+        distill) run distill python benchmarks/distill_device.py --out "$out/distill-gpu.json" \
+                --compare benchmarks/results/distill-cpu.json -q ;;
+        kernels-speed) run kernels-speed python benchmarks/kernel_speed.py --batches 1 --seqlens 2048,32768 \
+                --head-dims 64 --decode-batches 64 --repeats 10 --out "$out/kernels.json" ;;
+        *) echo "unknown step $step (tests kernels-check e2e-targets e2e-kinds distill kernels-speed)" >&2; exit 2 ;;
+    esac
+done
+cat "$out/summary.txt"
