@@ -9,7 +9,8 @@
 #   kernels-check  our Triton kernels against the references at real sizes, forward and backward
 #   e2e-targets    the three targets: batch 1 at 128K (pure Mamba-2 prefill) and batch 64 at 32K
 #                  (25%-attention decode and cache) against the Llama-3.2-1B-shaped teacher; the teacher's
-#                  cache there is 64 GiB, so this step wants an 80 GB GPU or larger
+#                  cache there is 64 GiB: 2048-token prefill chunks (131K tokens per forward at batch 64) keep
+#                  the activations beside it to a few GiB, so that it can fit an 80 GB GPU
 #   e2e-kinds      every student kind at batch 1, 2K and 32K
 #   distill        stories260k -> Mamba-2 50%, align/hidden/kd in bf16, loss curves against the CPU run
 #                  (benchmarks/results/distill-cpu.json)
@@ -46,7 +47,7 @@ for step in $steps; do
             run e2e-targets python benchmarks/e2e_speed.py --workdir "$work" --students mamba2-25%,mamba2-0% \
                 --batch 1 --context 128k --repeats 3 --json "$out/e2e-b1-128k.json"
             run e2e-targets python benchmarks/e2e_speed.py --workdir "$work" --students mamba2-25%,mamba2-0% \
-                --batch 64 --context 32k --repeats 2 --json "$out/e2e-b64-32k.json" ;;
+                --batch 64 --context 32k --prefill-chunk 2048 --repeats 2 --json "$out/e2e-b64-32k.json" ;;
         e2e-kinds) run e2e-kinds python benchmarks/e2e_speed.py --workdir "$work" --batch 1 --context 2k,32k \
                 --repeats 3 --json "$out/e2e-b1.json" --plot "$out/e2e-b1.png" ;;
         distill) run distill python benchmarks/distill_device.py --out "$out/distill-gpu.json" \
