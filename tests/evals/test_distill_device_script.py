@@ -1,21 +1,17 @@
 """benchmarks/distill_device.py runs one small distillation, reports each stage, and compares two reports."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
+from ..conftest import load_benchmark
 
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "distill_device.py"
 SMALL = ["--stages", "align:4k,hidden:4k,kd:4k", "--batch-size", "4", "--seq-len", "64", "--stories", "60", "-q"]
 
 
 @pytest.mark.slow
 def test_each_stage_is_reported_and_reports_compare(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("distill_device", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("distill_device")
     monkeypatch.setattr(sys, "argv", ["distill_device.py", *SMALL, "--out", str(tmp_path / "a.json")])
     module.main()
     report = json.loads((tmp_path / "a.json").read_text())

@@ -1,17 +1,12 @@
 """benchmarks/e2e_speed.py runs end to end (scaled down) and reports every model and the kernels."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "e2e_speed.py"
+from ..conftest import load_benchmark
 
 
 def test_e2e_speed_tiny(tmp_path, monkeypatch, capsys):
-    spec = importlib.util.spec_from_file_location("e2e_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("e2e_speed")
     monkeypatch.setattr(sys, "argv", ["e2e_speed.py", "--tiny", "--context", "64,128", "--batch", "1",
                                       "--decode-tokens", "2", "--workdir", str(tmp_path),
                                       "--json", str(tmp_path / "e2e.json")])

@@ -1,24 +1,18 @@
 """benchmarks/mqar.py: its MQAR chats reach the trainer as the probe's sequences with only the answers
 learned, and a --quick run converts, distills and measures every row it is asked for."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import torch
 
 from mixerswap.distill.data import Chat, PackedLoader
 from mixerswap.distill.masks import next_token_labels
 from mixerswap.evals.probes import MQARSpec, mqar_batch
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "mqar.py"
+from ..conftest import load_benchmark
 
 
 def load_script():
-    spec = importlib.util.spec_from_file_location("mqar_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("mqar")
 
 
 def test_chats_pack_to_mqar_rows_with_answer_targets():

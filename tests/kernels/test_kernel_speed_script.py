@@ -1,29 +1,19 @@
 """benchmarks/kernel_speed.py --check-only (on CPU through triton's interpreter): every check is printed as it
 finishes and saved, and the run fails when a kernel is off its reference."""
 
-import importlib.util
 import json
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from ..conftest import load_benchmark
 from .conftest import requires_triton
-
-SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "kernel_speed.py"
-
-
-def load():
-    spec = importlib.util.spec_from_file_location("kernel_speed", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @requires_triton
 def test_check_only_reports_every_kernel_and_fails_past_the_tolerance(tmp_path, monkeypatch, capsys):
-    module = load()
+    module = load_benchmark("kernel_speed")
     args = ["kernel_speed.py", "--check-only", "--check-shapes", "1x64x2x16x16", "--ops", "ssd_chunk_scan,gla_chunk",
             "--out", str(tmp_path / "k.json"), "--device", "cuda" if torch.cuda.is_available() else "cpu"]
     monkeypatch.setattr(sys, "argv", args)
