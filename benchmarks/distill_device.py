@@ -42,6 +42,9 @@ from mixerswap.demo import packaged_teacher, sample_stories
 from mixerswap.distill.recipe import DistillRecipe, parse_stages
 from mixerswap.distill.trainer import run_distill, work_dir
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from quality import write_split  # noqa: E402  (the same data split as the recovery table)
+
 
 def write_corpus(work: Path, stories: int) -> tuple[Path, Path, int, str]:
     """quality.py's stories260k data: held-out stories first (the trainer holds out the first ``held``
@@ -51,9 +54,7 @@ def write_corpus(work: Path, stories: int) -> tuple[Path, Path, int, str]:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     docs = sample_stories(teacher, tokenizer, stories)
     held = max(1, len(docs) // 10)
-    corpus, calibration = work / "corpus.jsonl", work / "calibration.txt"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:held] + docs[held + 40 :]))
-    calibration.write_text("\n\n".join(docs[held : held + 40]))
+    corpus, calibration = write_split(work, docs, held)
     return corpus, calibration, held, f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out"
 
 

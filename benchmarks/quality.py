@@ -75,6 +75,15 @@ def rows_for(teacher_config) -> dict[str, dict]:
     return rows
 
 
+def write_split(work: Path, docs: list[str], held: int) -> tuple[Path, Path]:
+    """``(corpus.jsonl, calibration.txt)`` in ``work``: the held-out documents first (distillation holds out
+    the first ``held``), then the training ones; the 40 after the held-out ones calibrate and are left out."""
+    corpus, calibration = work / "corpus.jsonl", work / "calibration.txt"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:held] + docs[held + 40 :]))
+    calibration.write_text("\n\n".join(docs[held : held + 40]))
+    return corpus, calibration
+
+
 def split_articles(text: str) -> list[str]:
     """WikiText: an article starts at a `` = Title = `` line (one pair of ``=``)."""
     parts = re.split(r"\n(?= = [^=].* = \n)", "\n" + text)
@@ -315,11 +324,8 @@ def main() -> None:
         docs = split_articles(args.text.read_text(encoding="utf-8"))
         held = args.held_out_docs
         data_note = f"{len(docs)} articles of {args.text.name}, the first {held} held out"
-    held_docs, calibration_docs = docs[:held], docs[held : held + 40]
-    corpus = work / "corpus.jsonl"  # held-out documents first: distillation holds out the first `held`
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:held] + docs[held + 40 :]))
-    calibration = work / "calibration.txt"
-    calibration.write_text("\n\n".join(calibration_docs))
+    held_docs = docs[:held]
+    corpus, calibration = write_split(work, docs, held)
     teacher_mqar = mqar_accuracy(teacher, [args.mqar_length])[0].accuracy
     if teacher_mqar < 0.2:
         print(f"teacher MQAR accuracy {teacher_mqar:.2f} at length {args.mqar_length}: no recall circuit, MQAR left out")

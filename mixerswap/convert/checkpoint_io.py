@@ -383,6 +383,15 @@ def check_output(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) 
     return out
 
 
+def write_whole(path: str | os.PathLike, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file or the new one."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path
+
+
 def check_output_file(path: str | os.PathLike, *, inputs=()) -> Path:
     """The check of an output file (a report, a plot): refuse one that is an input of the run (a model
     folder, a data file) or that would replace a file inside an input folder."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import gc
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
-from ..convert.checkpoint_io import check_output
+from ..convert.checkpoint_io import check_output, write_whole
 from .harness import lm_eval_table, resolve_tasks, run_lm_eval
 from .lengths import check_lengths, position_limit
 from .loading import load_config, load_model, model_labels
@@ -177,16 +176,9 @@ def evaluate(model_path: str | Path, options: EvalOptions, *, vs: str | Path | N
     report.out.mkdir(parents=True, exist_ok=True)
     if probe_rows:
         report.plots.append(plot_probes(probe_rows, report.out / "probes.png"))
-    _write_whole(report.out / "results.json", json.dumps(results, indent=1))
-    _write_whole(report.out / "summary.md", report.text() + "\n")
+    write_whole(report.out / "results.json", json.dumps(results, indent=1))
+    write_whole(report.out / "summary.md", report.text() + "\n")
     return report
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file: a crash leaves the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def perplexity_table(by_model: dict[str, dict]) -> str:

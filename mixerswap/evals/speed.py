@@ -52,7 +52,6 @@ from __future__ import annotations
 import functools
 import gc
 import json
-import os
 import statistics
 import time
 from collections.abc import Callable, Mapping
@@ -572,11 +571,8 @@ def bench_paths(paths: Mapping[str, str], *, contexts: list[int], decode_tokens:
 
 def save_report(report: BenchReport, path: str | Path) -> Path:
     """Write the report's JSON to ``path``, never over a benchmarked model or a file in its folder."""
-    from ..convert.checkpoint_io import check_output_file
+    from ..convert.checkpoint_io import check_output_file, write_whole
 
     path = check_output_file(path, inputs=[m.get("path") for m in report.models.values()])
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(report.to_dict(), indent=1))
-    os.replace(tmp, path)  # a reader never sees half a report
-    return path
+    return write_whole(path, json.dumps(report.to_dict(), indent=1))  # a reader never sees half a report

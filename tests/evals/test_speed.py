@@ -191,4 +191,4 @@ def test_each_configuration_is_reported_as_it_finishes(pico, tmp_path):
                    repeats=1, reference="teacher", on_configuration=save)
     assert seen == [2, 4, 6, 8]  # two models per configuration, interleaved on CPU
     saved = json.loads((tmp_path / "partial.json").read_text())
-    assert len(saved["runs"]) == len(report.runs) == 8 and not list(tmp_path.glob(".*.tmp"))
+    assert len(saved["runs"]) == len(report.runs) == 8 and not list(tmp_path.glob(".*.tmp*"))

@@ -66,7 +66,7 @@ def main() -> None:
                 autotuned, lambda bv, w, st: shared_bytes(delta._state_bwd_kernel, {**meta, "BV": bv}, inputs, dtype,
                                                           w, st))
         cases[f"delta_rule _chunk_bwd_kernel K=V=128 {dtype}"] = until_fit(
-            delta.CHUNK_BWD_TILES,
+            delta._chunk_bwd_tiles(128),
             lambda bv, w, st: shared_bytes(delta._chunk_bwd_kernel, {**meta, "BV": bv}, inputs, dtype, w, st))
         for dk in (128, 256):
             block_t = gla._block_t(64, dk)
@@ -77,9 +77,8 @@ def main() -> None:
                 warps = meta.pop("num_warps")
                 return shared_bytes(gla._gla_bwd_chunk_kernel, meta, {"q", "k", "v", "g", "do", "dv"}, dtype, warps, 3)
 
-            widest = gla._blocks(dk, 128)[1]  # as the backward filters them
             cases[f"gla _gla_bwd_chunk_kernel K={dk} V=128 {dtype}"] = until_fit(
-                [(w,) for w in gla.BWD_WIDTHS if w <= widest], measure)
+                [(w,) for w in gla._bwd_widths(dk, 128)], measure)
     print(json.dumps(cases))
 
 

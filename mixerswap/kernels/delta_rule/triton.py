@@ -397,6 +397,11 @@ def _block(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
+def _chunk_bwd_tiles(dv: int) -> list[tuple[int, int, int]]:
+    """``CHUNK_BWD_TILES`` no wider than ``V`` needs (at most 64), widest first (the first that fits runs)."""
+    return [t for t in CHUNK_BWD_TILES if t[0] <= min(64, _block(dv))]
+
+
 def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
@@ -492,9 +497,8 @@ class DeltaRuleChunkFn(torch.autograd.Function):
                 seqlen, heads, dk, dv, nchunks, BV=bv,
                 **({} if interpreting() else {"num_warps": warps, "num_stages": stages}), **meta)
 
-        widest = min(64, _block(dv))
-        tiles = [t for t in CHUNK_BWD_TILES if t[0] <= widest] or [(widest, 4, 1)]
-        launch_fitting(("delta rule backward", dk, dv, q.dtype, ctx.has_seq_idx, q.device.index), tiles, launch)
+        launch_fitting(("delta rule backward", dk, dv, q.dtype, ctx.has_seq_idx, q.device.index), _chunk_bwd_tiles(dv),
+                       launch)
         dinit = dh0.to(initial_state.dtype) if initial_state is not None else None
         return dq, dk_, dv_, dg, dbeta, dinit, None, None, None
 

@@ -60,6 +60,11 @@ def _blocks(dk: int, dv: int) -> tuple[int, int]:
     return bk, bv
 
 
+def _bwd_widths(dk: int, dv: int) -> list[int]:
+    """The backward's V tiles, widest first, from the forward's down to 16 (the first that fits runs)."""
+    return [w for w in BWD_WIDTHS if w <= _blocks(dk, dv)[1]]
+
+
 def _launch_options(*blocks: int) -> dict:
     # No autotuning: each program walks its chunks in order, so the tile sizes follow from the shapes,
     # and only the warp count is chosen (more warps for the larger tiles); the interpreter ignores it.
@@ -322,7 +327,7 @@ def _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, scale, block_t):
     """``(dq, dk, dv, dg, d initial_state)``: ``dq, dk, dg`` in fp32, ``dv`` in ``v.dtype``, ``dh0`` fp32."""
     batch, seqlen, heads, dk = q.shape
     dv_size = v.shape[-1]
-    bk, widest = _blocks(dk, dv_size)
+    bk = _blocks(dk, dv_size)[0]
     n_chunks = triton.cdiv(seqlen, block_t)
     d_o = torch.zeros_like(v) if d_o is None else d_o.contiguous()
     d_states = torch.empty_like(states)
@@ -348,9 +353,8 @@ def _backward(q, k, v, g, seq_idx, states, final, d_o, d_final, scale, block_t):
         )
         return dq, dk_, d_b
 
-    widths = [w for w in BWD_WIDTHS if w <= widest] or [widest]
     key = ("gla backward", dk, dv_size, block_t, q.dtype, seq_idx is not None, d_final is not None, q.device.index)
-    dq, dk_, d_b = launch_fitting(key, widths, launch)
+    dq, dk_, d_b = launch_fitting(key, _bwd_widths(dk, dv_size), launch)
     # d_b: gradient of b_i, the log-decay accumulated from the chunk start; g_t enters every b_i with
     # i >= t of its chunk.
     d_b = torch.nn.functional.pad(d_b.sum(0), (0, 0, 0, n_chunks * block_t - seqlen))
