@@ -38,13 +38,18 @@ def cache_root() -> Path:
     return Path(os.environ.get("MIXERSWAP_CACHE", Path.home() / ".cache" / "mixerswap"))
 
 
+def cached_folder(gguf: Path) -> Path:
+    """Where the HF folder of ``gguf`` is cached: keyed by the file's path, size and mtime."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    return cache_root() / "gguf" / f"{gguf.stem}-{key}"
+
+
 def gguf_as_hf_folder(gguf: Path) -> Path:
     """The cached HF folder of ``gguf``, made on first use (see the module docstring)."""
     from .checkpoint_io import output_lock
 
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    folder = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    folder = cached_folder(gguf)
     if (folder / "config.json").exists():
         return folder
     with output_lock(folder, wait=GGUF_CACHE_WAIT_S):  # a second run on the same file waits, then reuses it

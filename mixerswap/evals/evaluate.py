@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .. import __version__
 from ..convert.checkpoint_io import check_output, write_whole
+from ..convert.gguf import hf_model_path
 from .harness import lm_eval_table, resolve_tasks, run_lm_eval
 from .lengths import check_lengths, position_limit
 from .loading import load_config, load_model, model_labels
@@ -89,7 +90,7 @@ def _check_model(path: str, options: EvalOptions, label: str) -> None:
     config = load_config(path)
     if options.tasks or options.perplexity or options.passkey or options.needle:
         try:
-            AutoTokenizer.from_pretrained(path)
+            AutoTokenizer.from_pretrained(hf_model_path(path))
         except (OSError, ValueError, TypeError):
             raise ValueError(f"{label} has no tokenizer files; lm-eval tasks, perplexity, passkey and needle "
                              "need one") from None

@@ -140,7 +140,7 @@ def run_lm_eval(model, tokenizer, selection: TaskSelection, *, batch_size: int =
     """``simple_evaluate`` on ``model``; returns lm-eval's result dict made JSON-safe (no samples unless asked).
 
     Seeds (few-shot sampling and the like) are lm-eval's defaults, as in its command line. lm-eval's
-    progress bars are :func:`mixerswap.progress.progress_bar`\ s (plain lines in a log; off without ``progress``).
+    progress bars are :func:`mixerswap.progress.progress_bar` bars (plain lines in a log; off without ``progress``).
     """
     import lm_eval
     from lm_eval.models.huggingface import HFLM

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..convert.checkpoint_io import refuse_non_finite
+from ..convert.gguf import hf_model_path
 from ..generation import check_model_path, load_model_and_tokenizer
 
 
@@ -17,10 +18,11 @@ def load_model(path: str | Path, *, dtype: str = "auto", device: str | None = No
 
 
 def load_config(path: str | Path):
+    """The config of a folder, hub id or ``.gguf`` file (read from its dequantized HF folder)."""
     from transformers import AutoConfig
 
     check_model_path(path)
-    return AutoConfig.from_pretrained(path)
+    return AutoConfig.from_pretrained(hf_model_path(path))
 
 
 def model_labels(model: str | Path, vs: str | Path | None = None) -> dict[str, tuple[str, str]]:

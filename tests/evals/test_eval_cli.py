@@ -155,3 +155,23 @@ def test_eval_refuses_a_model_with_non_finite_weights(pico_student, tmp_path):
     assert_one_error_line(run("eval", model, "--mqar", "--mqar-lengths", "64", "--out", tmp_path / "e", "-q"),
                           f"weight {name} holds NaN or inf values")
     assert not (tmp_path / "e").exists()
+
+
+def test_eval_and_bench_read_a_gguf_reference(pico_student, teacher_dir, tmp_path, monkeypatch):
+    """MODEL and --vs may name a .gguf file, as a teacher does everywhere: read through its cached HF folder
+    (the same folder convert and distill dequantize it into once)."""
+    import shutil
+
+    from mixerswap.convert.gguf import cached_folder
+
+    monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
+    gguf = tmp_path / "teacher.Q8_0.gguf"
+    gguf.write_bytes(b"GGUF")
+    shutil.copytree(teacher_dir("llama"), cached_folder(gguf))
+    result = run("eval", pico_student, "--vs", gguf, "--mqar", "--mqar-lengths", "64", "--out", tmp_path / "e", "-q")
+    assert result.exit_code == 0, result.output
+    models = json.loads((tmp_path / "e" / "results.json").read_text())["models"]
+    assert sorted(models) == ["pico-student", "teacher.Q8_0.gguf"]
+    result = run("bench", gguf, "--vs", pico_student, "--context", "16", "--batch", "1", "--decode-tokens", "2",
+                 "--device", "cpu", "--json", tmp_path / "bench.json", "-q")
+    assert result.exit_code == 0, result.output
