@@ -39,6 +39,7 @@ from ..convert.checkpoint_io import (
     folder_fingerprint,
     output_lock,
     refuse_non_finite,
+    write_whole,
 )
 from ..convert.gguf import hf_model_path
 from ..progress import progress_bar
@@ -383,9 +384,7 @@ def _forget_metrics_after(path: Path, global_step: int) -> None:
         return
     kept = [line for line in path.read_text().splitlines(keepends=True)
             if line.strip() and json.loads(line).get("global_step", 0) <= global_step]
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    write_whole(path, "".join(kept))
 
 
 def _check_student(student) -> dict:
