@@ -18,8 +18,9 @@ align → hidden → kd with ``--tokens`` split 1:1:2, then on the held-out docu
 trainer's held-out perplexity, one definition for teacher, init and after every stage), next-token
 agreement with the teacher, greedy-generation agreement (share of ``--gen-tokens`` greedy tokens the
 student produces before it first departs from the teacher, over held-out prompts), MQAR and passkey
-retrieval (``--passkey-length``, clipped to the teacher's positions) when the teacher itself solves
-them, and the cache bytes per token after a prefill of 1K and 8K tokens.
+retrieval (``--passkey-length``, clipped to the teacher's positions; exact answers, and in brackets the
+share of the key's leading digits answered) when the teacher itself solves them, and the cache bytes
+per token after a prefill of 1K and 8K tokens.
 Writes one JSON row per student (``--out``; ``--append`` keeps the rows of an earlier run with the same
 teacher that this run does not measure again), a PNG of perplexity against tokens, and prints a table.
 """
@@ -168,8 +169,7 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "student_ppl_final": result.perplexity_after, "next_token_agreement": round(agreement, 4),
         "gen_agreement": round(generation_agreement(model, teacher, prompts, args.gen_tokens), 4),
         "mqar": (round(mqar_accuracy(model, [args.mqar_length])[0].accuracy, 4) if teacher_mqar is not None else None),
-        "passkey": (passkey_accuracy(model, tokenizer, [passkey_length], samples=args.passkey_samples)[0].accuracy
-                    if passkey_length else None),
+        **passkey_fields(model, tokenizer, passkey_length, args.passkey_samples),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
         "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
         "validation_docs": args.validation_docs, "seconds": round(time.perf_counter() - started, 1),
@@ -203,9 +203,27 @@ def plot(rows: list[dict], teacher_ppl: float, path: Path) -> None:
     plt.close(fig)
 
 
+def passkey_fields(model, tokenizer, length: int | None, samples: int) -> dict:
+    """``passkey`` (exact answers) and ``passkey_digits`` (share of the key's leading digits answered), or
+    ``passkey: None`` where the teacher cannot do it."""
+    if not length:
+        return {"passkey": None}
+    result = passkey_accuracy(model, tokenizer, [length], samples=samples)[0]
+    return {"passkey": result.accuracy, "passkey_digits": round(result.key_digits, 4)}
+
+
+def passkey_cell(row: dict) -> str:
+    if row.get("passkey") is None:
+        return "n/a"
+    digits = row.get("passkey_digits")
+    return f"{row['passkey']:.2f}" + ("" if digits is None else f" ({digits:.2f})")
+
+
 def table(rows: list[dict]) -> str:
+    lengths = [int(n) for n in rows[0]["cache_bytes_per_token"]] if rows else []
+    sizes = [f"{n // 1024}K" if n % 1024 == 0 else str(n) for n in lengths]
     head = ("student", "attn", "fast lr", "ppl init", "align", "hidden", "kd", "next-tok", "gen", "MQAR", "passkey",
-            "cache B/tok 1K", "8K", "s")
+            *[f"cache B/tok {size}" if i == 0 else size for i, size in enumerate(sizes)], "s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" + ("*" if s in r.get("undone", {}) else "")
@@ -215,7 +233,7 @@ def table(rows: list[dict]) -> str:
             r["name"], f"{r['attention_kept']:.2f}", f"x{r.get('fast_lr_scale') or 1:g}", f"{r['student_ppl_init']:.2f}", *stage,
             f"{r['next_token_agreement']:.1%}", f"{r['gen_agreement']:.1%}",
             "n/a" if r["mqar"] is None else f"{r['mqar']:.2f}",
-            "n/a" if r.get("passkey") is None else f"{r['passkey']:.2f}",
+            passkey_cell(r),
             *[f"{c:.0f}" for c in cache], f"{r['seconds']:.0f}"]) + " |")
     if any(r.get("undone") for r in rows):
         lines.append("\n\\* stage undone: it raised perplexity on the validation documents (the figure is the kept one)")

@@ -192,12 +192,13 @@ def perplexity_table(by_model: dict[str, dict]) -> str:
 
 
 def probe_table(by_model: dict[str, list]) -> str:
-    """One row per (probe, length); needle depths averaged."""
+    """One row per (probe, length), then per (probe, length) of the passkey and needle the share of the
+    key's digits retrieved (``key digits``); needle depths averaged."""
     labels = list(by_model)
-    means = {label: summarize(rows) for label, rows in by_model.items()}
-    keys = sorted({k for m in means.values() for k in m})
     rows = []
-    for probe, length in keys:
-        values = [means[label].get((probe, length)) for label in labels]
-        rows.append([probe, length, *values] + ([delta(*values)] if len(labels) == 2 else []))
+    for measure, suffix in (("accuracy", ""), ("key_digits", " key digits")):
+        means = {label: summarize(results, measure) for label, results in by_model.items()}
+        for probe, length in sorted({k for m in means.values() for k in m}):
+            values = [means[label].get((probe, length)) for label in labels]
+            rows.append([probe + suffix, length, *values] + ([delta(*values)] if len(labels) == 2 else []))
     return format_table(["probe", "length", *labels] + (["delta"] if len(labels) == 2 else []), rows)

@@ -11,6 +11,9 @@
 Passkey and needle prompts are exactly ``length`` tokens long, built from separately tokenized
 sentences, and answered by greedy ``generate`` through the model's cache; the first number in the
 answer must equal the key. All generators are deterministic in ``(seed, length, sample)``.
+Exact match hides partial retrieval (a student that answers "730" for the key "73042" has found
+the needle and lost the copy), so they also report ``key_digits``: the mean share of the key's
+digits the first number of the answer reproduces, in order from its first, before the first wrong one.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ NEW_TOKENS = {"passkey": 10, "needle": 12}  # greedy tokens generated per answer
 
 @dataclass(frozen=True)
 class ProbeResult:
-    """Accuracy of one probe at one length (and depth, for the needle)."""
+    """Accuracy of one probe at one length (and depth, for the needle); ``key_digits`` (passkey and
+    needle): the mean share of the key's leading digits answered correctly (see the module docstring)."""
 
     probe: str
     length: int
     accuracy: float
     samples: int
     depth: float | None = None
+    key_digits: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,10 +119,26 @@ def needle_sample(tokenizer, length: int, depth: float, haystack: list[str], *, 
     return RetrievalSample(ids, key, depth)
 
 
+def key_digits(answer: str, key: str) -> float:
+    """Share of ``key``'s digits that the first number in ``answer`` reproduces, from the first digit up
+    to the first wrong one: ``key_digits("is 730.", "73042") == 0.6``."""
+    found = re.search(r"\d+", answer)
+    if not found:
+        return 0.0
+    same = 0
+    for got, want in zip(found.group(), key):
+        if got != want:
+            break
+        same += 1
+    return same / len(key)
+
+
 @torch.inference_mode()
-def _answer_accuracy(model, tokenizer, samples: list[RetrievalSample], batch_size: int, new_tokens: int) -> float:
-    """Fraction of samples whose greedy continuation (cached decoding) has the key as its first number."""
-    correct = 0
+def _answer_accuracy(model, tokenizer, samples: list[RetrievalSample], batch_size: int,
+                     new_tokens: int) -> tuple[float, float]:
+    """``(exact, digits)``: the fraction of samples whose greedy continuation (cached decoding) has the key
+    as its first number, and the mean :func:`key_digits`."""
+    correct, digits = 0, 0.0
     for start in range(0, len(samples), batch_size):
         batch = samples[start : start + batch_size]
         ids = torch.tensor([s.input_ids for s in batch], device=model.device)
@@ -125,9 +146,11 @@ def _answer_accuracy(model, tokenizer, samples: list[RetrievalSample], batch_siz
                              pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
                              else tokenizer.eos_token_id)
         for sample, row in zip(batch, out[:, ids.shape[1] :].tolist()):
-            found = re.search(r"\d+", tokenizer.decode(row, skip_special_tokens=True))
+            answer = tokenizer.decode(row, skip_special_tokens=True)
+            found = re.search(r"\d+", answer)
             correct += bool(found) and found.group() == sample.key
-    return correct / len(samples)
+            digits += key_digits(answer, sample.key)
+    return correct / len(samples), digits / len(samples)
 
 
 def _need_tokenizer(tokenizer, probe: str) -> None:
@@ -143,8 +166,8 @@ def passkey_accuracy(model, tokenizer, lengths: list[int], *, samples: int = 5, 
     results = []
     for length in lengths:
         batch = [passkey_sample(tokenizer, length, seed=seed, index=i) for i in range(samples)]
-        accuracy = _answer_accuracy(model, tokenizer, batch, batch_size, NEW_TOKENS["passkey"])
-        results.append(ProbeResult("passkey", length, accuracy, samples))
+        accuracy, digits = _answer_accuracy(model, tokenizer, batch, batch_size, NEW_TOKENS["passkey"])
+        results.append(ProbeResult("passkey", length, accuracy, samples, key_digits=digits))
     return results
 
 
@@ -158,8 +181,8 @@ def needle_accuracy(model, tokenizer, lengths: list[int], *, haystack_text: str,
     for length in lengths:
         for depth in depths:
             batch = [needle_sample(tokenizer, length, depth, haystack, seed=seed, index=i) for i in range(samples)]
-            accuracy = _answer_accuracy(model, tokenizer, batch, batch_size, NEW_TOKENS["needle"])
-            results.append(ProbeResult("needle", length, accuracy, samples, depth=depth))
+            accuracy, digits = _answer_accuracy(model, tokenizer, batch, batch_size, NEW_TOKENS["needle"])
+            results.append(ProbeResult("needle", length, accuracy, samples, depth=depth, key_digits=digits))
     return results
 
 
@@ -236,11 +259,15 @@ def mqar_accuracy(model, lengths: list[int], *, spec: MQARSpec | None = None, sa
     return results
 
 
-def summarize(results: list[ProbeResult]) -> dict[tuple[str, int], float]:
-    """Mean accuracy per ``(probe, length)`` (the needle's depths averaged, weighted by samples)."""
+def summarize(results: list[ProbeResult], measure: str = "accuracy") -> dict[tuple[str, int], float]:
+    """Mean ``measure`` (``accuracy`` or ``key_digits``) per ``(probe, length)``, the needle's depths
+    averaged, weighted by samples; results without the measure are left out."""
     sums: dict[tuple[str, int], list[float]] = {}
     for r in results:
+        value = getattr(r, measure)
+        if value is None:
+            continue
         acc = sums.setdefault((r.probe, r.length), [0.0, 0.0])
-        acc[0] += r.accuracy * r.samples
+        acc[0] += value * r.samples
         acc[1] += r.samples
     return {key: total / count for key, (total, count) in sums.items()}

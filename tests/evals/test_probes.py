@@ -1,5 +1,7 @@
 """Probe generators are deterministic and well formed; MQAR separates a solver from a non-solver."""
 
+import re
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -7,6 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from mixerswap.evals.probes import (
     MQARSpec,
     haystack_sentences,
+    key_digits,
     mqar_accuracy,
     mqar_batch,
     needle_sample,
@@ -91,3 +94,42 @@ def test_passkey_of_an_all_attention_student_equals_its_teacher(stories_dir, tmp
     assert [(r.probe, r.length, r.samples) for r in ours] == [("passkey", 200, 2), ("passkey", 320, 2)]
     with pytest.raises(ValueError, match="exceeds the model's limit of 512"):
         passkey_accuracy(student, tok, [512], samples=1)
+
+
+@pytest.mark.parametrize("answer, key, expected", [
+    (" 73042. The", "73042", 1.0), (" is 730.", "73042", 0.6), (" 734", "73042", 0.4), (" 730421", "73042", 1.0), (" 83042", "73042", 0.0),
+    (" the grass", "73042", 0.0), (" 7 then 73042", "73042", 0.2)])
+def test_key_digits_counts_the_leading_digits_of_the_first_number(answer, key, expected):
+    assert key_digits(answer, key) == pytest.approx(expected)
+
+
+class _CopiesPartOfTheKey:
+    """Answers every passkey prompt with the first ``digits`` digits of its key (greedy, as generate)."""
+
+    device = torch.device("cpu")
+    config = None
+
+    def __init__(self, tokenizer, digits: int):
+        self.tokenizer, self.digits = tokenizer, digits
+
+    def generate(self, ids, **_):
+        rows = []
+        for row in ids.tolist():
+            key = re.search(r"pass key is (\d+)", self.tokenizer.decode(row)).group(1)
+            answer = self.tokenizer(f" {key[: self.digits]}. The grass", add_special_tokens=False)["input_ids"]
+            rows.append(row + answer[:10] + [0] * (10 - len(answer[:10])))
+        return torch.tensor(rows)
+
+
+def test_passkey_reports_partial_retrieval_beside_exact_match(tokenizer, monkeypatch):
+    """Exact match scores a key missing its last digits 0; ``key_digits`` shows how much was retrieved, and
+    eval's probe table lists it under ``passkey key digits``."""
+    from mixerswap.evals.evaluate import probe_table
+
+    monkeypatch.setattr("mixerswap.evals.probes.check_lengths", lambda *a, **k: None)
+    partial = passkey_accuracy(_CopiesPartOfTheKey(tokenizer, 3), tokenizer, [200], samples=4)
+    whole = passkey_accuracy(_CopiesPartOfTheKey(tokenizer, 5), tokenizer, [200], samples=4)
+    assert (partial[0].accuracy, partial[0].key_digits) == (0.0, pytest.approx(0.6))
+    assert (whole[0].accuracy, whole[0].key_digits) == (1.0, 1.0)
+    table = probe_table({"student": partial, "teacher": whole})
+    assert "| passkey key digits | 200" in table and "0.6" in table

@@ -1,0 +1,49 @@
+"""benchmarks/quality.py end to end on the packaged stories260k teacher at a toy budget: rows, table, merge."""
+
+import json
+import sys
+
+import pytest
+
+from ..conftest import load_benchmark
+
+
+@pytest.fixture(scope="module")
+def quality():
+    return load_benchmark("quality")
+
+
+def test_quality_rows_table_and_merge(quality, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "q.json"
+    monkeypatch.setattr(sys, "argv", [
+        "quality.py", "--rows", "mamba2-50,swa-25", "--stories", "60", "--tokens", "3k", "--seq-len", "64",
+        "--batch-size", "4", "--gen-prompts", "2", "--gen-tokens", "8", "--agreement-tokens", "256",
+        "--passkey-samples", "1", "--cache-lengths", "64,128", "--out", str(out)])
+    quality.main()
+    report = json.loads(out.read_text())
+    assert report["complete"] and [r["name"] for r in report["rows"]] == ["mamba2-50", "swa-25"]
+    for row in report["rows"]:
+        assert list(row["stage_ppl"]) == ["align", "hidden", "kd"]
+        assert row["student_ppl_final"] == row["stage_ppl"]["kd"] and row["teacher_ppl"] < row["student_ppl_init"] * 1.05
+        assert 0 <= row["gen_agreement"] <= 1 and 0 <= row["next_token_agreement"] <= 1
+        assert list(row["cache_bytes_per_token"]) == ["64", "128"] and row["tokens"] == 3000
+    mamba = report["rows"][0]
+    assert mamba["plan"].count("attention") == 2 and mamba["student_ppl_final"] < mamba["student_ppl_init"]
+    # the packaged teacher cannot retrieve a passkey in its 256 positions: the column says so
+    assert report["passkey"] is None and mamba["passkey"] is None
+    printed = capsys.readouterr().out
+    assert "| cache B/tok 64 | 128 | s |" in printed and "| mamba2-50 | 0.40 | x10 |" in printed
+
+    again = tmp_path / "again.json"
+    report["rows"] = [dict(report["rows"][1], name="swa-25-other")]
+    again.write_text(json.dumps(report))
+    quality.merge([out, again], tmp_path / "merged.json")
+    merged = json.loads((tmp_path / "merged.json").read_text())
+    assert [r["name"] for r in merged["rows"]] == ["mamba2-50", "swa-25", "swa-25-other"]
+    assert (tmp_path / "merged.png").exists()
+
+
+def test_passkey_cell_shows_exact_answers_and_the_share_of_digits(quality):
+    assert quality.passkey_cell({"passkey": None}) == "n/a"
+    assert quality.passkey_cell({"passkey": 0.0}) == "0.00"  # rows measured before the digits were
+    assert quality.passkey_cell({"passkey": 0.0, "passkey_digits": 0.42}) == "0.00 (0.42)"
