@@ -174,7 +174,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
         "validation_docs": args.validation_docs, "seconds": round(time.perf_counter() - started, 1),
     }
-    shutil.rmtree(work / name, ignore_errors=True)
+    if not args.keep_students:
+        shutil.rmtree(work / name, ignore_errors=True)
     return out
 
 
@@ -306,10 +307,15 @@ def main() -> None:
     parser.add_argument("--append", action="store_true",
                         help="keep the rows of an existing --out (same teacher) that this run does not measure again")
     parser.add_argument("--workdir", type=Path)
+    parser.add_argument("--keep-students", action="store_true",
+                        help="keep each row's conversion and distilled student in --workdir ROW/{student,distilled} "
+                             "(for `mixerswap eval` at other lengths, say); without it they are removed after the row")
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="measure nothing: put the rows of these reports (same teacher) into --out, replacing "
                              "rows of the same name, and rewrite its table and plot")
     args = parser.parse_args()
+    if args.keep_students and args.workdir is None:
+        raise SystemExit("--keep-students keeps the students in --workdir: give --workdir DIR")
     if args.merge:
         merge(args.merge, args.out)
         return

@@ -18,7 +18,8 @@ def test_quality_rows_table_and_merge(quality, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [
         "quality.py", "--rows", "mamba2-50,swa-25", "--stories", "60", "--tokens", "3k", "--seq-len", "64",
         "--batch-size", "4", "--gen-prompts", "2", "--gen-tokens", "8", "--agreement-tokens", "256",
-        "--passkey-samples", "1", "--cache-lengths", "64,128", "--out", str(out)])
+        "--passkey-samples", "1", "--cache-lengths", "64,128", "--out", str(out), "--workdir", str(tmp_path / "w"),
+        "--keep-students"])
     quality.main()
     report = json.loads(out.read_text())
     assert report["complete"] and [r["name"] for r in report["rows"]] == ["mamba2-50", "swa-25"]
@@ -31,6 +32,8 @@ def test_quality_rows_table_and_merge(quality, tmp_path, monkeypatch, capsys):
     assert mamba["plan"].count("attention") == 2 and mamba["student_ppl_final"] < mamba["student_ppl_init"]
     # the packaged teacher cannot retrieve a passkey in its 256 positions: the column says so
     assert report["passkey"] is None and mamba["passkey"] is None
+    for name in ("mamba2-50", "swa-25"):  # --keep-students: both models of each row stay for further evaluation
+        assert all((tmp_path / "w" / name / model / "config.json").exists() for model in ("student", "distilled"))
     printed = capsys.readouterr().out
     assert "| cache B/tok 64 | 128 | s |" in printed and "| mamba2-50 | 0.40 | x10 |" in printed
 
@@ -47,3 +50,9 @@ def test_passkey_cell_shows_exact_answers_and_the_share_of_digits(quality):
     assert quality.passkey_cell({"passkey": None}) == "n/a"
     assert quality.passkey_cell({"passkey": 0.0}) == "0.00"  # rows measured before the digits were
     assert quality.passkey_cell({"passkey": 0.0, "passkey_digits": 0.42}) == "0.00 (0.42)"
+
+
+def test_keep_students_needs_a_workdir(quality, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--rows", "mamba2-50", "--keep-students"])
+    with pytest.raises(SystemExit, match="give --workdir DIR"):
+        quality.main()
