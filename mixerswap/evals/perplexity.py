@@ -84,7 +84,9 @@ def windows(num_tokens: int, context: int, stride: int) -> list[tuple[int, int, 
     if context < 2:
         raise ValueError(f"context must be at least 2 tokens, got {context}")
     if not 0 < stride < context:
-        raise ValueError(f"stride must be in [1, context - 1] = [1, {context - 1}], got {stride}")
+        raise ValueError(f"stride must be in [1, context - 1] = [1, {context - 1}], got {stride} (each window scores "
+                         f"tokens its own earlier positions predict: --ppl-stride {context - 1} gives windows that "
+                         "do not overlap)")
     spans, target = [], 1
     end = min(context, num_tokens)
     while target < num_tokens:

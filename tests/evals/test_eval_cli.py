@@ -90,6 +90,16 @@ def test_eval_bad_input(stories_student, args, fragments):
     assert_one_error_line(run("eval", stories_student, *args), *fragments)
 
 
+def test_eval_names_the_stride_for_windows_that_do_not_overlap(stories_student, tmp_path):
+    text = tmp_path / "held-out.txt"
+    text.write_text(bundled_text()[:2000])
+    result = run("eval", stories_student, "--perplexity", text, "--ppl-context", "64", "--ppl-stride", "64",
+                 "--out", tmp_path / "e", "-q")
+    assert_one_error_line(result, "stride must be in [1, context - 1] = [1, 63], got 64",
+                          "--ppl-stride 63 gives windows that do not overlap")
+    assert not (tmp_path / "e").exists()
+
+
 def test_eval_unknown_task(stories_student):
     result = run("eval", stories_student, "--tasks", "mixerswap_stories,no_such_task_xyz", "-q")
     assert_one_error_line(result, "unknown task(s): no_such_task_xyz")
