@@ -18,6 +18,7 @@ digits the first number of the answer reproduces, in order from its first, befor
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import asdict, dataclass
@@ -119,18 +120,16 @@ def needle_sample(tokenizer, length: int, depth: float, haystack: list[str], *, 
     return RetrievalSample(ids, key, depth)
 
 
+def first_number(answer: str) -> str:
+    """The first run of digits in ``answer`` ("" if none): what the probes read as the model's answer."""
+    found = re.search(r"\d+", answer)
+    return found.group() if found else ""
+
+
 def key_digits(answer: str, key: str) -> float:
     """Share of ``key``'s digits that the first number in ``answer`` reproduces, from the first digit up
     to the first wrong one: ``key_digits("is 730.", "73042") == 0.6``."""
-    found = re.search(r"\d+", answer)
-    if not found:
-        return 0.0
-    same = 0
-    for got, want in zip(found.group(), key):
-        if got != want:
-            break
-        same += 1
-    return same / len(key)
+    return len(os.path.commonprefix([first_number(answer), key])) / len(key)
 
 
 @torch.inference_mode()
@@ -147,8 +146,7 @@ def _answer_accuracy(model, tokenizer, samples: list[RetrievalSample], batch_siz
                              else tokenizer.eos_token_id)
         for sample, row in zip(batch, out[:, ids.shape[1] :].tolist()):
             answer = tokenizer.decode(row, skip_special_tokens=True)
-            found = re.search(r"\d+", answer)
-            correct += bool(found) and found.group() == sample.key
+            correct += first_number(answer) == sample.key
             digits += key_digits(answer, sample.key)
     return correct / len(samples), digits / len(samples)
 
