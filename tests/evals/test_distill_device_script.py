@@ -4,6 +4,8 @@ import json
 import sys
 
 import pytest
+import torch
+
 from ..conftest import load_benchmark
 
 SMALL = ["--stages", "align:4k,hidden:4k,kd:4k", "--batch-size", "4", "--seq-len", "64", "--stories", "60", "-q"]
@@ -18,7 +20,8 @@ def test_each_stage_is_reported_and_reports_compare(tmp_path, monkeypatch):
     assert [s["stage"] for s in report["stages"]] == ["align", "hidden", "kd"]
     for stage in report["stages"]:
         assert stage["steps"] == len(stage["loss"]) == 16 and stage["tokens"] == 16 * 4 * 64
-        assert stage["tokens_per_s"] > 0 and stage["peak_memory_bytes"] is None  # CUDA only
+        peak = stage["peak_memory_bytes"]  # measured on CUDA only
+        assert stage["tokens_per_s"] > 0 and (peak > 0 if torch.cuda.is_available() else peak is None)
     assert report["perplexity"]["after"] < report["perplexity"]["before"]
     assert report["command"].endswith(f"--out {tmp_path / 'a.json'}")
 

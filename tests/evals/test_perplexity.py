@@ -58,7 +58,7 @@ def test_sliding_window_matches_a_naive_forward_per_window(models, which):
     expected = 0.0
     for begin, first, end in windows(len(ids), context, stride):
         with torch.no_grad():
-            logp = model(ids[None, begin:end]).logits[0].double().log_softmax(-1)
+            logp = model(ids[None, begin:end].to(model.device)).logits[0].double().cpu().log_softmax(-1)
         positions = torch.arange(first, end)
         expected -= logp[positions - 1 - begin, ids[positions]].sum().item()
     nll, tokens, _ = sequence_nll(model, ids, context=context, stride=stride, batch_size=3)
