@@ -121,7 +121,9 @@ def test_a_stage_that_raises_validation_perplexity_is_undone(setup, tmp_path):
     events = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()
               if '"stage_end"' in line]
     assert [e["reverted"] for e in events] == [True, False]
-    assert all(e["tokens_per_s"] > 0 and e["peak_memory_bytes"] is None for e in events)  # memory: CUDA only
+    measured = torch.cuda.is_available()  # peak memory: CUDA only
+    assert all(e["tokens_per_s"] > 0 and (e["peak_memory_bytes"] > 0 if measured else e["peak_memory_bytes"] is None)
+               for e in events)
     # without validation documents every stage is kept, whatever it did
     kept = run_distill(recipe(setup, tmp_path / "kept", BAD_ALIGN[:1]), progress=False)  # kd after it may overflow
     assert kept.stage_perplexity[0]["perplexity"] > 1.5 * result.perplexity_before
