@@ -170,7 +170,14 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         if use_cache and past_key_values is None:
             past_key_values = self.make_cache()
         if attention_mask is not None and attention_mask.dim() == 2:
-            kwargs[PADDING_MASK_KWARG] = attention_mask
+            # The one read-back of a decode step: were every layer to test the mask, each would make the
+            # host wait for the device (a sync per layer and token on CUDA).
+            padded = not bool(attention_mask.all())
+            kwargs[PADDING_MASK_KWARG] = attention_mask if padded else None
+            if not padded and past_key_values is not None:
+                # Nothing to mask, and with a cache transformers reads no packed documents from position_ids
+                # either way: without the mask its attention layers skip the same test (and sync) again.
+                attention_mask = None
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

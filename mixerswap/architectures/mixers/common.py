@@ -41,7 +41,10 @@ def init_teacher_projections(projections, std: float, norm_weights=()) -> None:
 
 
 # The student passes the 2-D padding mask to its mixers under this keyword (the decoder layers of
-# every supported family forward unknown keywords to their attention module).
+# every supported family forward unknown keywords to their attention module). The model reads the mask
+# back from the device once per forward: the keyword holds the mask when some token is padding and
+# ``None`` when every token is real, so a mixer never synchronizes with the device to find out. The
+# keyword being present at all means a mask was given, so restarting ``position_ids`` are not packing.
 PADDING_MASK_KWARG = "mixerswap_padding_mask"
 
 
@@ -65,16 +68,16 @@ def mixer_inputs(
 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The padding mask ``[B, T]`` (1 = real token) for this call's tokens and the document ids.
 
-    Following ``transformers``, packed documents are read from ``position_ids`` only when there is
-    no padding mask and no cached prefix (a training or scoring call).
+    Following ``transformers``, packed documents are read from ``position_ids`` only when no padding
+    mask was given and there is no cached prefix (a training or scoring call). ``padding`` is ``None``
+    when no mask is given: the model decides once for all layers whether its mask has padding (see
+    :data:`PADDING_MASK_KWARG`), so a mixer never reads the mask back from the device.
     """
     mask = kwargs.get(PADDING_MASK_KWARG)
     padding = None
-    if mask is not None:
-        mask = mask[:, -seqlen:]
-        if not bool(mask.all()):
-            padding = mask.to(torch.float32)
+    if mask is not None:  # an all-ones mask handed over directly is exact too (x * 1 = x), only slower
+        padding = mask[:, -seqlen:].to(torch.float32)
     seq_idx = None
-    if mask is None and position_ids is not None and not continuing and seqlen > 1:
+    if PADDING_MASK_KWARG not in kwargs and position_ids is not None and not continuing and seqlen > 1:
         seq_idx = packed_seq_idx(position_ids, batch)
     return padding, seq_idx

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
+from ...kernels.precision import acc_dtype
 from ..cache import RecurrentStateLayer
 from .common import AttentionHeadSettings, init_teacher_projections, mixer_inputs
 from .contract import Mixer
@@ -174,7 +175,7 @@ class GDNMixer(Mixer):
         conv input leaves the conv window as if the position were not there.
         """
         qkv = torch.cat([self.q_proj(hidden_states), self.k_proj(hidden_states), self.v_proj(hidden_states)], -1)
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        acc = acc_dtype(hidden_states.dtype)
         dt = F.softplus(self.a_proj(hidden_states).to(acc) + self.dt_bias.to(acc))
         g = -torch.exp(self.A_log.to(acc)) * dt
         beta = torch.sigmoid(self.b_proj(hidden_states).to(acc))
@@ -277,5 +278,5 @@ class GDNMixer(Mixer):
 
 def _l2norm(x: torch.Tensor) -> torch.Tensor:
     """``x / ||x||`` over the last dimension, computed in fp32 (fp64 for fp64), returned in ``x.dtype``."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    xf = x.to(acc_dtype(x.dtype))
     return (xf * torch.rsqrt(xf.pow(2).sum(-1, keepdim=True) + L2NORM_EPS)).to(x.dtype)

@@ -30,6 +30,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
+from ...kernels.precision import acc_dtype
 from ..cache import RecurrentStateLayer
 from .common import AttentionHeadSettings, init_teacher_projections, mixer_inputs
 from .contract import Mixer
@@ -165,7 +166,7 @@ class GLAMixer(Mixer):
         qk = torch.cat([q.flatten(-2), k.flatten(-2)], -1)
         v = self.v_proj(hidden_states).view(batch, seqlen, s.n_kv_heads, s.head_dim)
         v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        acc = acc_dtype(hidden_states.dtype)
         # the gate bias is kept in fp32 (fp32_parameters): add it after the projection, in fp32
         g = F.logsigmoid(F.linear(hidden_states, self.gate_proj.weight).to(acc) + self.gate_proj.bias.to(acc))
         weight = None
@@ -177,7 +178,7 @@ class GLAMixer(Mixer):
     def _output(self, o: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
         """``o [B, T, H, V + 1]`` → normalized, gated, projected ``[B, T, hidden]``."""
         s = self.settings
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        acc = acc_dtype(hidden_states.dtype)
         o = o.to(acc)
         y = o[..., :-1] / (o[..., -1:] + self.eps) if s.normalize else o[..., :-1]
         y = y.flatten(-2).to(hidden_states.dtype)

@@ -37,6 +37,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
+from ...kernels.precision import acc_dtype
 from ..cache import WindowKVLayer
 from .common import mixer_inputs
 from .swa import WindowAttentionMixer, WindowAttentionSettings
@@ -115,7 +116,7 @@ class LinearAttentionMixer(WindowAttentionMixer):
                                                                      device=hidden_states.device)
         q_raw, k_raw, v = self.project_unrotated(hidden_states)
         q, k = self.rotate(q_raw, k_raw, kwargs.get("position_embeddings"))
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        acc = acc_dtype(hidden_states.dtype)
         q, k, v, q_raw, k_raw = (t.transpose(1, 2).to(acc) for t in (q, k, v, q_raw, k_raw))  # [B, heads, T, D]
         start = layer.seen_tokens if has_state else 0
         cached, rank = self.cached_masks(real, seq_idx, start, layer)

@@ -29,6 +29,7 @@ from torch import nn
 from transformers import initialization as init
 
 from ... import kernels
+from ...kernels.precision import acc_dtype
 from ..cache import RecurrentStateLayer
 from .common import mixer_inputs
 from .contract import Mixer
@@ -184,7 +185,7 @@ class Mamba2Mixer(Mixer):
         writes the state, and its zeroed input leaves the conv window as if it were not there.
         """
         xbc = torch.cat([self.x_proj(hidden_states), self.b_proj(hidden_states), self.c_proj(hidden_states)], -1)
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        acc = acc_dtype(hidden_states.dtype)
         # the dt bias is kept in fp32 (fp32_parameters): add it after the projection, in fp32
         dt = F.softplus(F.linear(hidden_states, self.dt_proj.weight).to(acc) + self.dt_proj.bias.to(acc))
         if padding is not None:

@@ -57,6 +57,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import initialization as init
 
+from ...kernels.precision import acc_dtype
 from ..cache import MixerCacheLayer
 from .common import PADDING_MASK_KWARG, packed_seq_idx
 from .contract import Mixer
@@ -214,7 +215,7 @@ class LatentCacheLayer(MixerCacheLayer):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dims: int | None = None) -> torch.Tensor:
     """RMSNorm over the last dim in fp32 (fp64 for fp64), as the teachers' q/k norms compute it; with ``dims``,
     the RMS of the first ``dims`` channels scales all of them."""
-    acc = torch.promote_types(x.dtype, torch.float32)
+    acc = acc_dtype(x.dtype)
     h = x.to(acc)
     h = h * torch.rsqrt(h[..., :dims].pow(2).mean(-1, keepdim=True) + eps)
     return (h * weight.to(acc)).to(x.dtype)
@@ -223,6 +224,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, dims: int | None
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """RoPE on ``x [B, T, heads, r]`` with ``cos``, ``sin`` ``[B, T, r]`` (rotate-half layout)."""
+    cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
+    return x * cos + rotate_half(x) * sin
 
 
 class MLAMixer(Mixer):
@@ -256,6 +263,7 @@ class MLAMixer(Mixer):
             self.k_norm = nn.Parameter(torch.empty(s.rope_dim))
         if s.latent_norm:
             self.latent_norm = nn.Parameter(torch.empty(s.kv_rank))
+        self._freq_index: dict[tuple, torch.Tensor] = {}  # (rotary width, device) -> kept channels of cos/sin
 
     @torch.no_grad()
     def init_parameters(self, std: float = 0.02) -> None:
@@ -280,6 +288,10 @@ class MLAMixer(Mixer):
 
     def _rope(self, x: torch.Tensor, position_embeddings) -> torch.Tensor:
         """RoPE on ``x`` ``[B, T, heads, rope_dim]`` with the kept frequencies of the teacher's ``(cos, sin)``."""
+        return _rotate(x, *self._rope_tables(position_embeddings))
+
+    def _rope_tables(self, position_embeddings) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kept frequencies of the teacher's ``(cos, sin)``: ``[B, T, rope_dim]`` each."""
         if position_embeddings is None:
             raise ValueError(f"layer {self.layer_idx} (mla) needs the teacher's RoPE position_embeddings=(cos, sin)")
         cos, sin = position_embeddings
@@ -293,10 +305,12 @@ class MLAMixer(Mixer):
             if max(freqs) >= width // 2:
                 raise ValueError(f"layer {self.layer_idx} (mla): rope_freqs {freqs} beyond the teacher's "
                                  f"{width // 2} frequencies")
-            index = torch.tensor(freqs + [f + width // 2 for f in freqs], device=cos.device)
+            index = self._freq_index.get((width, cos.device))
+            if index is None:  # built once: a tensor from host data is a blocking copy on CUDA
+                index = torch.tensor(freqs + [f + width // 2 for f in freqs], device=cos.device)
+                self._freq_index[(width, cos.device)] = index
             cos, sin = cos.index_select(-1, index), sin.index_select(-1, index)
-        cos, sin = cos.unsqueeze(2).to(x.dtype), sin.unsqueeze(2).to(x.dtype)
-        return x * cos + rotate_half(x) * sin
+        return cos, sin
 
     def _project(self, hidden_states: torch.Tensor, position_embeddings):
         """Queries ``(q_nope [B, T, H, nope], q_rope [B, T, H, rope])``, latents and RoPE keys of this call."""
@@ -306,57 +320,65 @@ class MLAMixer(Mixer):
         if s.q_norm:
             q = rms_norm(q, self.q_norm, s.norm_eps, s.q_norm_dims)
         q_nope, q_rope = q.split([s.nope_dim, s.rope_dim], dim=-1)
-        q_rope = self._rope(q_rope, position_embeddings)
+        cos, sin = self._rope_tables(position_embeddings)
+        q_rope = _rotate(q_rope, cos, sin)
         latent = self.kv_down(hidden_states)
         if s.latent_norm:
             latent = rms_norm(latent, self.latent_norm, s.norm_eps)
         k_rope = self.k_rope_proj(hidden_states).view(batch, seqlen, s.rope_heads, s.rope_dim)
         if s.k_norm:
             k_rope = rms_norm(k_rope, self.k_norm, s.norm_eps)
-        k_rope = self._rope(k_rope, position_embeddings)
+        k_rope = _rotate(k_rope, cos, sin)
         return q_nope, q_rope, latent, k_rope
 
     def _allowed(self, batch: int, seqlen: int, keys: int, past: int, start: int, kwargs: dict,
-                 position_ids: torch.Tensor | None, device) -> torch.Tensor:
-        """``[B, T, N]`` bool: query ``t`` (cache position ``past + t``) may attend to key ``n`` (``start + n``)."""
+                 position_ids: torch.Tensor | None, device) -> torch.Tensor | None:
+        """``[B, T, N]`` bool: query ``t`` (cache position ``past + t``) may attend to key ``n`` (``start + n``);
+        ``None`` when every query sees every key (a decode step without padding: the last query of a causal
+        mask sees all keys, and a window layer holds no key beyond its window)."""
+        mask = kwargs.get(PADDING_MASK_KWARG)
+        in_window = self.window is None or past + seqlen - 1 - start < self.window  # the oldest key, last query
+        if seqlen == 1 and mask is None and in_window and start + keys == past + 1:
+            return None
         q_pos = torch.arange(past, past + seqlen, device=device)[:, None]
         k_pos = torch.arange(start, start + keys, device=device)[None, :]
         allowed = k_pos <= q_pos
         if self.window is not None:
             allowed = allowed & (k_pos > q_pos - self.window)
         allowed = allowed.expand(batch, seqlen, keys)
-        mask = kwargs.get(PADDING_MASK_KWARG)
         if mask is not None:
             mask = mask.to(device=device, dtype=torch.bool)
             if mask.shape[1] < keys:  # a mask of the new tokens only: the cached ones were real
                 mask = torch.cat([mask.new_ones(batch, keys - mask.shape[1]), mask], 1)
             allowed = allowed & mask[:, None, -keys:]
-        elif position_ids is not None and past == 0 and seqlen > 1:
+        elif PADDING_MASK_KWARG not in kwargs and position_ids is not None and past == 0 and seqlen > 1:
             seq_idx = packed_seq_idx(position_ids.to(device), batch)
             if seq_idx is not None:
                 allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
         return allowed
 
-    def _probabilities(self, scores: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    def _probabilities(self, scores: torch.Tensor, allowed: torch.Tensor | None) -> torch.Tensor:
         """Scaled, softcapped, masked scores ``[B, H, T, N]`` → probabilities (softmax in fp32 or wider).
 
         Masked entries get the dtype's minimum, not ``-inf``: a fully masked row (a padding query)
         becomes uniform instead of NaN, and its output is never read.
         """
         s = self.settings
-        acc = torch.promote_types(scores.dtype, torch.float32)
+        acc = acc_dtype(scores.dtype)
         scores = scores.to(acc) * self.scaling
         if s.softcap is not None:
             scores = torch.tanh(scores / s.softcap) * s.softcap
-        scores = scores.masked_fill(~allowed[:, None], torch.finfo(acc).min)
+        if allowed is not None:
+            scores = scores.masked_fill(~allowed[:, None], torch.finfo(acc).min)
         return torch.softmax(scores, dim=-1)
 
     def _rope_scores(self, q_rope: torch.Tensor, k_rope: torch.Tensor) -> torch.Tensor:
         """``q_rope [B, T, H, r]`` . ``k_rope [B, N, Gr, r]`` → ``[B, H, T, N]`` (heads grouped per RoPE key head)."""
         batch, seqlen, heads, r = q_rope.shape
         groups = k_rope.shape[2]
-        q = q_rope.view(batch, seqlen, groups, heads // groups, r)
-        return torch.einsum("btgsr,bngr->bgstn", q, k_rope).reshape(batch, heads, seqlen, -1)
+        q = q_rope.view(batch, seqlen, groups, heads // groups, r).permute(0, 2, 3, 1, 4)  # [B, Gr, H / Gr, T, r]
+        scores = torch.matmul(q.reshape(batch, groups, -1, r), k_rope.permute(0, 2, 3, 1))  # [B, Gr, H / Gr * T, N]
+        return scores.view(batch, heads, seqlen, -1)
 
     def _attend(self, q_nope, q_rope, latent, k_rope, allowed, absorbed: bool, return_probs: bool = False):
         """Attention over ``N`` cached or new tokens → per-head outputs ``[B, T, H * v_head_dim]``."""
@@ -366,9 +388,11 @@ class MLAMixer(Mixer):
         if not absorbed and not return_probs and s.softcap is None:
             return self._attend_fused(q_nope, q_rope, latent, k_rope, allowed)
         scores = self._rope_scores(q_rope, k_rope)
-        if s.nope_dim and absorbed:
-            q_latent = torch.einsum("bthd,hdr->bthr", q_nope, self.k_up.weight.view(H, s.nope_dim, s.kv_rank))
-            scores = scores + torch.einsum("bthr,bnr->bhtn", q_latent, latent)
+        if s.nope_dim and absorbed:  # per head [B * T, nope] @ [nope, kv_rank], then [B, H * T, kv_rank] @ [B, kv_rank, N]
+            q_latent = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, batch * seqlen, s.nope_dim),
+                                    self.k_up.weight.view(H, s.nope_dim, s.kv_rank))
+            q_latent = q_latent.view(H, batch, seqlen, s.kv_rank).transpose(0, 1).reshape(batch, H * seqlen, -1)
+            scores = scores + torch.matmul(q_latent, latent.transpose(1, 2)).view(scores.shape)
         elif s.nope_dim:
             k_nope = self.k_up(latent).view(batch, -1, H, s.nope_dim)
             scores = scores + torch.einsum("bthd,bnhd->bhtn", q_nope, k_nope)
@@ -376,9 +400,11 @@ class MLAMixer(Mixer):
         if return_probs:
             return probs
         probs = probs.to(latent.dtype)
-        if absorbed:
-            mixed = torch.einsum("bhtn,bnr->bthr", probs, latent)
-            out = torch.einsum("bthr,hvr->bthv", mixed, self.v_up.weight.view(H, s.v_head_dim, s.kv_rank))
+        if absorbed:  # [B, H * T, N] @ [B, N, kv_rank], then per head [B * T, kv_rank] @ [kv_rank, v]
+            mixed = torch.matmul(probs.view(batch, H * seqlen, -1), latent).view(batch, H, seqlen, s.kv_rank)
+            mixed = mixed.transpose(0, 1).reshape(H, batch * seqlen, s.kv_rank)
+            out = torch.matmul(mixed, self.v_up.weight.view(H, s.v_head_dim, s.kv_rank).transpose(1, 2))
+            out = out.view(H, batch, seqlen, s.v_head_dim).permute(1, 2, 0, 3)
         else:
             v = self.v_up(latent).view(batch, -1, H, s.v_head_dim)
             out = torch.einsum("bhtn,bnhv->bthv", probs, v)
@@ -394,10 +420,11 @@ class MLAMixer(Mixer):
         k_rope = k_rope.repeat_interleave(H // s.rope_heads, dim=2)
         k = torch.cat([self.k_up(latent).view(batch, keys, H, s.nope_dim), k_rope], -1) if s.nope_dim else k_rope
         v = self.v_up(latent).view(batch, keys, H, s.v_head_dim)
-        # a query that may see no key (padding) attends uniformly, as the explicit path does, instead of NaN
-        allowed = allowed | ~allowed.any(-1, keepdim=True)
+        if allowed is not None:
+            # a query that may see no key (padding) attends uniformly, as the explicit path does, instead of NaN
+            allowed = (allowed | ~allowed.any(-1, keepdim=True))[:, None]
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                             attn_mask=allowed[:, None], scale=self.scaling)
+                                             attn_mask=allowed, scale=self.scaling)
         return out.transpose(1, 2).reshape(batch, seqlen, H * s.v_head_dim)
 
     def forward(

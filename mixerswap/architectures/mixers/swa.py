@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import nn
 
+from ...kernels.precision import acc_dtype
 from ..cache import WindowKVLayer
 from .common import AttentionHeadSettings, init_teacher_projections, mixer_inputs
 from .contract import Mixer
@@ -205,7 +206,7 @@ class SlidingWindowMixer(WindowAttentionMixer):
         real = padding.bool() if padding is not None else torch.ones(batch, seqlen, dtype=torch.bool,
                                                                      device=hidden_states.device)
         q, k, v = self.project(hidden_states, kwargs.get("position_embeddings"))
-        acc = torch.promote_types(hidden_states.dtype, torch.float32)
+        acc = acc_dtype(hidden_states.dtype)
         q, k, v = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # [B, heads, T, D]
         start = layer.seen_tokens if has_state else 0
         cached, rank = self.cached_masks(real, seq_idx, start, layer)

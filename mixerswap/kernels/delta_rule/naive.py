@@ -37,12 +37,13 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import acc_dtype
 from ..ssd.naive import segsum
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulate in fp32, or in fp64 when the inputs are fp64 (exactness tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    return acc_dtype(x.dtype)
 
 
 def _check_shapes(q, k, v, g, beta):
@@ -157,12 +158,16 @@ def delta_rule_step_ref(
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype, acc = v.dtype, _acc_dtype(v)
     qf, kf, vf, gf, bf = (t.to(acc) for t in (q, k, v, g, beta))
-    # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
-    s = state.to(acc, copy=True) * torch.exp(gf)[..., None, None]
-    u = bf[..., None] * (vf - torch.einsum("bhkv,bhk->bhv", s, kf))
-    s = s + kf[..., :, None] * u[..., None, :]
-    o = torch.einsum("bhkv,bhk->bhv", s, qf) * scale
-    state.copy_(s)
+    decay = torch.exp(gf)[..., None, None]
+    in_place = not torch.is_grad_enabled() and state.dtype == acc  # decoding: no copy of the state
+    # Otherwise a copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
+    s = state.mul_(decay) if in_place else state.to(acc, copy=True) * decay
+    u = bf[..., None] * (vf - torch.matmul(kf[..., None, :], s).squeeze(-2))  # k^T S: [b, h, 1, k] @ [b, h, k, v]
+    write = kf[..., :, None] * u[..., None, :]
+    s = s.add_(write) if in_place else s + write
+    o = torch.matmul(qf[..., None, :], s).squeeze(-2) * scale
+    if not in_place:
+        state.copy_(s)
     return o.to(out_dtype), state
 
 

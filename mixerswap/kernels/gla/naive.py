@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import acc_dtype
 from ..ssd.naive import segsum
 
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.promote_types(x.dtype, torch.float32)
+    return acc_dtype(x.dtype)
 
 
 def _check_shapes(q, k, v, g):
@@ -137,11 +138,14 @@ def gla_step_ref(
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     out_dtype, acc = v.dtype, _acc_dtype(v)
-    # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
-    s = state.to(acc, copy=True)
-    s = s * torch.exp(g.to(acc))[..., None, None] + k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
-    o = torch.einsum("bhkv,bhk->bhv", s, q.to(acc)) * scale
-    state.copy_(s)
+    decay, write = torch.exp(g.to(acc))[..., None, None], k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
+    if torch.is_grad_enabled() or state.dtype != acc:
+        # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
+        s = state.to(acc, copy=True) * decay + write
+        state.copy_(s)
+    else:  # decoding: the same arithmetic where the state lies, no copy
+        s = state.mul_(decay).add_(write)
+    o = torch.matmul(q.to(acc)[..., None, :], s).squeeze(-2) * scale  # [b, h, 1, k] @ [b, h, k, v]
     return o.to(out_dtype), state
 
 

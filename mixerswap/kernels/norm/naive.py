@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..precision import acc_dtype
+
 
 def gated_rmsnorm_ref(
     y: torch.Tensor,
@@ -25,7 +27,7 @@ def gated_rmsnorm_ref(
     dim = y.shape[-1]
     if dim % group_size:
         raise ValueError(f"channel count {dim} is not a multiple of group_size {group_size}")
-    out_dtype, acc = y.dtype, torch.promote_types(y.dtype, torch.float32)
+    out_dtype, acc = y.dtype, acc_dtype(y.dtype)
     h = y.to(acc)
     if z is not None:
         h = h * F.silu(z.to(acc))

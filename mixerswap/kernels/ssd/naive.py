@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import torch
 
+from ..precision import acc_dtype
+
 
 def segsum(a: torch.Tensor) -> torch.Tensor:
     """Stable segment sums ``out[..., i, j] = sum(a[..., j+1 : i+1])`` for ``j <= i``, ``-inf`` above.
@@ -45,7 +47,7 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
 
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """Accumulate in fp32, or in fp64 when the inputs are fp64 (exactness tests)."""
-    return torch.promote_types(x.dtype, torch.float32)
+    return acc_dtype(x.dtype)
 
 
 def _check_shapes(x, dt, A, B, C):
@@ -177,14 +179,19 @@ def ssd_step_ref(
     rep = heads // groups
     out_dtype, acc = x.dtype, _acc_dtype(x)
     xf, dtf, Bf, Cf = x.to(acc), dt.to(acc).view(batch, groups, rep), B.to(acc), C.to(acc)
-    # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
-    s = state.to(acc, copy=True).view(batch, groups, rep, headdim, dstate)
     decay = torch.exp(dtf * A.to(acc).view(groups, rep))
-    s = s * decay[..., None, None] + torch.einsum("bgr,bgp,bgn->bgrpn", dtf, xf, Bf)
-    y = torch.einsum("bgrpn,bgrn->bgrp", s, Cf.view(batch, groups, rep, dstate))
+    write = (dtf[..., None] * xf[:, :, None, :])[..., None] * Bf[:, :, None, None, :]  # dt x B^T [b, g, r, p, n]
+    if torch.is_grad_enabled() or state.dtype != acc:
+        # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
+        s = state.to(acc, copy=True).view(batch, groups, rep, headdim, dstate)
+        s = s * decay[..., None, None] + write
+        state.copy_(s.view(batch, heads, headdim, dstate))
+    else:  # decoding: the same arithmetic where the state lies, no copy
+        s = state.view(batch, groups, rep, headdim, dstate)
+        s.mul_(decay[..., None, None]).add_(write)
+    y = torch.matmul(s, Cf.view(batch, groups, rep, dstate, 1)).squeeze(-1)  # [b, g, r, p]
     if D is not None:
         y = y + D.to(acc).view(groups, rep, 1) * xf[:, :, None, :]
-    state.copy_(s.view(batch, heads, headdim, dstate))
     return y.reshape(batch, heads, headdim).to(out_dtype), state
 
 
