@@ -173,6 +173,7 @@ class WindowKVLayer(MixerCacheLayer):
         self.valid: torch.Tensor | None = None
         self.slot_index: torch.Tensor | None = None
         self.real_count: torch.Tensor | None = None
+        self.sure_real = 0  # real tokens every row has seen at least (counted on the host: calls without padding)
         self.states: dict[str, torch.Tensor] = {}
 
     def __repr__(self):
@@ -198,6 +199,7 @@ class WindowKVLayer(MixerCacheLayer):
         self.valid = torch.zeros(batch, slots, dtype=torch.bool, device=keys.device)
         self.slot_index = torch.full((slots,), -1, dtype=torch.long, device=keys.device)
         self.real_count = torch.zeros(batch, dtype=torch.long, device=keys.device)
+        self.sure_real = 0
 
     def visible(self, query_index: torch.Tensor) -> torch.Tensor | None:
         """``[B, T, S + W]`` which held slots the queries at absolute indices ``query_index [T]`` see
@@ -205,8 +207,15 @@ class WindowKVLayer(MixerCacheLayer):
         if not self.has_state():
             return None
         in_reach = query_index[:, None] - self.slot_index[None, :] < self.window
-        in_reach[:, : self.sinks] = True
+        in_reach[:, : self.sinks].fill_(True)
         return self.valid[:, None, :] & in_reach[None]
+
+    def visible_from(self, query_index: int) -> torch.Tensor:
+        """``[B, S + W]`` which held slots one query at absolute index ``query_index`` sees (a decode step
+        that already wrote its own token: :meth:`visible` without building an index tensor)."""
+        in_reach = self.slot_index > query_index - self.window
+        in_reach[: self.sinks].fill_(True)
+        return self.valid & in_reach
 
     def leaving(self, new_tokens: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The held ring entries the next ``new_tokens`` tokens overwrite: keys, values ``[B, G, n, D]``
@@ -217,29 +226,57 @@ class WindowKVLayer(MixerCacheLayer):
         slots = self.sinks + (torch.arange(self.seen_tokens, self.seen_tokens + n, device=self.keys.device) % self.window)
         return self.keys[:, :, slots], self.values[:, :, slots], self.valid[:, slots]
 
-    def write(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor, rank: torch.Tensor) -> None:
+    def write(self, keys: torch.Tensor, values: torch.Tensor, real: torch.Tensor | None, rank: torch.Tensor) -> None:
         """Record ``T`` new tokens in place: ``keys``/``values`` ``[B, G, T, D]``, ``real [B, T]`` bool
-        (false at padding and for tokens of a document that ended in this call) and ``rank [B, T]``
-        each token's rank among its row's real tokens (sinks are the ranks below ``sinks``)."""
+        (false at padding and for tokens of a document that ended in this call; ``None``: every token is
+        real) and ``rank [B, T]`` each token's rank among its row's real tokens (sinks are the ranks
+        below ``sinks``; unused without sinks). Nothing here reads a value back from the device."""
         if self.keys is None or self.keys.shape[0] != keys.shape[0]:
             self._allocate(keys, values)
         seqlen = keys.shape[2]
-        if self.sinks:
-            rows, steps = torch.nonzero(real & (rank < self.sinks), as_tuple=True)
-            slots = rank[rows, steps]
-            self.keys[rows, :, slots] = keys[rows, :, steps].to(self.keys.dtype)
-            self.values[rows, :, slots] = values[rows, :, steps].to(self.values.dtype)
-            self.valid[rows, slots] = True
+        may_sink = self.sinks and self.sure_real < self.sinks  # a rank below sinks is still possible
+        if may_sink:
+            self._write_sinks(keys, values, real, rank)
         n = min(seqlen, self.window)
-        index = torch.arange(self.seen_tokens + seqlen - n, self.seen_tokens + seqlen, device=self.keys.device)
-        slots = self.sinks + index % self.window
+        first = self.seen_tokens + seqlen - n  # absolute index of the first token kept in the ring
+        start = self.sinks + first % self.window
+        index = torch.arange(first, first + n, device=self.keys.device)
+        # the n ring slots in order: one slice when they do not wrap around (always for one token)
+        slots = slice(start, start + n) if start + n <= self.sinks + self.window else self.sinks + index % self.window
         self.keys[:, :, slots] = keys[:, :, -n:].to(self.keys.dtype)
         self.values[:, :, slots] = values[:, :, -n:].to(self.values.dtype)
-        self.valid[:, slots] = real[:, -n:] & (rank[:, -n:] >= self.sinks)
+        if may_sink:
+            kept = rank[:, -n:] >= self.sinks
+            self.valid[:, slots] = kept if real is None else real[:, -n:] & kept
+        elif real is None and isinstance(slots, slice):
+            self.valid[:, slots].fill_(True)
+        elif real is None:
+            self.valid[:, slots] = True
+        else:
+            self.valid[:, slots] = real[:, -n:]
         self.slot_index[slots] = index
-        self.real_count += real.sum(1)
+        if real is None:
+            self.real_count += seqlen
+            self.sure_real += seqlen
+        else:
+            self.real_count += real.sum(1)
         self.seen_tokens += seqlen
         self.is_initialized = True
+
+    def _write_sinks(self, keys, values, real, rank) -> None:
+        """Put each row's real tokens of rank ``s < sinks`` into sink slot ``s`` (at most one token per slot
+        and row): a gather and a select per slot, not a ``nonzero``, so the host never waits for the device."""
+        sink = torch.arange(self.sinks, device=rank.device)
+        match = rank[:, :, None] == sink  # [B, T, S]
+        if real is not None:
+            match = match & real[:, :, None]
+        found = match.any(1)  # [B, S]
+        step = match.to(torch.int8).argmax(1)  # [B, S]: the token of each sink slot (0 where there is none)
+        for held, new in ((self.keys, keys), (self.values, values)):
+            index = step[:, None, :, None].expand(-1, new.shape[1], -1, new.shape[-1])
+            chosen = new.gather(2, index).to(held.dtype)  # [B, G, S, D]
+            held[:, :, : self.sinks] = torch.where(found[:, None, :, None], chosen, held[:, :, : self.sinks])
+        self.valid[:, : self.sinks] |= found
 
     def store(self, **states: torch.Tensor) -> None:
         """Keep the mixer's named fixed-size states (copied into the held tensors after the first call)."""
@@ -255,7 +292,7 @@ class WindowKVLayer(MixerCacheLayer):
             t.zero_()
         if self.slot_index is not None:
             self.slot_index.fill_(-1)
-        self.seen_tokens = 0
+        self.seen_tokens = self.sure_real = 0
 
     def _per_row(self) -> list[str]:
         return ["keys", "values", "valid", "real_count"]

@@ -91,7 +91,10 @@ class Mixer(nn.Module):
                 f"layer {self.layer_idx} is a {self.kind} mixer and needs a HybridMixerCache, got "
                 f"{type(past_key_values).__name__}; let the model create its cache (model.make_cache())"
             )
-        return past_key_values.mixer_layer(self.layer_idx, type(self.new_cache_layer()))
+        expected = self.__dict__.get("_cache_layer_type")
+        if expected is None:  # built once: every decode step of every layer asks
+            expected = self.__dict__["_cache_layer_type"] = type(self.new_cache_layer())
+        return past_key_values.mixer_layer(self.layer_idx, expected)
 
     def align_parameters(self) -> Iterator[nn.Parameter]:
         """What the ``align`` stage trains (default: every parameter of the mixer)."""

@@ -94,7 +94,9 @@ class LinearAttentionMixer(WindowAttentionMixer):
 
     def features(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """``x [B, heads, T, D]`` → ``phi(x) [B, heads, T, F']`` (``F' = 2F`` for hedgehog)."""
-        x = torch.einsum("bhtd,hdf->bhtf", x, weight.to(x.dtype))
+        batch, heads, seqlen, dim = x.shape  # per head [B * T, D] @ [D, F], no copy of the weights per row
+        x = torch.bmm(x.transpose(0, 1).reshape(heads, batch * seqlen, dim), weight.to(x.dtype))
+        x = x.view(heads, batch, seqlen, weight.shape[-1]).transpose(0, 1)
         kind = self.settings.feature_map
         if kind == "hedgehog":
             return torch.cat([torch.softmax(x, -1), torch.softmax(-x, -1)], -1)
@@ -112,6 +114,8 @@ class LinearAttentionMixer(WindowAttentionMixer):
         layer: WindowKVLayer | None = None if matrix_only else self.cache_layer(past_key_values)
         has_state = layer is not None and layer.has_state()
         padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
+        if has_state and seqlen == 1:
+            return self._step(hidden_states, layer, padding, kwargs)
         real = padding.bool() if padding is not None else torch.ones(batch, seqlen, dtype=torch.bool,
                                                                      device=hidden_states.device)
         q_raw, k_raw, v = self.project_unrotated(hidden_states)
@@ -155,7 +159,8 @@ class LinearAttentionMixer(WindowAttentionMixer):
             denominator = denominator + rest * torch.einsum("bgrtf,bgf->bgrt", phi_q_grouped, k_sum).flatten(1, 2)[..., None]
         out = numerator / denominator.clamp_min(torch.finfo(acc).tiny)  # a padded query: 0 / 0 → 0
         if layer is not None:
-            self._update_cache(layer, k, v, k_raw, self.kept(real, seq_idx), rank, hidden_states.dtype)
+            kept = None if padding is None and seq_idx is None else self.kept(real, seq_idx)
+            self._update_cache(layer, k, v, k_raw, kept, rank, hidden_states.dtype)
         out = out.transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim).to(hidden_states.dtype)
         return self.o_proj(out)
 
@@ -203,7 +208,8 @@ class LinearAttentionMixer(WindowAttentionMixer):
         s = self.settings
         seqlen = k.shape[2]
         passed = max(seqlen - s.window, 0)  # new tokens already out of the window when the call ends
-        gone_k, gone_v, gone = k_raw[:, :, :passed], v[:, :, :passed], kept[:, :passed]
+        gone_k, gone_v = k_raw[:, :, :passed], v[:, :, :passed]
+        gone = kept[:, :passed] if kept is not None else torch.ones_like(v[:, 0, :passed, 0], dtype=torch.bool)
         leaving = layer.leaving(seqlen)
         if leaving is not None:
             _, old_values, old_valid = leaving
@@ -217,6 +223,42 @@ class LinearAttentionMixer(WindowAttentionMixer):
             kv, k_sum = kv + layer.states["kv"], k_sum + layer.states["k_sum"]
         layer.store(kv=kv, k_sum=k_sum)
         layer.write(k.to(dtype), torch.cat([v, k_raw], -1).to(dtype), kept, rank)
+
+    def _step(self, hidden_states, layer: WindowKVLayer, padding: torch.Tensor | None, kwargs) -> torch.Tensor:
+        """One decoding token, the forward's arithmetic in another order: the token the ring overwrites (out of
+        the query's window) joins the running state first, the new one is written, then the softmax part
+        runs over the ring and the linear part over the state, query heads grouped per key/value head."""
+        s = self.settings
+        batch, dtype = hidden_states.shape[0], hidden_states.dtype
+        acc = acc_dtype(dtype)
+        q_raw, k_raw, v = self.project_unrotated(hidden_states)  # [B, 1, heads, D]
+        q, k = self.rotate(q_raw, k_raw, kwargs.get("position_embeddings"))
+        index = layer.seen_tokens
+        kv, k_sum = layer.states["kv"], layer.states["k_sum"]  # [B, G, F', D], [B, G, F']
+        if index >= s.window:  # the ring is full: its slot for this token holds the one leaving the window
+            slot = index % s.window
+            old_v, old_k = layer.values[:, :, slot, None].to(acc).split(s.head_dim, dim=-1)  # [B, G, 1, D]
+            phi_old = self.features(old_k, self.feature_map_k) * layer.valid[:, None, slot, None, None]
+            kv.add_(phi_old.transpose(-1, -2) @ old_v)
+            k_sum.add_(phi_old[:, :, 0])
+        real = None if padding is None else padding.bool()
+        layer.write(k.transpose(1, 2).to(dtype), torch.cat([v, k_raw], -1).transpose(1, 2).to(dtype), real, None)
+
+        seen = layer.visible_from(index)[:, None, None]  # [B, 1, 1, W]
+        grouped = (batch, s.n_kv_heads, -1, s.head_dim)
+        scores = self.scores_grouped(q.view(grouped).to(acc), layer.keys.to(acc))  # [B, G, H / G, W]
+        scores = scores.masked_fill(~seen, torch.finfo(acc).min)
+        share = torch.sigmoid(self.window_factors.to(acc)).view(s.n_kv_heads, -1, 1)
+        rest = torch.sigmoid(-self.window_factors.to(acc)).view(s.n_kv_heads, -1, 1)  # 1 - share, exactly 0 at +inf
+        weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * seen * share
+        numerator = weights @ layer.values[..., : s.head_dim].to(acc)  # [B, G, H / G, D]
+        denominator = weights.sum(-1, keepdim=True)
+        phi_q = self.features(q_raw.transpose(1, 2).to(acc), self.feature_map_q).view(batch, s.n_kv_heads, -1,
+                                                                                     k_sum.shape[-1])
+        numerator = numerator + rest * (phi_q @ kv.to(acc))
+        denominator = denominator + rest * (phi_q @ k_sum.to(acc)[..., None])
+        out = numerator / denominator.clamp_min(torch.finfo(acc).tiny)  # a padded query: 0 / 0 → 0
+        return self.o_proj(out.reshape(batch, 1, s.n_heads * s.head_dim).to(dtype))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values=None,

@@ -389,10 +389,10 @@ class MLAMixer(Mixer):
             return self._attend_fused(q_nope, q_rope, latent, k_rope, allowed)
         scores = self._rope_scores(q_rope, k_rope)
         if s.nope_dim and absorbed:  # per head [B * T, nope] @ [nope, kv_rank], then [B, H * T, kv_rank] @ [B, kv_rank, N]
-            q_latent = torch.matmul(q_nope.permute(2, 0, 1, 3).reshape(H, batch * seqlen, s.nope_dim),
+            q_latent = torch.bmm(q_nope.permute(2, 0, 1, 3).reshape(H, batch * seqlen, s.nope_dim),
                                     self.k_up.weight.view(H, s.nope_dim, s.kv_rank))
             q_latent = q_latent.view(H, batch, seqlen, s.kv_rank).transpose(0, 1).reshape(batch, H * seqlen, -1)
-            scores = scores + torch.matmul(q_latent, latent.transpose(1, 2)).view(scores.shape)
+            scores = scores + torch.bmm(q_latent, latent.transpose(1, 2)).view(scores.shape)
         elif s.nope_dim:
             k_nope = self.k_up(latent).view(batch, -1, H, s.nope_dim)
             scores = scores + torch.einsum("bthd,bnhd->bhtn", q_nope, k_nope)
@@ -401,9 +401,9 @@ class MLAMixer(Mixer):
             return probs
         probs = probs.to(latent.dtype)
         if absorbed:  # [B, H * T, N] @ [B, N, kv_rank], then per head [B * T, kv_rank] @ [kv_rank, v]
-            mixed = torch.matmul(probs.view(batch, H * seqlen, -1), latent).view(batch, H, seqlen, s.kv_rank)
+            mixed = torch.bmm(probs.view(batch, H * seqlen, -1), latent).view(batch, H, seqlen, s.kv_rank)
             mixed = mixed.transpose(0, 1).reshape(H, batch * seqlen, s.kv_rank)
-            out = torch.matmul(mixed, self.v_up.weight.view(H, s.v_head_dim, s.kv_rank).transpose(1, 2))
+            out = torch.bmm(mixed, self.v_up.weight.view(H, s.v_head_dim, s.kv_rank).transpose(1, 2))
             out = out.view(H, batch, seqlen, s.v_head_dim).permute(1, 2, 0, 3)
         else:
             v = self.v_up(latent).view(batch, -1, H, s.v_head_dim)

@@ -154,6 +154,13 @@ class WindowAttentionMixer(Mixer):
         softcap = self.settings.softcap
         return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
 
+    def scores_grouped(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """:meth:`scores` with the query heads of each key/value head grouped: ``q [B, G, R, D]`` (``R = H / G``
+        queries of one step, or one query per head) · ``k [B, G, S, D]`` → ``[B, G, R, S]``, no repeated keys."""
+        scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
+        softcap = self.settings.softcap
+        return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
+
     def cached_masks(self, real: torch.Tensor, seq_idx: torch.Tensor | None, start: int,
                      layer: WindowKVLayer | None) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Which held slots each query of this call sees (``[B, T, S + W]``, or ``None`` without a cache),
@@ -203,6 +210,8 @@ class SlidingWindowMixer(WindowAttentionMixer):
         layer: WindowKVLayer | None = None if probs_only else self.cache_layer(past_key_values)
         has_state = layer is not None and layer.has_state()
         padding, seq_idx = mixer_inputs(kwargs, position_ids, batch, seqlen, continuing=has_state)
+        if has_state and seqlen == 1:
+            return self._step(hidden_states, layer, padding, kwargs)
         real = padding.bool() if padding is not None else torch.ones(batch, seqlen, dtype=torch.bool,
                                                                      device=hidden_states.device)
         q, k, v = self.project(hidden_states, kwargs.get("position_embeddings"))
@@ -210,7 +219,8 @@ class SlidingWindowMixer(WindowAttentionMixer):
         q, k, v = (t.transpose(1, 2).to(acc) for t in (q, k, v))  # [B, heads, T, D]
         start = layer.seen_tokens if has_state else 0
         cached, rank = self.cached_masks(real, seq_idx, start, layer)
-        sinks = _sink_tokens(real, rank, s.sinks)  # this call's sinks, for blocks whose window starts after them
+        # this call's sinks, for blocks whose window starts after them (only a call longer than the window has those)
+        sinks = _sink_tokens(real, rank, s.sinks) if seqlen > s.window else None
         if sinks is not None:
             position, found = sinks
             index = position[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
@@ -241,9 +251,31 @@ class SlidingWindowMixer(WindowAttentionMixer):
                 return probs
             outs.append(torch.matmul(probs, values.repeat_interleave(rep, dim=1)))  # [B, H, b - a, D]
         if layer is not None:
-            layer.write(k.to(hidden_states.dtype), v.to(hidden_states.dtype), self.kept(real, seq_idx), rank)
+            kept = None if padding is None and seq_idx is None else self.kept(real, seq_idx)
+            layer.write(k.to(hidden_states.dtype), v.to(hidden_states.dtype), kept, rank)
         out = torch.cat(outs, 2).transpose(1, 2).reshape(batch, seqlen, s.n_heads * s.head_dim)
         return self.o_proj(out.to(hidden_states.dtype))
+
+    def _step(self, hidden_states, layer: WindowKVLayer, padding: torch.Tensor | None, kwargs) -> torch.Tensor:
+        """One decoding token: written into the cache first (its ring slot is the one the query no longer
+        reaches), then attending over the held slots; query heads grouped per key/value head, so neither
+        the cache nor a repeat of it is copied."""
+        s = self.settings
+        batch = hidden_states.shape[0]
+        acc = acc_dtype(hidden_states.dtype)
+        q, k, v = self.project(hidden_states, kwargs.get("position_embeddings"))  # [B, 1, heads, D]
+        real = None if padding is None else padding.bool()  # [B, 1]
+        index = layer.seen_tokens
+        layer.write(k.transpose(1, 2), v.transpose(1, 2), real, layer.real_count[:, None] if s.sinks else None)
+        seen = layer.visible_from(index)  # [B, S + W]
+        q = q.view(batch, s.n_kv_heads, -1, s.head_dim).to(acc)  # [B, G, H / G, D]
+        scores = self.scores_grouped(q, layer.keys.to(acc))  # [B, G, H / G, S + W]
+        scores = scores.masked_fill(~seen[:, None, None], torch.finfo(acc).min)
+        probs = torch.softmax(scores, dim=-1)
+        if real is not None:  # a padding query may see nothing at all: it gets 0, as in a forward
+            probs = probs * seen.any(-1)[:, None, None, None]
+        out = torch.matmul(probs, layer.values.to(acc))  # [B, G, H / G, D]
+        return self.o_proj(out.reshape(batch, 1, s.n_heads * s.head_dim).to(hidden_states.dtype))
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.LongTensor | None = None, past_key_values=None,

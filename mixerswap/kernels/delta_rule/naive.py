@@ -137,6 +137,12 @@ def delta_rule_chunk_ref(
     return o.to(out_dtype), state
 
 
+def _row_times(x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x [B, H, K]`` times ``s [B, H, K, V]`` per head → ``[B, H, V]`` (one batched matrix product)."""
+    batch, heads, dk, dv = s.shape
+    return torch.bmm(x.reshape(batch * heads, 1, dk), s.reshape(batch * heads, dk, dv)).view(batch, heads, dv)
+
+
 def delta_rule_step_ref(
     state: torch.Tensor,
     q: torch.Tensor,
@@ -162,10 +168,10 @@ def delta_rule_step_ref(
     in_place = not torch.is_grad_enabled() and state.dtype == acc  # decoding: no copy of the state
     # Otherwise a copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
     s = state.mul_(decay) if in_place else state.to(acc, copy=True) * decay
-    u = bf[..., None] * (vf - torch.matmul(kf[..., None, :], s).squeeze(-2))  # k^T S: [b, h, 1, k] @ [b, h, k, v]
+    u = bf[..., None] * (vf - _row_times(kf, s))
     write = kf[..., :, None] * u[..., None, :]
     s = s.add_(write) if in_place else s + write
-    o = torch.matmul(qf[..., None, :], s).squeeze(-2) * scale
+    o = _row_times(qf, s) * scale
     if not in_place:
         state.copy_(s)
     return o.to(out_dtype), state

@@ -145,7 +145,9 @@ def gla_step_ref(
         state.copy_(s)
     else:  # decoding: the same arithmetic where the state lies, no copy
         s = state.mul_(decay).add_(write)
-    o = torch.matmul(q.to(acc)[..., None, :], s).squeeze(-2) * scale  # [b, h, 1, k] @ [b, h, k, v]
+    batch, heads, dk, dv = s.shape
+    o = torch.bmm(q.to(acc).reshape(batch * heads, 1, dk), s.reshape(batch * heads, dk, dv))  # [b * h, 1, v]
+    o = o.view(batch, heads, dv) * scale
     return o.to(out_dtype), state
 
 

@@ -189,7 +189,8 @@ def ssd_step_ref(
     else:  # decoding: the same arithmetic where the state lies, no copy
         s = state.view(batch, groups, rep, headdim, dstate)
         s.mul_(decay[..., None, None]).add_(write)
-    y = torch.matmul(s, Cf.view(batch, groups, rep, dstate, 1)).squeeze(-1)  # [b, g, r, p]
+    y = torch.bmm(s.reshape(batch * heads, headdim, dstate), Cf.reshape(batch * heads, dstate, 1))  # [b * h, p, 1]
+    y = y.view(batch, groups, rep, headdim)
     if D is not None:
         y = y + D.to(acc).view(groups, rep, 1) * xf[:, :, None, :]
     return y.reshape(batch, heads, headdim).to(out_dtype), state
