@@ -45,9 +45,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from convert_memory import LLAMA_32_1B, build_checkpoint  # noqa: E402
+from convert_memory import build_checkpoint  # noqa: E402
 
 import mixerswap  # noqa: E402
+import transformers  # noqa: E402
 from mixerswap.convert import convert  # noqa: E402
 
 KINDS = ("mamba2", "gla", "gdn", "swa", "linear", "mla")
@@ -58,7 +59,7 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_la
 # output shapes that depend on data, and copies of host data (torch.tensor(list) on a device).
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.nonzero_static", "aten.masked_select",
             "aten.unique", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.equal",
-            "aten.is_nonzero", "aten.lift_fresh", "aten.repeat_interleave.Tensor"}
+            "aten.is_nonzero", "aten.repeat_interleave.Tensor"}
 INDEXING_OPS = {"aten.index", "aten.index_put_", "aten.index_put", "aten._index_put_impl_"}
 
 
@@ -67,6 +68,8 @@ def sync_op(func, args) -> bool:
     packet = str(func.overloadpacket)
     if packet in SYNC_OPS or str(func) in SYNC_OPS:
         return True
+    if packet == "aten.lift_fresh":  # torch.tensor(data, device=...); a 0-d one is a Python scalar being assigned
+        return args[0].dim() > 0
     if packet in INDEXING_OPS and len(args) > 1:
         indices = args[1] if isinstance(args[1], (list, tuple)) else ()
         return any(isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in indices)
@@ -92,32 +95,30 @@ class OpCounter(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-def build_models(work: Path, kinds, real: bool, dtype: torch.dtype) -> dict[str, Path]:
-    """Teacher and 0%-attention students under ``work`` (reused when present)."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
+def build_teacher(work: Path, real: bool, dtype: torch.dtype) -> Path:
+    """The random-weight Llama teacher under ``work`` (reused when present)."""
     teacher = work / ("teacher-1b" if real else "teacher-tiny")
     if not (teacher / "config.json").exists():
         if real:
             build_checkpoint(teacher, dtype)
         else:
             torch.manual_seed(0)
-            LlamaForCausalLM(LlamaConfig(**TINY)).save_pretrained(teacher)
-    paths = {"teacher": teacher}
-    for kind in kinds:
-        out = work / f"{teacher.name}-{kind}-0pct"
-        if not (out / "config.json").exists():
-            extra = {"mixer_settings": SETTINGS[kind]} if kind in SETTINGS else {}
-            convert(teacher, out, to=kind, keep_attention=0.0, progress=False, **extra)
-        paths[kind] = out
-    return paths
+            transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY)).save_pretrained(teacher)
+    return teacher
+
+
+def build_student(teacher: Path, kind: str) -> Path:
+    """The teacher converted to ``kind`` with no attention layer left (reused when present)."""
+    out = teacher.parent / f"{teacher.name}-{kind}-0pct"
+    if not (out / "config.json").exists():
+        extra = {"mixer_settings": SETTINGS[kind]} if kind in SETTINGS else {}
+        convert(teacher, out, to=kind, keep_attention=0.0, progress=False, **extra)
+    return out
 
 
 def load(path: Path, name: str, device: str, dtype: torch.dtype):
-    from transformers import AutoModelForCausalLM
-
     extra = {"attn_implementation": "sdpa"} if name == "teacher" else {}
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **extra).to(device).eval()
 
 
 class Decoder:
@@ -229,12 +230,22 @@ def main() -> int:
     if args.profile_dir:
         args.profile_dir.mkdir(parents=True, exist_ok=True)
 
+    results = {}
+    report = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "versions": {"mixerswap": mixerswap.__version__, "torch": torch.__version__,
+                           "transformers": transformers.__version__, "python": platform.python_version()},
+              "machine": machine(args.device), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
+              "model": "llama-3.2-1b-shaped" if args.real else TINY, "prompt": args.prompt, "steps": args.steps,
+              "repeats": args.repeats, "settings": SETTINGS, "models": results}
+    args.json.parent.mkdir(parents=True, exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mixerswap-decode-"))
-    rows, results = [], {}
+    rows = []
     try:
-        paths = build_models(work, kinds, args.real, dtype)
+        teacher = build_teacher(work, args.real, dtype)
         budget = 2 + args.steps * args.repeats + 8
-        for name, path in paths.items():
+        for name in ["teacher", *kinds]:  # converted one at a time: a run stopped early keeps what it measured
+            path = teacher if name == "teacher" else build_student(teacher, name)
             model = load(path, name, args.device, dtype)
             layers = model.config.get_text_config().num_hidden_layers if name == "teacher" else len(
                 model.decoder_layers())
@@ -253,6 +264,7 @@ def main() -> int:
                              "ops_in_one_mixer": counter.inside, "syncs_per_step": syncs,
                              "sync_sites": dict(counter.syncs), "profile": str(profile) if profile else None}
             rows.append([name, f"{ms:.2f}", counter.total, f"{counter.total / layers:.1f}", counter.inside, syncs])
+            args.json.write_text(json.dumps(report, indent=1) + "\n")  # kept if a time limit stops the run
             print(f"{name}: {ms:.2f} ms/token, {counter.total} ops, {syncs} syncs"
                   + (f" ({', '.join(f'{n} x{c}' for n, c in counter.syncs.items())})" if syncs else ""), flush=True)
             del model, decoder
@@ -268,16 +280,6 @@ def main() -> int:
     print(f"\n{size}, batch 1, {args.prompt}-token prefill, {args.device} {str(dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} thread(s); students keep no attention layer")
     print(format_table(["model", "ms/token", "ops/step", "ops/layer", "ops in one mixer", "syncs/step"], rows))
-    import transformers
-
-    report = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-              "versions": {"mixerswap": mixerswap.__version__, "torch": torch.__version__,
-                           "transformers": transformers.__version__, "python": platform.python_version()},
-              "machine": machine(args.device), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
-              "model": "llama-3.2-1b-shaped" if args.real else TINY, "prompt": args.prompt, "steps": args.steps,
-              "repeats": args.repeats, "settings": SETTINGS, "models": results}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0

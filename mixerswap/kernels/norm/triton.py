@@ -110,27 +110,33 @@ def _rows(t: torch.Tensor, dim: int) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _forward(y, z, weight, group_size, eps):
+    """Launch the forward kernel: ``(out [..., D], (y2, z2, weight, rstd))``, the second what a backward needs."""
+    dim = y.shape[-1]
+    y2 = _rows(y, dim)
+    z2 = None if z is None else _rows(z, dim)
+    weight = weight.contiguous()
+    rows = y2.shape[0]
+    block_m, block_g, warps = _config(group_size)
+    out = torch.empty((rows, dim), dtype=y.dtype, device=y.device)
+    rstd = torch.empty((rows, dim // group_size), dtype=torch.float32, device=y.device)
+    _gated_rmsnorm_fwd_kernel[(triton.cdiv(rows, block_m), dim // group_size)](
+        y2, z2, weight, out, rstd, rows, eps,
+        y2.stride(0), 0 if z2 is None else z2.stride(0), out.stride(0), rstd.stride(0),
+        GROUP=group_size, HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=warps,
+    )
+    return out.view(y.shape), (y2, z2, weight, rstd)
+
+
 class GatedRMSNormFn(torch.autograd.Function):
     """Autograd around the two kernels; ``group_size`` and ``eps`` get no gradient."""
 
     @staticmethod
     def forward(ctx, y, z, weight, group_size, eps):
-        dim = y.shape[-1]
-        y2 = _rows(y, dim)
-        z2 = None if z is None else _rows(z, dim)
-        weight = weight.contiguous()
-        rows = y2.shape[0]
-        block_m, block_g, warps = _config(group_size)
-        out = torch.empty((rows, dim), dtype=y.dtype, device=y.device)
-        rstd = torch.empty((rows, dim // group_size), dtype=torch.float32, device=y.device)
-        _gated_rmsnorm_fwd_kernel[(triton.cdiv(rows, block_m), dim // group_size)](
-            y2, z2, weight, out, rstd, rows, eps,
-            y2.stride(0), 0 if z2 is None else z2.stride(0), out.stride(0), rstd.stride(0),
-            GROUP=group_size, HAS_Z=z is not None, BLOCK_M=block_m, BLOCK_G=block_g, num_warps=warps,
-        )
-        ctx.save_for_backward(y2, z2, weight, rstd)
+        out, saved = _forward(y, z, weight, group_size, eps)
+        ctx.save_for_backward(*saved)
         ctx.shape, ctx.group_size = y.shape, group_size
-        return out.view(y.shape)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
@@ -175,4 +181,6 @@ def gated_rmsnorm_triton(
         raise ValueError(f"channel count {dim} is not a multiple of group_size {group_size}")
     if y.numel() == 0:
         return torch.empty_like(y)
+    if not torch.is_grad_enabled():  # decoding: the kernel alone, without autograd's bookkeeping per call
+        return _forward(y, z, weight, group_size, float(eps))[0]
     return GatedRMSNormFn.apply(y, z, weight, group_size, float(eps))
