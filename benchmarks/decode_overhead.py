@@ -34,6 +34,7 @@ import json
 import platform
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -183,21 +184,45 @@ def count_step(decoder: Decoder) -> OpCounter:
 
 
 def profile_step(decoder: Decoder, name: str, folder: Path, device: str) -> Path:
+    """``torch.profiler`` tables of one decode step in ``folder`` (the model is warm: timed steps ran before)."""
     from torch.profiler import ProfilerActivity, profile
 
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
-    with profile(activities=activities) as prof:
-        decoder.step()
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
+    cuda = device.startswith("cuda")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    # each layer's attention slot (attention or mixer) and MLP as rows of their own: Python time included
+    handles, open_ranges = [], []
+    for layer in decoder.model.model.layers:
+        for label, module in (("[attention slot]", layer.self_attn), ("[mlp]", layer.mlp)):
+            def enter(*_, label=label):
+                open_ranges.append(torch.autograd.profiler.record_function(label).__enter__())
+
+            handles += [module.register_forward_pre_hook(enter),
+                        module.register_forward_hook(lambda *_: open_ranges.pop().__exit__(None, None, None))]
+    try:
+        with profile(activities=activities) as prof:
+            decoder.step()
+            if cuda:
+                torch.cuda.synchronize()
+    finally:
+        for h in handles:
+            h.remove()
     averages = prof.key_averages()
-    parts = [f"one decode step of {name} (batch 1, all-ones mask), top ops by CPU time (self)",
+    parts = [f"one decode step of {name} (batch 1, all-ones mask, {device}), top ops by self CPU time",
              averages.table(sort_by="self_cpu_time_total", row_limit=30)]
-    if device.startswith("cuda"):
-        parts += ["top ops by CUDA time (self)", averages.table(sort_by="self_cuda_time_total", row_limit=30)]
+    if cuda:
+        parts += ["top ops by self CUDA time", averages.table(sort_by="self_device_time_total", row_limit=30)]
     path = folder / f"decode-profile-{name}.txt"
     path.write_text("\n\n".join(parts) + "\n")
     return path
+
+
+def git_commit() -> str | None:
+    """The commit of the code measured (``None`` outside a git checkout)."""
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(mixerswap.__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def machine(device: str) -> dict:
@@ -232,7 +257,7 @@ def main() -> int:
 
     results = {}
     report = {"command": " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]),
-              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "commit": git_commit(),
               "versions": {"mixerswap": mixerswap.__version__, "torch": torch.__version__,
                            "transformers": transformers.__version__, "python": platform.python_version()},
               "machine": machine(args.device), "device": args.device, "dtype": str(dtype).removeprefix("torch."),

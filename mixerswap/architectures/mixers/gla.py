@@ -165,7 +165,7 @@ class GLAMixer(Mixer):
             q, k = rms_norm(q, self.q_norm_weight, s.norm_eps), rms_norm(k, self.k_norm_weight, s.norm_eps)
         qk = torch.cat([q.flatten(-2), k.flatten(-2)], -1)
         v = self.v_proj(hidden_states).view(batch, seqlen, s.n_kv_heads, s.head_dim)
-        v = torch.cat([v, torch.ones_like(v[..., :1])], -1)
+        v = F.pad(v, (0, 1), value=1.0)  # the normalizer's column of ones
         acc = acc_dtype(hidden_states.dtype)
         # the gate bias is kept in fp32 (fp32_parameters): add it after the projection, in fp32
         g = F.logsigmoid(F.linear(hidden_states, self.gate_proj.weight).to(acc) + self.gate_proj.bias.to(acc))
