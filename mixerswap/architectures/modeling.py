@@ -162,8 +162,10 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
         """Same contract as the teacher's ``*ForCausalLM.forward``.
 
         ``attention_mask`` is the usual 2-D padding mask ``[B, past + T]``; recurrent mixers use it
-        to keep padding out of their states. Without a mask, ``position_ids`` that restart mark
-        packed documents (the ``transformers`` convention), for attention and mixers alike.
+        to keep padding out of their states. Whether it holds any padding is read back from the device
+        once per forward (one sync), and mixers get it only when it does. Without a mask,
+        ``position_ids`` that restart mark packed documents (the ``transformers`` convention), for
+        attention and mixers alike.
         """
         if use_cache is None:
             use_cache = getattr(self.config.teacher_config, "use_cache", True) and not self.training

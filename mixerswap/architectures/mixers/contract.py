@@ -10,7 +10,8 @@ A *mixer kind* (``mamba2``, later ``swa``, ``gla``, ``mla`` ...) is three things
 
    ``kwargs`` carry what the teacher's decoder layer passes to its attention (``position_embeddings``
    = the teacher's RoPE ``(cos, sin)``, ...) and the 2-D padding mask under
-   :data:`~mixerswap.architectures.mixers.common.PADDING_MASK_KWARG`. The module declares
+   :data:`~mixerswap.architectures.mixers.common.PADDING_MASK_KWARG` (``None`` when the model found no
+   padding: a mixer never reads the mask back from the device). The module declares
    its parameter groups as class attributes (names relative to the mixer, ``fnmatch`` patterns):
    ``fp32_parameters`` (kept in fp32 in every checkpoint and at load time), ``no_weight_decay``
    (besides every bias and every norm weight, which never decay), ``fast_parameters`` (what
