@@ -84,11 +84,15 @@ def document_rank(real: torch.Tensor, seq_idx: torch.Tensor | None) -> torch.Ten
     return rank - rank.gather(1, first)
 
 
-def _sink_tokens(real: torch.Tensor, rank: torch.Tensor, sinks: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+def _sink_tokens(real: torch.Tensor, rank: torch.Tensor, sinks: int,
+                 packed: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
     """The call's sink tokens (real, rank below ``sinks``) per row: positions ``[B, M]`` and which are real
-    ``[B, M]`` (rows with fewer than ``M`` are padded with position 0), or ``None`` when there are none."""
+    ``[B, M]`` (rows with fewer than ``M`` are padded with position 0), or ``None`` when there are none.
+
+    A row of one document has at most ``sinks`` of them, so ``M = sinks`` needs no look at the data; only
+    packed documents (each with its own sinks) count them, which reads the count back from the device."""
     is_sink = real & (rank < sinks)
-    count = int(is_sink.sum(1).max()) if sinks else 0
+    count = (int(is_sink.sum(1).max()) if packed else min(sinks, real.shape[1])) if sinks else 0
     if count == 0:
         return None
     position = torch.argsort((~is_sink).to(torch.int8), dim=1, stable=True)[:, :count]  # sinks first, in order
@@ -220,7 +224,7 @@ class SlidingWindowMixer(WindowAttentionMixer):
         start = layer.seen_tokens if has_state else 0
         cached, rank = self.cached_masks(real, seq_idx, start, layer)
         # this call's sinks, for blocks whose window starts after them (only a call longer than the window has those)
-        sinks = _sink_tokens(real, rank, s.sinks) if seqlen > s.window else None
+        sinks = _sink_tokens(real, rank, s.sinks, seq_idx is not None) if seqlen > s.window else None
         if sinks is not None:
             position, found = sinks
             index = position[:, None, :, None].expand(-1, k.shape[1], -1, k.shape[-1])
