@@ -22,7 +22,7 @@ from .cache import HybridMixerCache
 from .configuration import MixerSwapConfig
 from .families import family_for
 from .mixers import Mixer, fp32_parameter_names, mixer_kind
-from .mixers.common import PADDING_MASK_KWARG
+from .mixers.common import PADDING_MASK_KWARG, SEQ_IDX_KWARG, documents
 from .plan import ATTENTION, validate_plan
 
 REMOTE_CODE_DIR = Path(__file__).parent / "remote"
@@ -180,6 +180,12 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
                 # Nothing to mask, and with a cache transformers reads no packed documents from position_ids
                 # either way: without the mask its attention layers skip the same test (and sync) again.
                 attention_mask = None
+        elif attention_mask is None:
+            # Packed documents, found once for every mixer (as transformers does once for its attention).
+            embeds = input_ids if input_ids is not None else inputs_embeds
+            batch, seqlen = embeds.shape[:2]
+            continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
+            kwargs[SEQ_IDX_KWARG] = documents({}, position_ids, batch, seqlen, continuing=continuing)
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

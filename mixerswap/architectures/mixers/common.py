@@ -46,6 +46,9 @@ def init_teacher_projections(projections, std: float, norm_weights=()) -> None:
 # ``None`` when every token is real, so a mixer never synchronizes with the device to find out. The
 # keyword being present at all means a mask was given, so restarting ``position_ids`` are not packing.
 PADDING_MASK_KWARG = "mixerswap_padding_mask"
+# Without a mask, the model reads packed documents from ``position_ids`` once per forward (another
+# read-back) and passes their ids ``[B, T]`` (``None``: one document per row) under this keyword.
+SEQ_IDX_KWARG = "mixerswap_seq_idx"
 
 
 def packed_seq_idx(position_ids: torch.Tensor, batch: int) -> torch.Tensor | None:
@@ -77,7 +80,15 @@ def mixer_inputs(
     padding = None
     if mask is not None:  # an all-ones mask handed over directly is exact too (x * 1 = x), only slower
         padding = mask[:, -seqlen:].to(torch.float32)
-    seq_idx = None
-    if PADDING_MASK_KWARG not in kwargs and position_ids is not None and not continuing and seqlen > 1:
-        seq_idx = packed_seq_idx(position_ids, batch)
-    return padding, seq_idx
+    return padding, documents(kwargs, position_ids, batch, seqlen, continuing=continuing)
+
+
+def documents(kwargs: dict, position_ids: torch.Tensor | None, batch: int, seqlen: int, *,
+              continuing: bool) -> torch.Tensor | None:
+    """Packed document ids ``[B, T]`` of this call, or ``None``: those the model found (:data:`SEQ_IDX_KWARG`),
+    else read from ``position_ids`` here (a mixer called directly)."""
+    if PADDING_MASK_KWARG in kwargs or continuing or seqlen == 1:
+        return None
+    if SEQ_IDX_KWARG in kwargs:
+        return kwargs[SEQ_IDX_KWARG]
+    return packed_seq_idx(position_ids, batch) if position_ids is not None else None

@@ -59,7 +59,7 @@ from transformers import initialization as init
 
 from ...kernels.precision import acc_dtype
 from ..cache import MixerCacheLayer
-from .common import PADDING_MASK_KWARG, packed_seq_idx
+from .common import PADDING_MASK_KWARG, documents
 from .contract import Mixer
 
 
@@ -351,8 +351,9 @@ class MLAMixer(Mixer):
             if mask.shape[1] < keys:  # a mask of the new tokens only: the cached ones were real
                 mask = torch.cat([mask.new_ones(batch, keys - mask.shape[1]), mask], 1)
             allowed = allowed & mask[:, None, -keys:]
-        elif PADDING_MASK_KWARG not in kwargs and position_ids is not None and past == 0 and seqlen > 1:
-            seq_idx = packed_seq_idx(position_ids.to(device), batch)
+        else:
+            seq_idx = documents(kwargs, None if position_ids is None else position_ids.to(device), batch, seqlen,
+                                continuing=past > 0)
             if seq_idx is not None:
                 allowed = allowed & (seq_idx[:, :, None] == seq_idx[:, None, :])
         return allowed
