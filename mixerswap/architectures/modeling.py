@@ -180,10 +180,9 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
                 # Nothing to mask, and with a cache transformers reads no packed documents from position_ids
                 # either way: without the mask its attention layers skip the same test (and sync) again.
                 attention_mask = None
-        elif attention_mask is None:
+        elif attention_mask is None and (input_ids is not None or inputs_embeds is not None):
             # Packed documents, found once for every mixer (as transformers does once for its attention).
-            embeds = input_ids if input_ids is not None else inputs_embeds
-            batch, seqlen = embeds.shape[:2]
+            batch, seqlen = (input_ids if input_ids is not None else inputs_embeds).shape[:2]
             continuing = past_key_values is not None and past_key_values.get_seq_length() > 0
             kwargs[SEQ_IDX_KWARG] = documents({}, position_ids, batch, seqlen, continuing=continuing)
         outputs = self.model(

@@ -22,9 +22,10 @@ from ..conftest import load_benchmark
 KINDS = ["mamba2", "gla", "gdn", "swa", "linear", "mla"]
 SETTINGS = {"swa": {"sinks": 2, "window": 8}, "linear": {"window": 8}, "mla": {"kv_budget": 0.5}}
 # aten ops that read a value back from the device or size an output from data (.item() and bool(t)
-# dispatch to _local_scalar_dense), and tensors built from Python lists (a blocking host-to-device copy)
+# dispatch to _local_scalar_dense; repeat_interleave reaches the dispatcher only with repeats as a tensor),
+# and tensors built from Python lists (a blocking host-to-device copy, see is_sync)
 SYNC_OPS = {"_local_scalar_dense", "item", "nonzero", "nonzero_static", "masked_select", "unique", "_unique2",
-            "unique_consecutive", "unique_dim", "equal", "is_nonzero"}
+            "unique_consecutive", "unique_dim", "equal", "is_nonzero", "repeat_interleave"}
 # Ops dispatched by one mixer in one decode step (views included), mean over the layers, as measured on
 # this pico llama after the decode paths were trimmed (before: mamba2 102, gla 91, gdn 125, swa 158,
 # linear 317, mla 134); the bound leaves a quarter of margin, so that a change doubling them fails.

@@ -253,8 +253,8 @@ class LinearAttentionMixer(WindowAttentionMixer):
         weights = torch.exp(scores - scores.amax(-1, keepdim=True)) * seen * share
         numerator = weights @ layer.values[..., : s.head_dim].to(acc)  # [B, G, H / G, D]
         denominator = weights.sum(-1, keepdim=True)
-        phi_q = self.features(q_raw.transpose(1, 2).to(acc), self.feature_map_q).view(batch, s.n_kv_heads, -1,
-                                                                                     k_sum.shape[-1])
+        phi_q = self.features(q_raw.transpose(1, 2).to(acc), self.feature_map_q)  # [B, H, 1, F']
+        phi_q = phi_q.view(batch, s.n_kv_heads, -1, phi_q.shape[-1])
         numerator = numerator + rest * (phi_q @ kv.to(acc))
         denominator = denominator + rest * (phi_q @ k_sum.to(acc)[..., None])
         out = numerator / denominator.clamp_min(torch.finfo(acc).tiny)  # a padded query: 0 / 0 → 0
