@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/decode_overhead.py              # tiny 16-layer Llama, CPU, ~2 min
     python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 --profile-dir OUT   # the same on a GPU
     python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 --real --workdir DIR --profile-dir OUT
+    python benchmarks/decode_overhead.py --kernels torch --no-mask   # the reference kernels; no mask (as bench)
 
 At batch 1 a decode step is bound by launch and Python overhead, not by reading the weights: a model
 whose layers dispatch twice the ops of attention decodes slower than its teacher, and one
@@ -49,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from convert_memory import build_checkpoint  # noqa: E402
 
 import mixerswap  # noqa: E402
+from mixerswap import kernels  # noqa: E402
 import transformers  # noqa: E402
 from mixerswap.convert import convert  # noqa: E402
 
@@ -123,19 +125,23 @@ def load(path: Path, name: str, device: str, dtype: torch.dtype):
 
 
 class Decoder:
-    """A model after a prefill at batch 1, stepping one token at a time with an all-ones mask."""
+    """A model after a prefill at batch 1, stepping one token at a time with an all-ones mask (``generate``'s
+    calls) or, with ``mask=False``, none (``mixerswap bench``'s and ``e2e_speed.py``'s calls)."""
 
-    def __init__(self, model, prompt: int, vocab: int, device: str, budget: int):
+    def __init__(self, model, prompt: int, vocab: int, device: str, budget: int, mask: bool = True):
         self.model = model
         ids = torch.randint(0, vocab, (1, prompt), generator=torch.Generator().manual_seed(0)).to(device)
-        self.mask = torch.ones(1, prompt + budget, dtype=torch.long, device=device)
-        out = model(ids, attention_mask=self.mask[:, :prompt], use_cache=True)
+        self.mask = torch.ones(1, prompt + budget, dtype=torch.long, device=device) if mask else None
+        out = model(ids, attention_mask=self._mask(prompt), use_cache=True)
         self.past, self.length = out.past_key_values, prompt
         self.token = out.logits[:, -1:].argmax(-1)
 
+    def _mask(self, length: int) -> torch.Tensor | None:
+        return None if self.mask is None else self.mask[:, :length]
+
     def step(self):
         self.length += 1
-        out = self.model(self.token, attention_mask=self.mask[:, : self.length], past_key_values=self.past,
+        out = self.model(self.token, attention_mask=self._mask(self.length), past_key_values=self.past,
                          use_cache=True)
         self.past = out.past_key_values
         return out
@@ -233,6 +239,30 @@ def machine(device: str) -> dict:
     return info
 
 
+def measure(name: str, path: Path, args, dtype: torch.dtype) -> dict:
+    """Load one model, prefill, warm up, then count one step, time the others and profile one."""
+    model = load(path, name, args.device, dtype)
+    layers = len(model.model.layers)
+    vocab = model.get_input_embeddings().num_embeddings
+    with torch.no_grad():
+        decoder = Decoder(model, args.prompt, vocab, args.device, 2 + args.steps * args.repeats + 8,
+                          mask=not args.no_mask)
+        for _ in range(3):  # warm-up: first-call dispatch choices, allocator
+            decoder.step()
+        counter = count_step(decoder)
+        times = time_steps(decoder, args.steps, args.repeats, args.device)
+        profile = profile_step(decoder, name, args.profile_dir, args.device) if args.profile_dir else None
+    ms, syncs = statistics.median(times), sum(counter.syncs.values())
+    print(f"{name}: {ms:.2f} ms/token, {counter.total} ops, {syncs} syncs"
+          + (f" ({', '.join(f'{n} x{c}' for n, c in counter.syncs.items())})" if syncs else ""), flush=True)
+    del model, decoder
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+    return {"path": str(path), "layers": layers, "ms_per_token": ms, "ms_runs": times, "ops_per_step": counter.total,
+            "ops_per_layer": counter.total / layers, "ops_in_one_mixer": counter.inside, "syncs_per_step": syncs,
+            "sync_sites": dict(counter.syncs), "profile": str(profile) if profile else None}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kinds", default=",".join(KINDS), help=f"comma-separated subset of {', '.join(KINDS)}")
@@ -244,6 +274,10 @@ def main() -> int:
     parser.add_argument("--prompt", type=int, default=64, help="prefill tokens before the measured steps")
     parser.add_argument("--steps", type=int, default=50, help="decode steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats (the median is reported)")
+    parser.add_argument("--no-mask", action="store_true",
+                        help="decode without an attention mask (as mixerswap bench and e2e_speed.py call the models)")
+    parser.add_argument("--kernels", default="auto", choices=["auto", *kernels.BACKENDS],
+                        help="kernel backend for every operator (torch: the references, no Triton launches)")
     parser.add_argument("--profile-dir", type=Path, help="write a torch.profiler table of one step per model here")
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "decode-overhead.json")
     args = parser.parse_args()
@@ -262,39 +296,21 @@ def main() -> int:
                            "transformers": transformers.__version__, "python": platform.python_version()},
               "machine": machine(args.device), "device": args.device, "dtype": str(dtype).removeprefix("torch."),
               "model": "llama-3.2-1b-shaped" if args.real else TINY, "prompt": args.prompt, "steps": args.steps,
-              "repeats": args.repeats, "settings": SETTINGS, "models": results}
+              "repeats": args.repeats, "mask": not args.no_mask, "kernels": args.kernels, "settings": SETTINGS,
+              "models": results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="mixerswap-decode-"))
     rows = []
     try:
         teacher = build_teacher(work, args.real, dtype)
-        budget = 2 + args.steps * args.repeats + 8
-        for name in ["teacher", *kinds]:  # converted one at a time: a run stopped early keeps what it measured
-            path = teacher if name == "teacher" else build_student(teacher, name)
-            model = load(path, name, args.device, dtype)
-            layers = model.config.get_text_config().num_hidden_layers if name == "teacher" else len(
-                model.decoder_layers())
-            vocab = model.get_input_embeddings().num_embeddings
-            with torch.no_grad():
-                decoder = Decoder(model, args.prompt, vocab, args.device, budget)
-                for _ in range(3):  # warm-up: first-call dispatch choices, allocator
-                    decoder.step()
-                counter = count_step(decoder)
-                times = time_steps(decoder, args.steps, args.repeats, args.device)
-                profile = profile_step(decoder, name, args.profile_dir, args.device) if args.profile_dir else None
-            ms = statistics.median(times)
-            syncs = sum(counter.syncs.values())
-            results[name] = {"path": str(path), "layers": layers, "ms_per_token": ms, "ms_runs": times,
-                             "ops_per_step": counter.total, "ops_per_layer": counter.total / layers,
-                             "ops_in_one_mixer": counter.inside, "syncs_per_step": syncs,
-                             "sync_sites": dict(counter.syncs), "profile": str(profile) if profile else None}
-            rows.append([name, f"{ms:.2f}", counter.total, f"{counter.total / layers:.1f}", counter.inside, syncs])
-            args.json.write_text(json.dumps(report, indent=1) + "\n")  # kept if a time limit stops the run
-            print(f"{name}: {ms:.2f} ms/token, {counter.total} ops, {syncs} syncs"
-                  + (f" ({', '.join(f'{n} x{c}' for n, c in counter.syncs.items())})" if syncs else ""), flush=True)
-            del model, decoder
-            if args.device.startswith("cuda"):
-                torch.cuda.empty_cache()
+        with kernels.use_backend(args.kernels):
+            for name in ["teacher", *kinds]:  # converted one at a time: a run stopped early keeps what it measured
+                path = teacher if name == "teacher" else build_student(teacher, name)
+                results[name] = measure(name, path, args, dtype)
+                args.json.write_text(json.dumps(report, indent=1) + "\n")  # kept if a time limit stops the run
+                r = results[name]
+                rows.append([name, f"{r['ms_per_token']:.2f}", r["ops_per_step"], f"{r['ops_per_layer']:.1f}",
+                             r["ops_in_one_mixer"], r["syncs_per_step"]])
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -303,7 +319,8 @@ def main() -> int:
 
     size = "Llama-3.2-1B-shaped" if args.real else "tiny 16-layer Llama"
     print(f"\n{size}, batch 1, {args.prompt}-token prefill, {args.device} {str(dtype).removeprefix('torch.')}, "
-          f"{torch.get_num_threads()} thread(s); students keep no attention layer")
+          f"{torch.get_num_threads()} thread(s), {'no mask' if args.no_mask else 'all-ones mask'}, kernels "
+          f"{args.kernels}; students keep no attention layer")
     print(format_table(["model", "ms/token", "ops/step", "ops/layer", "ops in one mixer", "syncs/step"], rows))
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.json}")

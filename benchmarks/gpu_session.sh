@@ -17,7 +17,8 @@
 #   kernels-speed  kernel timings against the references (and mamba-ssm, causal-conv1d, fla when installed)
 #   decode-overhead  batch-1 decode step of the teacher and every kind at 0% attention: ms/token, aten ops and
 #                  host-device syncs per step, and a torch.profiler table of one step per model (top ops by CPU
-#                  and CUDA time) in OUT_DIR/decode-profile*/; the tiny 16-layer model, then the 1B-shaped one
+#                  and CUDA time) in OUT_DIR/decode-profile*/; the tiny 16-layer model, then the 1B-shaped one,
+#                  each also with the torch reference kernels instead of Triton (launch overhead at batch 1)
 # Time limits per command of a step, in seconds: MIXERSWAP_GPU_LIMITS="tests=420 e2e-targets=480 ..." overrides the defaults.
 # The e2e checkpoints (a 1B teacher and its students, ~30 GB) go to ${E2E_WORK:-/tmp/mixerswap-e2e}.
 set -u
@@ -27,7 +28,7 @@ steps=${*:-tests kernels-check e2e-targets e2e-kinds distill kernels-speed decod
 mkdir -p "$out"
 work=${E2E_WORK:-/tmp/mixerswap-e2e}
 declare -A limit=([tests]=420 [kernels-check]=240 [e2e-targets]=480 [e2e-kinds]=300 [distill]=180 [kernels-speed]=300
-                 [decode-overhead]=480)
+                 [decode-overhead]=600)
 for pair in ${MIXERSWAP_GPU_LIMITS:-}; do limit[${pair%%=*}]=${pair#*=}; done
 export PYTHONUNBUFFERED=1
 
@@ -58,12 +59,18 @@ for step in $steps; do
                 --compare benchmarks/results/distill-cpu.json -q ;;
         kernels-speed) run kernels-speed python benchmarks/kernel_speed.py --batches 1 --seqlens 2048,32768 \
                 --head-dims 64 --decode-batches 64 --repeats 10 --out "$out/kernels.json" ;;
-        decode-overhead)
+        decode-overhead)  # the default kernels (Triton on CUDA), then the torch references: what launches cost
             run decode-overhead python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 \
                 --profile-dir "$out/decode-profile" --json "$out/decode-overhead.json"
+            run decode-overhead python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 --kernels torch \
+                --json "$out/decode-overhead-torch-kernels.json"
             run decode-overhead python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 --real \
-                --workdir "$work" --profile-dir "$out/decode-profile-1b" --json "$out/decode-overhead-1b.json" ;;
-        *) echo "unknown step $step (tests kernels-check e2e-targets e2e-kinds distill kernels-speed decode-overhead)" >&2
+                --workdir "$work" --profile-dir "$out/decode-profile-1b" --json "$out/decode-overhead-1b.json"
+            run decode-overhead python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 --real \
+                --kinds mamba2,gdn --kernels torch --workdir "$work" \
+                --json "$out/decode-overhead-1b-torch-kernels.json" ;;
+        *) echo "unknown step $step (tests kernels-check e2e-targets e2e-kinds distill kernels-speed" \
+                "decode-overhead)" >&2
            exit 2 ;;
     esac
 done
