@@ -176,9 +176,10 @@ class MixerSwapForCausalLM(MixerSwapPreTrainedModel, GenerationMixin):
             # host wait for the device (a sync per layer and token on CUDA).
             padded = not bool(attention_mask.all())
             kwargs[PADDING_MASK_KWARG] = attention_mask if padded else None
-            if not padded and past_key_values is not None:
-                # Nothing to mask, and with a cache transformers reads no packed documents from position_ids
-                # either way: without the mask its attention layers skip the same test (and sync) again.
+            if past_key_values is not None and (not padded or ATTENTION not in self.config.layer_kinds()):
+                # Nothing for attention layers to mask (no padding, or no attention layer), and with a cache
+                # transformers reads no packed documents from position_ids either way: without the mask it
+                # skips building one, and the tests (syncs) that come with it.
                 attention_mask = None
         elif attention_mask is None and (input_ids is not None or inputs_embeds is not None):
             # Packed documents, found once for every mixer (as transformers does once for its attention).
