@@ -18,7 +18,9 @@ and measures single-token steps with an all-ones attention mask, as ``generate``
 - ``ms/token``: median over ``--repeats`` of the mean step time of ``--steps`` steps (wall clock on
   CPU, CUDA events on a GPU);
 - ``ops``: aten ops dispatched by one step (a ``TorchDispatchMode``; views included), in total, per
-  layer, and inside one mixer (layer 1's attention slot);
+  layer, and inside one mixer (layer 1's attention slot); and in total again with each call of a
+  ``mixerswap.kernels`` operator counted as one op, as its Triton kernel is one launch on CUDA (on a CPU
+  the references run instead, dozens of ops each), so that the CUDA path's count is known without a GPU;
 - ``syncs``: ops of one step that synchronize the host with a CUDA device, counted on any device by
   intercepting them (``_local_scalar_dense``, which ``.item()`` and ``bool(t)`` dispatch to,
   ``nonzero``, boolean-mask indexing, tensors built from Python data), with where they come from.
@@ -63,6 +65,8 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_la
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.nonzero_static", "aten.masked_select",
             "aten.unique", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.equal",
             "aten.is_nonzero", "aten.repeat_interleave.Tensor"}
+KERNEL_OPS = ("ssd_chunk_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm", "gla_chunk",
+              "gla_step", "delta_rule_chunk", "delta_rule_step")  # the entry points of mixerswap.kernels
 INDEXING_OPS = {"aten.index", "aten.index_put_", "aten.index_put", "aten._index_put_impl_"}
 
 
@@ -85,12 +89,16 @@ class OpCounter(TorchDispatchMode):
     def __init__(self):
         super().__init__()
         self.total = self.inside = 0
-        self.watching = False
+        self.watching = self.paused = False
         self.syncs: Counter = Counter()
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+    def count(self) -> None:
         self.total += 1
         self.inside += self.watching
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not self.paused:
+            self.count()
         if sync_op(func, args):
             frames = [f for f in traceback.extract_stack()[:-1] if "torch/" not in f.filename]
             where = f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "?"
@@ -169,7 +177,10 @@ def time_steps(decoder: Decoder, steps: int, repeats: int, device: str) -> list[
     return times
 
 
-def count_step(decoder: Decoder) -> OpCounter:
+def count_step(decoder: Decoder, kernels_as_launches: bool = False) -> OpCounter:
+    """Ops and syncs of one step, in total and inside layer 1's attention slot. ``kernels_as_launches``: each
+    call of a :mod:`mixerswap.kernels` operator counts as one op, as a fused kernel on CUDA would (its syncs
+    still count): what the CUDA path dispatches, measured on any device."""
     model = decoder.model
     mixer = model.model.layers[1].self_attn
     counter = OpCounter()
@@ -179,11 +190,26 @@ def count_step(decoder: Decoder) -> OpCounter:
             counter.watching = flag
         return hook
 
+    def as_one(fn):
+        def run(*args, **kwargs):
+            counter.paused = True
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                counter.paused = False
+                counter.count()
+        return run
+
     handles = [mixer.register_forward_pre_hook(watch(True)), mixer.register_forward_hook(watch(False))]
+    entry_points = {op: getattr(kernels, op) for op in KERNEL_OPS} if kernels_as_launches else {}
     try:
+        for op, fn in entry_points.items():
+            setattr(kernels, op, as_one(fn))
         with counter:
             decoder.step()
     finally:
+        for op, fn in entry_points.items():
+            setattr(kernels, op, fn)
         for h in handles:
             h.remove()
     return counter
@@ -250,6 +276,7 @@ def measure(name: str, path: Path, args, dtype: torch.dtype) -> dict:
         for _ in range(3):  # warm-up: first-call dispatch choices, allocator
             decoder.step()
         counter = count_step(decoder)
+        launches = count_step(decoder, kernels_as_launches=True).total
         times = time_steps(decoder, args.steps, args.repeats, args.device)
         profile = profile_step(decoder, name, args.profile_dir, args.device) if args.profile_dir else None
     ms, syncs = statistics.median(times), sum(counter.syncs.values())
@@ -260,6 +287,7 @@ def measure(name: str, path: Path, args, dtype: torch.dtype) -> dict:
         torch.cuda.empty_cache()
     return {"path": str(path), "layers": layers, "ms_per_token": ms, "ms_runs": times, "ops_per_step": counter.total,
             "ops_per_layer": counter.total / layers, "ops_in_one_mixer": counter.inside, "syncs_per_step": syncs,
+            "ops_per_step_kernels_as_one": launches,
             "sync_sites": dict(counter.syncs), "profile": str(profile) if profile else None}
 
 
@@ -310,7 +338,7 @@ def main() -> int:
                 args.json.write_text(json.dumps(report, indent=1) + "\n")  # kept if a time limit stops the run
                 r = results[name]
                 rows.append([name, f"{r['ms_per_token']:.2f}", r["ops_per_step"], f"{r['ops_per_layer']:.1f}",
-                             r["ops_in_one_mixer"], r["syncs_per_step"]])
+                             r["ops_in_one_mixer"], r["ops_per_step_kernels_as_one"], r["syncs_per_step"]])
     finally:
         if args.workdir is None:
             shutil.rmtree(work, ignore_errors=True)
@@ -321,7 +349,8 @@ def main() -> int:
     print(f"\n{size}, batch 1, {args.prompt}-token prefill, {args.device} {str(dtype).removeprefix('torch.')}, "
           f"{torch.get_num_threads()} thread(s), {'no mask' if args.no_mask else 'all-ones mask'}, kernels "
           f"{args.kernels}; students keep no attention layer")
-    print(format_table(["model", "ms/token", "ops/step", "ops/layer", "ops in one mixer", "syncs/step"], rows))
+    print(format_table(["model", "ms/token", "ops/step", "ops/layer", "ops in one mixer", "ops/step, kernels as 1",
+                        "syncs/step"], rows))
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     print(f"wrote {args.json}")
     return 0
