@@ -2,6 +2,7 @@
 
     python benchmarks/quality.py                                   # stories260k, every row (~1 h on 2 cores)
     python benchmarks/quality.py --rows mamba2-25,mamba2-25-kl --tokens 60k
+    python benchmarks/quality.py --rows mamba2-50 --stories 20000 --tokens 12M --workdir W --keep-students  # ~40 min
     python benchmarks/quality.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf --text wikitext2-test.raw \
         --rows mamba2-50,mamba2-50-kl --tokens 32k --seq-len 256 --out benchmarks/results/quality-smollm2.json
 
