@@ -145,7 +145,7 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
               for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
-        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held,
+        "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "held_out_rows": args.held_out_rows,
         "validation_docs": args.validation_docs, "stages": stages})
     result = run_distill(recipe, overwrite=True, progress=False)
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
@@ -295,6 +295,8 @@ def main() -> None:
     parser.add_argument("--validation-docs", type=int, default=0,
                         help="documents after the calibration ones kept out of training: a stage that raises their "
                              "perplexity is undone (0: every stage kept)")
+    parser.add_argument("--held-out-rows", type=int, default=8,
+                        help="packed rows of --seq-len tokens of the held-out documents scored for perplexity")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-prompts", type=int, default=16)

@@ -227,6 +227,8 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 @click.option("--checkpoint-every", type=int, help="Optimizer steps between checkpoints.")
 @click.option("--text-field", help="Field/column holding the text in jsonl/parquet/datasets.")
 @click.option("--held-out-docs", type=int, help="Documents kept out of training for perplexity (default 32).")
+@click.option("--held-out-rows", type=int,
+              help="Packed rows of --seq-len tokens of those documents scored for perplexity (default 8).")
 @click.option("--validation-docs", type=int,
               help="The next documents, also kept out: a stage that raises their perplexity is undone (default 0: off).")
 @click.option("--out", help="Output folder (a normal HF checkpoint).")
@@ -239,7 +241,7 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
 def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_accum, seed, mixed_precision, dtype,
-            distributed, checkpoint_every, text_field, held_out_docs, validation_docs, out, allow_other_teacher, resume, overwrite,
+            distributed, checkpoint_every, text_field, held_out_docs, held_out_rows, validation_docs, out, allow_other_teacher, resume, overwrite,
             keep_checkpoints, fail_after_step, quiet):
     """Distill STUDENT (a converted folder) from its teacher: align -> hidden -> kd."""
     setup_logging(quiet)
@@ -250,7 +252,8 @@ def distill(student, teacher, data, stages, recipe, seq_len, batch_size, grad_ac
     options = {"student": student, "teacher": teacher, "data": data, "out": out, "seq_len": seq_len,
                "batch_size": batch_size, "grad_accum": grad_accum, "seed": seed, "mixed_precision": mixed_precision,
                "dtype": dtype, "distributed": distributed, "checkpoint_every": checkpoint_every,
-               "text_field": text_field, "held_out_docs": held_out_docs, "validation_docs": validation_docs,
+               "text_field": text_field, "held_out_docs": held_out_docs, "held_out_rows": held_out_rows,
+               "validation_docs": validation_docs,
                "allow_other_teacher": allow_other_teacher,
                "stages": parse_stages(stages) if stages else None}
     if recipe:

@@ -153,6 +153,8 @@ class DistillRecipe(BaseModel):
     teacher_offload: bool = Field(False, description="fsdp: keep the teacher's shards in CPU memory (GPUs)")
     checkpoint_every: int = Field(200, gt=0, description="optimizer steps between checkpoints")
     held_out_docs: int = Field(32, ge=0, description="documents kept out of training for perplexity")
+    held_out_rows: int = Field(8, gt=0, description="packed rows of seq_len tokens of the held-out (and "
+                               "validation) documents scored for perplexity, 8 per forward")
     validation_docs: int = Field(0, ge=0, description="documents after the held-out ones, also kept out of "
                                                        "training: a stage that raises their perplexity is undone "
                                                        "(0: every stage is kept)")

@@ -172,14 +172,14 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     validation = []
     if recipe.validation_docs:  # the next documents: apart from training and from what the run reports
         train_docs, validation = held_out_split(train_docs, recipe.validation_docs)
-    held_rows = eval_rows(held_out, tokenizer, recipe.seq_len)
+    held_rows = eval_rows(held_out, tokenizer, recipe.seq_len, max_rows=recipe.held_out_rows)
     ppl_before = perplexity(lambda o, b: o(b), HeldOutNLL(student), held_rows, device)
     # the teacher runs where setup_teacher will put it: the device, or CPU when its weights are offloaded
     teacher_device = torch.device("cpu") if recipe.teacher_offload else device
     ppl_teacher = perplexity(lambda o, b: o(b), HeldOutNLL(teacher.to(teacher_device)), held_rows, teacher_device)
     student = engine.setup_student(student)
     teacher = engine.setup_teacher(teacher)
-    validation_rows = eval_rows(validation, tokenizer, recipe.seq_len)
+    validation_rows = eval_rows(validation, tokenizer, recipe.seq_len, max_rows=recipe.held_out_rows)
     guard = StageGuard(validation_rows, work, device) if validation_rows is not None else None
     validation_start = guard.measure(engine.evaluate, student) if guard else None  # the weights before training
 
@@ -460,8 +460,8 @@ def _write_output(config, weights: dict, dtype: torch.dtype, tokenizer, recipe, 
         (tmp / "README.md").write_text(
             f"# Distilled mixerswap student\n\nStudent `{recipe.student}` distilled from `{recipe.teacher}` "
             f"on `{recipe.data}` (stages {stages}, seq_len {recipe.seq_len}).\n\n"
-            f"Held-out perplexity (next-token, {recipe.held_out_docs} held-out documents of the data, rows of "
-            f"{recipe.seq_len} tokens): teacher {_fmt(perplexity['teacher'])}; student {_fmt(perplexity['before'])} "
+            f"Held-out perplexity (next-token, {recipe.held_out_docs} held-out documents of the data, their first "
+            f"{recipe.held_out_rows} packed rows of {recipe.seq_len} tokens): teacher {_fmt(perplexity['teacher'])}; student {_fmt(perplexity['before'])} "
             "before, " + "".join(f"{_fmt(s['perplexity'])} after {s['stage']}, " for s in perplexity["stages"])
             + f"{_fmt(perplexity['after'])} at the end. Settings: `mixerswap.yaml`; per-step metrics: "
             "`metrics.jsonl`.\n"

@@ -1,6 +1,6 @@
 """Perplexity on documents kept out of training, and the stage guard built on it.
 
-* :func:`eval_rows` packs held-out documents into one batch of rows; :class:`HeldOutNLL` is the
+* :func:`eval_rows` packs held-out documents into rows (batches of at most ``EVAL_BATCH_ROWS``); :class:`HeldOutNLL` is the
   evaluation objective (summed next-token NLL and token count) and :func:`perplexity` turns it into a
   token-weighted perplexity. ``distill`` reports it before training, after every stage and at the end.
 * :class:`StageGuard` undoes a stage that made the student worse end to end. Every stage optimizes
@@ -31,12 +31,24 @@ from .checkpoint import full_model_state, is_main, load_model_state
 from .data import PackedLoader
 
 
-def eval_rows(documents: list, tokenizer, seq_len: int, max_rows: int = 8) -> dict | None:
-    """The first ``max_rows`` packed rows of ``seq_len`` tokens of ``documents`` (``None`` if there are none)."""
+EVAL_BATCH_ROWS = 8  # rows per forward when scoring: memory stays that of one small batch however many rows
+
+
+def eval_rows(documents: list, tokenizer, seq_len: int, max_rows: int = 8) -> list[dict] | None:
+    """The first ``max_rows`` packed rows of ``seq_len`` tokens of ``documents`` (fewer if the documents run
+    out), as batches of at most ``EVAL_BATCH_ROWS`` rows; ``None`` if there are none."""
     if not documents:
         return None
-    loader = PackedLoader(documents, tokenizer, seq_len=seq_len, batch_size=max_rows, shuffle=False)
-    return next(iter(loader), None)
+    loader = PackedLoader(documents, tokenizer, seq_len=seq_len, batch_size=min(max_rows, EVAL_BATCH_ROWS),
+                          shuffle=False)
+    batches, rows = [], 0
+    for batch in loader:
+        take = min(len(batch["input_ids"]), max_rows - rows)
+        batches.append({k: v[:take] for k, v in batch.items()})
+        rows += take
+        if rows >= max_rows:
+            break
+    return batches or None
 
 
 class HeldOutNLL(nn.Module):
@@ -58,15 +70,19 @@ class HeldOutNLL(nn.Module):
 
 
 @torch.no_grad()
-def perplexity(run, objective: HeldOutNLL, batch: dict | None, device) -> float | None:
-    """Token-weighted perplexity of next-token prediction over ``batch`` (rows of documents kept apart);
-    ``run(objective, batch)`` evaluates the objective (through the engine once the student is wrapped)."""
-    if batch is None:
+def perplexity(run, objective: HeldOutNLL, batches: list[dict] | None, device) -> float | None:
+    """Token-weighted perplexity of next-token prediction over ``batches`` (rows of documents kept apart,
+    from :func:`eval_rows`); ``run(objective, batch)`` evaluates the objective (through the engine once the
+    student is wrapped)."""
+    if batches is None:
         return None
     student = objective.student
     was_training = student.training
     student.eval()
-    nll, count = run(objective, {k: v.to(device) for k, v in batch.items()}).tolist()
+    nll = count = 0.0
+    for batch in batches:
+        batch_nll, batch_count = run(objective, {k: v.to(device) for k, v in batch.items()}).tolist()
+        nll, count = nll + batch_nll, count + batch_count
     student.train(was_training)
     return math.exp(nll / max(1.0, count))
 

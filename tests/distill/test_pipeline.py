@@ -397,3 +397,20 @@ def test_a_different_teacher_is_refused_unless_allowed(setup, tmp_path):
     result = run_distill(recipe({**setup, "teacher": other}, tmp_path / "out", stages, allow_other_teacher=True),
                          progress=False)
     assert (result.out / "config.json").exists()
+
+
+def test_held_out_rows_sets_the_rows_scored(setup, tmp_path):
+    from mixerswap.distill.data import held_out_split
+    from mixerswap.distill.validation import HeldOutNLL, eval_rows, perplexity
+
+    stages = parse_stages("align:128")
+    teacher = AutoModelForCausalLM.from_pretrained(setup["teacher"]).eval()
+    tokenizer = AutoTokenizer.from_pretrained(setup["teacher"])
+    _, held_out = held_out_split(read_documents(str(setup["data"])), 8)
+    for rows in (8, 20):
+        result = run_distill(recipe(setup, tmp_path / f"out{rows}", stages, held_out_docs=8, held_out_rows=rows),
+                             progress=False)
+        batches = eval_rows(held_out, tokenizer, 32, max_rows=rows)
+        assert sum(len(b["input_ids"]) for b in batches) == rows
+        expected = perplexity(lambda o, b: o(b), HeldOutNLL(teacher), batches, "cpu")
+        assert result.perplexity_teacher == pytest.approx(expected, rel=1e-6), rows
