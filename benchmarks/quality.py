@@ -366,7 +366,8 @@ def main() -> None:
     teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
-              "validation_docs": args.validation_docs, "teacher_row": teacher_row, "rows": [],
+              "validation_docs": args.validation_docs, "held_out_rows": args.held_out_rows,
+              "teacher_row": teacher_row, "rows": [],
               "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
               "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
               "passkey": None if passkey_length is None else {"length": passkey_length, "samples": args.passkey_samples,
