@@ -41,11 +41,6 @@ from ..precision import acc_dtype
 from ..ssd.naive import segsum
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate in fp32, or in fp64 when the inputs are fp64 (exactness tests)."""
-    return acc_dtype(x.dtype)
-
-
 def _check_shapes(q, k, v, g, beta):
     batch, seqlen, heads, dk = q.shape
     if k.shape != q.shape:
@@ -91,7 +86,7 @@ def delta_rule_chunk_ref(
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     scale = dk**-0.5 if scale is None else scale
-    out_dtype, acc = v.dtype, _acc_dtype(v)
+    out_dtype, acc = v.dtype, acc_dtype(v.dtype)
     q, k, v, g, beta = (t.to(acc) for t in (q, k, v, g, beta))
 
     pad = (-seqlen) % chunk_size
@@ -162,7 +157,7 @@ def delta_rule_step_ref(
         ``o`` ``[B, H, V]`` in ``v.dtype`` and ``state`` itself (the same tensor object).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out_dtype, acc = v.dtype, _acc_dtype(v)
+    out_dtype, acc = v.dtype, acc_dtype(v.dtype)
     qf, kf, vf, gf, bf = (t.to(acc) for t in (q, k, v, g, beta))
     decay = torch.exp(gf)[..., None, None]
     in_place = not torch.is_grad_enabled() and state.dtype == acc  # decoding: no copy of the state
@@ -193,7 +188,7 @@ def delta_rule_recurrent_ref(
     ``initial_state`` is copied, not updated: only the per-token :func:`delta_rule_step_ref` works in place.
     """
     batch, seqlen, heads, dk, dv = _check_shapes(q, k, v, g, beta)
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v.dtype)
     state = (torch.zeros(batch, heads, dk, dv, device=v.device, dtype=acc) if initial_state is None
              else initial_state.to(acc, copy=True))
     outs = []

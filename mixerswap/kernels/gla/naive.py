@@ -26,10 +26,6 @@ from ..precision import acc_dtype
 from ..ssd.naive import segsum
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    return acc_dtype(x.dtype)
-
-
 def _check_shapes(q, k, v, g):
     batch, seqlen, heads, dk = q.shape
     if k.shape != q.shape:
@@ -68,7 +64,7 @@ def gla_chunk_ref(
     """
     batch, seqlen, heads, dk, dv = _check_shapes(q, k, v, g)
     scale = dk**-0.5 if scale is None else scale
-    out_dtype, acc = v.dtype, _acc_dtype(v)
+    out_dtype, acc = v.dtype, acc_dtype(v.dtype)
     q, k, v, g = (t.to(acc) for t in (q, k, v, g))
 
     pad = (-seqlen) % chunk_size
@@ -137,7 +133,7 @@ def gla_step_ref(
         ``o`` ``[B, H, V]`` in ``v.dtype`` and ``state`` itself (the same tensor object).
     """
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    out_dtype, acc = v.dtype, _acc_dtype(v)
+    out_dtype, acc = v.dtype, acc_dtype(v.dtype)
     decay, write = torch.exp(g.to(acc))[..., None, None], k.to(acc)[..., :, None] * v.to(acc)[..., None, :]
     if torch.is_grad_enabled() or state.dtype != acc:
         # A copy, not a view: ``state`` is overwritten below while autograd may still need the old values.
@@ -166,7 +162,7 @@ def gla_recurrent_ref(
     ``initial_state`` is copied, not updated: only the per-token :func:`gla_step_ref` works in place.
     """
     batch, seqlen, heads, dk, dv = _check_shapes(q, k, v, g)
-    acc = _acc_dtype(v)
+    acc = acc_dtype(v.dtype)
     state = q.new_zeros(batch, heads, dk, dv, dtype=acc) if initial_state is None else initial_state.to(acc, copy=True)
     outs = []
     for t in range(seqlen):

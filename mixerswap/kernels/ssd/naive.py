@@ -45,11 +45,6 @@ def segsum(a: torch.Tensor) -> torch.Tensor:
     return out.masked_fill(~lower, float("-inf"))
 
 
-def _acc_dtype(x: torch.Tensor) -> torch.dtype:
-    """Accumulate in fp32, or in fp64 when the inputs are fp64 (exactness tests)."""
-    return acc_dtype(x.dtype)
-
-
 def _check_shapes(x, dt, A, B, C):
     batch, seqlen, groups, _ = x.shape
     heads = C.shape[2]
@@ -93,7 +88,7 @@ def ssd_chunk_scan_ref(
     """
     batch, seqlen, groups, rep = _check_shapes(x, dt, A, B, C)
     heads, headdim, dstate = groups * rep, x.shape[-1], B.shape[-1]
-    out_dtype, acc = x.dtype, _acc_dtype(x)
+    out_dtype, acc = x.dtype, acc_dtype(x.dtype)
     x, dt, A, B, C = (t.to(acc) for t in (x, dt, A, B, C))
 
     pad = (-seqlen) % chunk_size
@@ -177,7 +172,7 @@ def ssd_step_ref(
     batch, groups, headdim = x.shape
     heads, dstate = C.shape[1], C.shape[2]
     rep = heads // groups
-    out_dtype, acc = x.dtype, _acc_dtype(x)
+    out_dtype, acc = x.dtype, acc_dtype(x.dtype)
     xf, dtf, Bf, Cf = x.to(acc), dt.to(acc).view(batch, groups, rep), B.to(acc), C.to(acc)
     decay = torch.exp(dtf * A.to(acc).view(groups, rep))
     write = (dtf[..., None] * xf[:, :, None, :])[..., None] * Bf[:, :, None, None, :]  # dt x B^T [b, g, r, p, n]
@@ -214,9 +209,9 @@ def ssd_recurrent_ref(
     batch, seqlen, groups, rep = _check_shapes(x, dt, A, B, C)
     heads, headdim, dstate = groups * rep, x.shape[-1], B.shape[-1]
     state = (
-        torch.zeros(batch, heads, headdim, dstate, device=x.device, dtype=_acc_dtype(x))
+        torch.zeros(batch, heads, headdim, dstate, device=x.device, dtype=acc_dtype(x.dtype))
         if initial_state is None
-        else initial_state.to(_acc_dtype(x), copy=True)
+        else initial_state.to(acc_dtype(x.dtype), copy=True)
     )
     ys = []
     for t in range(seqlen):

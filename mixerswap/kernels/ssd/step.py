@@ -7,7 +7,7 @@ import triton
 import triton.language as tl
 
 from .. import triton_support
-from .naive import _acc_dtype
+from ..precision import acc_dtype
 
 _BLOCK_P = 32  # head-size rows of the [P, N] state per program
 
@@ -60,7 +60,7 @@ def ssd_step(state, x, dt, A, B, C, D) -> torch.Tensor:
     """Launch :func:`_ssd_step_kernel`; returns ``y`` ``[B, H, P]`` in ``x.dtype``, ``state`` updated."""
     batch, groups, headdim = x.shape
     heads, dstate = C.shape[1], C.shape[2]
-    if _acc_dtype(x) != torch.float32:
+    if acc_dtype(x.dtype) != torch.float32:
         raise TypeError(f"the triton ssd_step supports fp32, bf16 and fp16 inputs, got {x.dtype}")
     if state.shape != (batch, heads, headdim, dstate):
         raise ValueError(f"state must be [B, H, P, N] = {(batch, heads, headdim, dstate)}, got {tuple(state.shape)}")

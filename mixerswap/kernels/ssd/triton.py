@@ -33,7 +33,8 @@ import torch
 import torch.nn.functional as F
 
 from . import chunk, step
-from .naive import _acc_dtype, _check_shapes
+from ..precision import acc_dtype
+from .naive import _check_shapes
 
 
 @dataclass
@@ -154,7 +155,7 @@ def ssd_chunk_scan_triton(
         for ``x``, ``dt``, ``A``, ``B``, ``C``, ``D`` and ``initial_state``.
     """
     _check_shapes(x, dt, A, B, C)
-    if _acc_dtype(x) != torch.float32:
+    if acc_dtype(x.dtype) != torch.float32:
         raise TypeError(f"the triton ssd_chunk_scan supports fp32, bf16 and fp16 inputs, got {x.dtype}")
     return SsdChunkScanFn.apply(x, dt, A, B, C, D, initial_state, seq_idx, chunk_size)
 
