@@ -55,6 +55,7 @@ import mixerswap  # noqa: E402
 from mixerswap import kernels  # noqa: E402
 import transformers  # noqa: E402
 from mixerswap.convert import convert  # noqa: E402
+from mixerswap.evals.speed import kernel_ops  # noqa: E402
 
 KINDS = ("mamba2", "gla", "gdn", "swa", "linear", "mla")
 SETTINGS = {"mla": {"kv_budget": 0.25}}  # the others: their defaults
@@ -65,8 +66,6 @@ TINY = dict(vocab_size=512, hidden_size=64, intermediate_size=192, num_hidden_la
 SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.nonzero_static", "aten.masked_select",
             "aten.unique", "aten._unique2", "aten.unique_consecutive", "aten.unique_dim", "aten.equal",
             "aten.is_nonzero", "aten.repeat_interleave.Tensor"}
-KERNEL_OPS = ("ssd_chunk_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm", "gla_chunk",
-              "gla_step", "delta_rule_chunk", "delta_rule_step")  # the entry points of mixerswap.kernels
 INDEXING_OPS = {"aten.index", "aten.index_put_", "aten.index_put", "aten._index_put_impl_"}
 
 
@@ -201,7 +200,7 @@ def count_step(decoder: Decoder, kernels_as_launches: bool = False) -> OpCounter
         return run
 
     handles = [mixer.register_forward_pre_hook(watch(True)), mixer.register_forward_hook(watch(False))]
-    entry_points = {op: getattr(kernels, op) for op in KERNEL_OPS} if kernels_as_launches else {}
+    entry_points = {op: getattr(kernels, op) for op in kernel_ops()} if kernels_as_launches else {}
     try:
         for op, fn in entry_points.items():
             setattr(kernels, op, as_one(fn))

@@ -154,13 +154,11 @@ class WindowAttentionMixer(Mixer):
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``q [B, H, T, D]`` · ``k [B, G, S, D]`` → scaled, softcapped scores ``[B, H, T, S]``."""
         rep = self.settings.n_heads // self.settings.n_kv_heads
-        scores = torch.matmul(q, k.repeat_interleave(rep, dim=1).transpose(-1, -2)) * self.scale
-        softcap = self.settings.softcap
-        return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
+        return self.scores_grouped(q, k.repeat_interleave(rep, dim=1))  # every query head its own key head
 
     def scores_grouped(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """:meth:`scores` with the query heads of each key/value head grouped: ``q [B, G, R, D]`` (``R = H / G``
-        queries of one step, or one query per head) · ``k [B, G, S, D]`` → ``[B, G, R, S]``, no repeated keys."""
+        """Scaled, softcapped scores ``q [B, G, R, D]`` · ``k [B, G, S, D]`` → ``[B, G, R, S]``: ``R`` query rows per
+        key/value head (a decode step's ``H / G`` query heads, keys not repeated; :meth:`scores` repeats them)."""
         scores = torch.matmul(q, k.transpose(-1, -2)) * self.scale
         softcap = self.settings.softcap
         return torch.tanh(scores / softcap) * softcap if softcap is not None else scores
