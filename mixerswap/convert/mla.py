@@ -27,9 +27,17 @@ windows. The mixer computes the teacher's function, up to rounding; its cache pe
    ``E_x || D (M - U A) [x; 1] ||^2``: with the calibration inputs' second moment ``S``
    (activation-aware, when statistics are given; else ``S = I``, weight-only SVD),
    ``U = D^-1 P_k`` and ``A = P_k^T D M`` where ``P_k`` are the top ``kv_rank`` left singular vectors of
-   ``D M S^{1/2}``. ``D`` balances keys against values (TransMLA): key rows are scaled so both parts
-   carry the same mean energy per row, so neither dominates the factorization (scaled up at most
-   ``MAX_KEY_WEIGHT`` times: what RoRoPE leaves of dependent heads' keys can be rounding noise).
+   ``D M S^{1/2}``. ``D`` weighs each row's error by what it does to the layer (*output-aware*,
+   :func:`output_row_weights`): a key error ``dk`` moves a score by ``q^T dk``, so each KV head's keys
+   are weighted by the square root of its query heads' second moment ``sum_h E[q_h q_h^T]`` (on the
+   calibration inputs, or the query weights' without them); a value error ``dv`` reaches the output as
+   ``W_o,h dv``, so each KV head's values are weighted by ``(sum_h W_o,h^T W_o,h)^{1/2}``. On top, a
+   scalar balances keys against values (TransMLA): key rows are scaled so both parts carry the same mean
+   energy per row, so neither dominates the factorization (scaled up at most ``MAX_KEY_WEIGHT`` times:
+   what RoRoPE leaves of dependent heads' keys can be rounding noise). Measured at a quarter of the KV
+   cache (``kv_budget`` 0.25, calibrated), the output-aware weights lower the conversion's held-out
+   perplexity from 30.7 to 28.7 on stories260k (teacher 3.60; 6.38 to 5.50 at half the cache) and from
+   217 to 200 on SmolLM2-135M (4 WikiText-2 articles, windows of 256), against the scalar balance alone.
 3. *q/k norms* (Qwen3, Gemma-3): a key's RMSNorm spans channels that end up in the latent and in
    the RoPE key, so it cannot be kept. It is linearized: ``k_norm(k) ≈ w * k * c_g`` per KV head,
    ``c_g = E[rms] / E[rms^2]`` of the head's pre-norm keys on the calibration inputs (the
@@ -61,7 +69,7 @@ import torch
 from transformers import PreTrainedConfig
 from transformers.cache_utils import get_layer_types_and_kwargs
 
-from ..architectures.mixers.mla import MLAMixer, MLASettings
+from ..architectures.mixers.mla import MLAMixer, MLASettings, rms_norm
 from .adapters import AttentionShape, AttentionWeights
 from .calibration import replay_mixer
 from .converters import AttentionLayout, LayerStats, MixerConverter
@@ -77,6 +85,7 @@ PROFILE_POINTS = 24  # ranks at which a layer's error is measured for a kv_budge
 # keys are scaled up at most this much to balance the values: a key part orders of magnitude smaller (what
 # RoRoPE leaves of keys whose heads' positional parts are dependent: rounding noise) is not worth latent channels
 MAX_KEY_WEIGHT = 1e3
+WEIGHT_FLOOR = 1e-3  # of the output-aware row weights' mean eigenvalue: directions nothing reads still count a little
 
 
 def rotary_width(config: PreTrainedConfig, head_dim: int) -> int:
@@ -197,7 +206,8 @@ class MLAConverter(MixerConverter):
         if s.exact:
             down, down_bias, up = m, b, torch.eye(m.shape[0], dtype=f64)
         else:
-            down, down_bias, up = factorize_kv(m, b, s.kv_rank, inputs=inputs, key_rows=G * nope)
+            blocks = output_row_weights(attn, s, split, shape, inputs)
+            down, down_bias, up = factorize_kv(m, b, s.kv_rank, inputs=inputs, key_rows=G * nope, blocks=blocks)
         state["kv_down.weight"] = down
         if down_bias is not None:
             state["kv_down.bias"] = down_bias
@@ -232,8 +242,10 @@ class MLAConverter(MixerConverter):
             settings = settings.model_copy(update={"rope_freqs": freqs, "rope_select": "norm" if freqs else "high"})
         chosen = {"rope_freqs": settings.rope_freqs, "rope_select": settings.rope_select}
         if stats is None:
-            m, b = _latent_rows(attn, settings, split_heads(attn, settings, shape, rot, None))
-            return MLAProfile(kv_error_curve(m, b, key_rows=G * settings.nope_dim), **chosen)
+            split = split_heads(attn, settings, shape, rot, None)
+            m, b = _latent_rows(attn, settings, split)
+            blocks = output_row_weights(attn, settings, split, shape, None)
+            return MLAProfile(kv_error_curve(m, b, key_rows=G * settings.nope_dim, blocks=blocks), **chosen)
         inputs = stats.inputs.reshape(-1, shape.hidden_size).to(torch.float64)
         top = min(G * (settings.nope_dim + d), shape.hidden_size + int(settings.qkv_bias))
         full = self.from_attention(attn, settings.model_copy(update={"kv_rank": top}), teacher_config, stats=stats)
@@ -309,10 +321,14 @@ def _latent_rows(attn: AttentionWeights, s: MLASettings, split: HeadSplit) -> tu
     return m, b
 
 
-def _balanced_kv(m: torch.Tensor, b: torch.Tensor | None, inputs: torch.Tensor | None, key_rows: int):
-    """``a = [m | b]``, the key/value balancing row weights ``D`` and ``D a S^{1/2}``, whose truncated SVD is the
-    best factorization (``S`` the inputs' second moment, ``I`` without inputs)."""
+def _balanced_kv(m: torch.Tensor, b: torch.Tensor | None, inputs: torch.Tensor | None, key_rows: int,
+                 blocks: list[torch.Tensor] | None = None):
+    """``a = B [m | b]`` (``B`` the block-diagonal output-aware weights when ``blocks`` are given), the scalar
+    key/value balance ``w`` per row and ``w a S^{1/2}``, whose truncated SVD is the best factorization (``S``
+    the inputs' second moment, ``I`` without inputs); ``D = diag(w) B``."""
     a = m if b is None else torch.cat([m, b[:, None]], 1)
+    if blocks is not None:
+        a = torch.block_diag(*blocks) @ a
     seen = a
     if inputs is not None:
         x = inputs if b is None else torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1)
@@ -327,29 +343,34 @@ def _balanced_kv(m: torch.Tensor, b: torch.Tensor | None, inputs: torch.Tensor |
 
 
 def factorize_kv(m: torch.Tensor, b: torch.Tensor | None, rank: int, *, inputs: torch.Tensor | None = None,
-                 key_rows: int = 0) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+                 key_rows: int = 0, blocks: list[torch.Tensor] | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Rank-``rank`` factorization ``[m | b] ≈ up @ [down | down_bias]``, activation-aware when ``inputs`` are given.
 
     Args:
         m: ``[R, hidden]`` stacked key (first ``key_rows`` rows) and value projections; b: ``[R]`` or ``None``.
         inputs: ``[tokens, hidden]`` calibration inputs; the error is measured on them (else on unit inputs).
+        key_rows: how many of ``m``'s rows are keys (balanced against the values by a scalar).
+        blocks: square row weights in row order (:func:`output_row_weights`); ``None`` weighs rows alike.
     Returns:
         ``down [rank, hidden]``, ``down_bias [rank]`` (``None`` without ``b``), ``up [R, rank]``.
     """
-    a, weight, seen = _balanced_kv(m, b, inputs, key_rows)
+    a, weight, seen = _balanced_kv(m, b, inputs, key_rows, blocks)
     left, _, _ = torch.linalg.svd(seen, full_matrices=False)
     top = left[:, :rank]
     down = top.T @ (weight[:, None] * a)
     up = top / weight[:, None]
+    if blocks is not None:
+        up = torch.linalg.solve(torch.block_diag(*blocks), up)
     return (down, None, up) if b is None else (down[:, :-1], down[:, -1], up)
 
 
 def kv_error_curve(m: torch.Tensor, b: torch.Tensor | None, *, inputs: torch.Tensor | None = None,
-                   key_rows: int = 0) -> torch.Tensor:
+                   key_rows: int = 0, blocks: list[torch.Tensor] | None = None) -> torch.Tensor:
     """``[max_rank + 1]``: :func:`factorize_kv`'s relative error at every rank ``k``,
     ``E||D (M - U A) [x; 1]||^2 / E||D M [x; 1]||^2`` (the tail of the squared singular values; 1 at
     rank 0, 0 at full rank), ``x`` the calibration inputs or unit inputs without them."""
-    _, _, seen = _balanced_kv(m, b, inputs, key_rows)
+    _, _, seen = _balanced_kv(m, b, inputs, key_rows, blocks)
     energy = torch.linalg.svdvals(seen).pow(2)
     tail = energy.flip(0).cumsum(0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)]) / tail[0].clamp_min(1e-300)
@@ -396,6 +417,38 @@ def convex_minorant(y: torch.Tensor) -> torch.Tensor:
         hull.append(k)
     xs = torch.tensor(hull, dtype=torch.float64)
     return _interpolate(torch.arange(len(y), dtype=torch.float64), xs, y[hull].double())
+
+
+def _psd_root(c: torch.Tensor) -> torch.Tensor:
+    """``c^{1/2}`` of a PSD matrix, its eigenvalues floored at ``WEIGHT_FLOOR`` times their mean (so it inverts)."""
+    evals, evecs = torch.linalg.eigh(c)
+    evals = evals.clamp_min(0)
+    evals = evals + WEIGHT_FLOOR * evals.mean().clamp_min(1e-300)
+    return (evecs * evals.sqrt()) @ evecs.T
+
+
+def output_row_weights(attn: AttentionWeights, s: MLASettings, split: HeadSplit, shape: AttentionShape,
+                       inputs: torch.Tensor | None) -> list[torch.Tensor]:
+    """The blocks of ``D``'s output-aware part (module docstring, step 2), in the row order of ``[K_nope; V]``:
+    per KV head ``g``, ``(scaling^2 sum_h E[q_h q_h^T])^{1/2}`` over its query heads' no-RoPE channels (a key
+    error ``dk`` changes a score by ``q^T dk``), then per KV head ``(sum_h W_o,h^T W_o,h)^{1/2}`` (a value
+    error ``dv`` reaches the output as ``W_o,h dv``). Queries on the calibration inputs (q norm applied), or
+    their weights' second moment on unit inputs without them."""
+    H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
+    nope = s.nope_dim
+    if inputs is None:
+        wq, bq = split.q[:, :nope], split.q_bias[:, :nope]
+        second = torch.einsum("hix,hjx->hij", wq, wq) + torch.einsum("hi,hj->hij", bq, bq)
+    else:
+        q = torch.einsum("nx,hcx->nhc", inputs, split.q) + split.q_bias
+        if s.q_norm:
+            q = rms_norm(q, split.q_norm, s.norm_eps, s.q_norm_dims)
+        q = q[..., :nope]
+        second = torch.einsum("nhi,nhj->hij", q, q) / len(q)
+    keys = second.view(G, H // G, nope, nope).sum(1) * s.scaling ** 2
+    wo = attn.o.to(torch.float64).view(hidden, H, d)
+    values = torch.einsum("xhi,xhj->hij", wo, wo).view(G, H // G, d, d).sum(1)
+    return [_psd_root(c) for c in keys] * bool(nope) + [_psd_root(c) for c in values]
 
 
 def latent_norm_weight(down: torch.Tensor, down_bias: torch.Tensor | None, inputs: torch.Tensor | None) -> torch.Tensor:

@@ -234,3 +234,28 @@ def test_calibrated_compression_of_a_qk_norm_teacher(teacher_dir):
         mixer.load_state_dict(CONVERTER.from_attention(attn, settings, config, stats=stats if calibrated else None))
         errors[calibrated] = rel_err(replay_mixer(mixer, stats), stats.outputs)
     assert errors[True] < errors[False] < 0.5, errors  # measured 0.21 and 0.24
+
+
+def test_output_aware_factorization_is_the_best_under_its_row_weights():
+    """With square row weights ``B`` (the output-aware blocks) the factorization minimizes the weighted error
+    ``||B (M - U A) S^{1/2}||`` (Eckart-Young after the change of rows): lower there than the unweighted
+    factorization's, exact at full rank, and its up-projection undoes ``B``."""
+    from mixerswap.convert.mla import factorize_kv
+
+    g = torch.Generator().manual_seed(0)
+    m = torch.randn(12, 16, generator=g, dtype=torch.float64)
+    inputs = torch.randn(200, 16, generator=g, dtype=torch.float64) @ torch.randn(16, 16, generator=g,
+                                                                                   dtype=torch.float64)
+    blocks = [(lambda r: r @ r.T + 0.1 * torch.eye(n, dtype=torch.float64))(torch.randn(n, n, generator=g,
+                                                                                        dtype=torch.float64))
+              for n in (4, 4, 2, 2)]
+    weight = torch.block_diag(*blocks)
+
+    def weighted_error(down, up):
+        return (weight @ (m - up @ down) @ inputs.T).norm().item()
+
+    down, _, up = factorize_kv(m, None, 5, inputs=inputs, blocks=blocks)
+    plain_down, _, plain_up = factorize_kv(m, None, 5, inputs=inputs)
+    assert weighted_error(down, up) < 0.99 * weighted_error(plain_down, plain_up)
+    full_down, _, full_up = factorize_kv(m, None, 12, inputs=inputs, blocks=blocks)
+    assert torch.allclose(full_up @ full_down, m, atol=1e-9)
