@@ -117,6 +117,9 @@ def main():
               help="Text file to fit each mixer to the teacher on (reported per layer); 'teacher': text the "
                    "teacher samples itself (seeded); 'none': no calibration.")
 @click.option("--calibration-tokens", default=2048, show_default=True, help="Tokens of calibration text used.")
+@click.option("--output-refit/--no-output-refit", default=True, show_default=True,
+              help="With calibration: refit each mixer's output projection to the teacher's attention output "
+                   "(ridge least squares, the ridge chosen on held-out calibration rows).")
 @click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1); "
                                                   "rounded to the nearest count, at least one when above 0.")
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")
@@ -134,8 +137,8 @@ def main():
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
 @click.pass_context
 @user_errors
-def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attention, attention_layers, select,
-            select_align_steps, settings, dtype, seed, max_shard_size, revision, out, overwrite, quiet):
+def convert(ctx, teacher, to, plan, calibration, calibration_tokens, output_refit, keep_attention, attention_layers,
+            select, select_align_steps, settings, dtype, seed, max_shard_size, revision, out, overwrite, quiet):
     """Convert TEACHER (local HF folder or hub id) into a hybrid student folder.
 
     Any other --NAME VALUE is a setting of the mixer kind (same as --set NAME=VALUE), e.g.
@@ -149,7 +152,7 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, keep_attent
     calibration = None if calibration.lower() == "none" else calibration
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
-        keep_attention=keep_attention, attention_layers=layers, select=select, select_align_steps=select_align_steps,
+        output_refit=output_refit, keep_attention=keep_attention, attention_layers=layers, select=select, select_align_steps=select_align_steps,
         mixer_settings={**parse_settings(settings), **parse_extra_settings(ctx.args)}, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),

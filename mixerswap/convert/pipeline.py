@@ -46,6 +46,7 @@ from .calibration import (
     describe_calibration,
     output_match,
     read_calibration_text,
+    refit_output_projection,
     replay_mixer,
 )
 from .converters import AttentionLayout, LayerStats
@@ -91,6 +92,7 @@ def convert(
     calibration_tokens: int = 2048,
     select: str | None = None,
     select_align_steps: int | None = None,
+    output_refit: bool = True,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
 
@@ -109,6 +111,8 @@ def convert(
             teacher runs over ``calibration_tokens`` tokens of it and each
             converter fits what attention does not determine to the teacher (see :mod:`.calibration`);
             per-layer output match before/after goes to ``mixerswap.yaml`` and the model card.
+        output_refit: with calibration, each mixer's output projection is then refitted to the teacher's
+            attention output (:func:`~.calibration.refit_output_projection`); ``False`` keeps the converter's.
         select: ``"kl"`` chooses the ``keep_attention`` layers by measurement on the calibration text
             (see :mod:`.layer_scores`) instead of spacing them evenly; scores and choice are recorded.
         select_align_steps: alignment steps of each mixer before it is scored (default
@@ -176,8 +180,9 @@ def convert(
     if select is not None:
         provenance["selection"] = {"method": select, **selection.to_dict()}
     if stats:
-        provenance["calibration"] = {"text": describe_calibration(calibration), "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel())
-                                     if stats else 0, "layers": {}}
+        provenance["calibration"] = {"text": describe_calibration(calibration),
+                                     "tokens": int(next(iter(stats.values())).inputs.shape[:2].numel()),
+                                     "output_refit": output_refit, "layers": {}}
     plan = layer_plan
     config = MixerSwapConfig(teacher_config=teacher_config, plan=plan, conversion=provenance)
     config.auto_map = dict(AUTO_MAP)
@@ -203,7 +208,7 @@ def convert(
                         pending.setdefault(idx, {})[name] = shard.read(name)
                         if len(pending[idx]) == len(layer_names[idx]):
                             report = _write_mixer(writer, family, teacher_config, plan, idx, pending.pop(idx),
-                                                  seed, target_dtype, stats.get(idx))
+                                                  seed, target_dtype, stats.get(idx), output_refit)
                             if report:
                                 provenance["calibration"]["layers"][idx] = report
                     elif name not in expected:
@@ -299,9 +304,9 @@ def _allocate(plan: list[dict], requests: dict[int, dict], teacher_config, famil
         logger.info("%s %s: per layer %s", kind, request, changed)
 
 
-def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats) -> dict | None:
+def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype, stats, output_refit) -> dict | None:
     """Convert and write one layer's mixer; with calibration statistics, returns how well its output
-    matches the teacher's attention output before and after calibration."""
+    matches the teacher's attention output before and after calibration (and the output refit's report)."""
     attn = read_attention(family, AttentionShape.from_config(teacher_config), idx, tensors.get)
     kind, settings = parse_layer(plan[idx], idx)
     module = mixer_kind(kind).module
@@ -309,9 +314,17 @@ def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype
     state = converter.from_attention(attn, settings, teacher_config, stats=stats, seed=seed + idx)
     report = None
     if stats is not None:
+        refit = None
+        if output_refit and module.output_projection:
+            mixer = module(settings, teacher_config.hidden_size, idx)
+            mixer.load_state_dict(state)
+            weight, refit = refit_output_projection(mixer, stats, capture=module.output_projection)
+            name = f"{module.output_projection}.weight"
+            state = {**state, name: weight.to(state[name].dtype)}
         report = {"before": _output_match(module, settings, teacher_config, idx, stats,
                                           converter.from_attention(attn, settings, teacher_config, seed=seed + idx)),
-                  "after": _output_match(module, settings, teacher_config, idx, stats, state)}
+                  "after": _output_match(module, settings, teacher_config, idx, stats, state),
+                  **({"output_refit": refit} if refit else {})}
     dtype = dtype or attn.q.dtype  # "auto": the dtype the teacher stores its attention weights in
     prefix = family.attention_prefix(idx)
     for name, tensor in state.items():
@@ -375,13 +388,17 @@ def calibration_table(calibration: dict | None) -> list[str]:
     if not calibration or not calibration.get("layers"):
         return []
     lines = [f"Calibration on `{calibration['text']}` ({calibration['tokens']} tokens): each mixer's output "
-             "against the attention output it replaces (RMS ratio, cosine, relative error; 1, 1, 0 is exact).", "",
-             "| layer | RMS ratio before | after | cosine before | after | rel. error before | after |",
-             "|---|---|---|---|---|---|---|"]
+             "against the attention output it replaces (RMS ratio, cosine, relative error; 1, 1, 0 is exact), and "
+             "the refit of its output projection (ridge chosen on held-out calibration rows, or kept as converted).",
+             "",
+             "| layer | RMS ratio before | after | cosine before | after | rel. error before | after | output refit |",
+             "|---|---|---|---|---|---|---|---|"]
     for idx, r in sorted(calibration["layers"].items()):
-        b, a = r["before"], r["after"]
+        b, a, refit = r["before"], r["after"], r.get("output_refit")
+        refit_cell = "" if not refit else "kept" if refit["ridge"] is None else \
+            "ridge {ridge:g}: held-out error {0} → {1}".format(*refit["held_out_rel_error"], **refit)
         lines.append(f"| {idx} | {b['rms_ratio']} | {a['rms_ratio']} | {b['cosine']} | {a['cosine']} | "
-                     f"{b['rel_error']} | {a['rel_error']} |")
+                     f"{b['rel_error']} | {a['rel_error']} | {refit_cell} |")
     return [*lines, ""]
 
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import yaml
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
@@ -100,3 +101,37 @@ def test_bad_plan_is_refused_in_one_line_and_nothing_is_written(kind, case, teac
         convert(teacher_dir("llama"), out, plan=plan_file(tmp_path / "plan.yaml", spec(kind)), progress=False)
     assert "\n" not in str(err.value)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_calibrated_conversion_refits_the_declared_output_projection(kind, teacher_dir, tmp_path):
+    """``output_projection`` names the ``nn.Linear`` whose output is the mixer's output (the refit's premise:
+    the output is linear in its weight); calibration refits it, records the ridge and held-out errors, and no
+    layer ends further from the teacher's attention output on the calibration tokens than without the refit."""
+    module = mixer_kind(kind).module
+    assert module.output_projection, f"{kind} declares no output_projection"
+    reports = {}
+    for refit in (True, False):
+        out = tmp_path / f"s-{refit}"
+        convert(teacher_dir("llama"), out, to=kind, attention_layers=[1], calibration="teacher",
+                calibration_tokens=512, output_refit=refit, progress=False)
+        reports[refit] = yaml.safe_load((out / "mixerswap.yaml").read_text())["calibration"]
+    assert reports[True]["output_refit"] and not reports[False]["output_refit"]
+    for idx in (0, 2):
+        fitted, plain = reports[True]["layers"][idx], reports[False]["layers"][idx]
+        assert "output_refit" not in plain
+        before, after = fitted["output_refit"]["held_out_rel_error"]
+        assert after <= before
+        assert fitted["after"]["rel_error"] <= plain["after"]["rel_error"] + 1e-4, (idx, fitted, plain)
+
+    student = AutoModelForCausalLM.from_pretrained(tmp_path / "s-True", dtype=torch.float32).eval()
+    seen = {}
+    for idx in (0, 2):
+        mixer = student.model.layers[idx].self_attn
+        mixer.register_forward_hook(lambda m, a, out, idx=idx: seen.__setitem__(("mixer", idx), out[0]))
+        mixer.get_submodule(module.output_projection).register_forward_hook(
+            lambda m, a, out, idx=idx: seen.__setitem__(("proj", idx), out))
+    with torch.no_grad():
+        student(random_ids(2, 13))
+    for idx in (0, 2):
+        assert torch.equal(seen[("mixer", idx)], seen[("proj", idx)])

@@ -109,6 +109,7 @@ class MeanPoolMixer(Mixer):
     kind = "meanpool"
     Settings = MeanPoolSettings
     lora_targets = ("v_proj", "out_proj")
+    output_projection = "out_proj"
     kernel_ops = ()
 
     def __init__(self, settings: MeanPoolSettings, hidden_size: int, layer_idx: int):

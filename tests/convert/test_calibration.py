@@ -91,3 +91,58 @@ def test_attention_reach_and_the_dt_it_implies():
     dt = torch.nn.functional.softplus(dt_bias_from_reach(reach, A_log))
     decay = torch.exp(-dt * 4.0)  # per-token decay exp(dt A)
     torch.testing.assert_close(decay ** (reach + 1), torch.tensor([0.5, 0.5]))
+
+
+class _Projected(torch.nn.Module):
+    """A mixer stand-in whose output is ``o_proj(tanh(inner(h)))``."""
+
+    def __init__(self, hidden: int, width: int, seed: int):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inner = torch.nn.Linear(hidden, width)
+        self.o_proj = torch.nn.Linear(width, hidden, bias=False)
+
+    def forward(self, hidden_states, **kwargs):
+        return self.o_proj(torch.tanh(self.inner(hidden_states))), None
+
+
+@torch.no_grad()
+def test_output_refit_finds_the_projection_the_teacher_output_needs():
+    """The teacher's output is another projection of the same head outputs: the ridge least-squares refit
+    recovers it (the smallest ridge wins on the held-out rows); a projection already right is kept as is."""
+    from mixerswap.convert.calibration import refit_output_projection
+    from mixerswap.convert.converters import LayerStats
+
+    mixer, wanted = _Projected(16, 24, seed=0), _Projected(16, 24, seed=1)
+    wanted.inner = mixer.inner
+    inputs = torch.randn(8, 32, 16, generator=torch.Generator().manual_seed(2))
+    stats = LayerStats(inputs=inputs, outputs=wanted(inputs)[0])
+    weight, report = refit_output_projection(mixer, stats, capture="o_proj")
+    before, after = report["held_out_rel_error"]
+    assert report["ridge"] == 1e-3 and before > 0.5 and after < 0.05, report
+    assert torch.allclose(weight, wanted.o_proj.weight, atol=0.05)
+
+    stats = LayerStats(inputs=inputs, outputs=mixer(inputs)[0])
+    weight, report = refit_output_projection(mixer, stats, capture="o_proj")
+    assert report["ridge"] is None and torch.equal(weight, mixer.o_proj.weight)
+
+
+def test_cli_no_output_refit_keeps_the_converters_projection(stories_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from mixerswap.cli import main
+
+    text = tmp_path / "calib.txt"
+    text.write_text(demo_text())
+    reports = {}
+    for flag in ("--output-refit", "--no-output-refit"):
+        out = tmp_path / flag
+        result = CliRunner().invoke(main, ["convert", str(stories_dir), "--keep-attention", "0.4", "--calibration",
+                                           str(text), "--calibration-tokens", "512", flag, "--out", str(out), "-q"],
+                                    catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        reports[flag] = yaml.safe_load((out / "mixerswap.yaml").read_text())["calibration"]
+    assert reports["--output-refit"]["output_refit"] and not reports["--no-output-refit"]["output_refit"]
+    assert all("output_refit" in layer for layer in reports["--output-refit"]["layers"].values())
+    assert not any("output_refit" in layer for layer in reports["--no-output-refit"]["layers"].values())
+    assert "| output refit |" in (tmp_path / "--output-refit" / "README.md").read_text()

@@ -82,6 +82,7 @@ class GDNMixer(Mixer):
     fast_parameters = ("a_proj.*", "b_proj.*", "A_log", "dt_bias", "conv1d.*", "g_proj.*", "norm_weight")
     # LoLCATs' second step: low-rank adapters on the teacher's projections (align trains the rest).
     lora_targets = ("q_proj", "k_proj", "v_proj", "out_proj")
+    output_projection = "out_proj"
     kernel_ops = ("delta_rule_chunk", "delta_rule_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")
 
     def __init__(self, settings: GDNSettings, hidden_size: int, layer_idx: int):

@@ -78,6 +78,7 @@ class GLAMixer(Mixer):
     no_weight_decay = ("gate_proj.bias",)
     fast_parameters = ("conv1d.*", "*gate_proj.*")  # the decay gate and the output gate
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    output_projection = "o_proj"
     kernel_ops = ("gla_chunk", "gla_step", "causal_conv1d", "causal_conv1d_step")
     eps = 1e-6
 

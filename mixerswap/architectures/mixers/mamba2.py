@@ -78,6 +78,7 @@ class Mamba2Mixer(Mixer):
     no_weight_decay = ("A_log", "D", "dt_proj.bias")
     fast_parameters = ("A_log", "D", "dt_proj.bias", "conv1d.*")
     lora_targets = ("x_proj", "b_proj", "c_proj", "z_proj", "out_proj")
+    output_projection = "out_proj"
     kernel_ops = ("ssd_chunk_scan", "ssd_step", "causal_conv1d", "causal_conv1d_step", "gated_rmsnorm")
 
     def __init__(self, settings: Mamba2Settings, hidden_size: int, layer_idx: int):

@@ -238,6 +238,7 @@ class MLAMixer(Mixer):
     kind = "mla"
     Settings = MLASettings
     lora_targets = ("q_proj", "kv_down", "k_rope_proj", "o_proj")
+    output_projection = "o_proj"
     kernel_ops = ()
     # "auto": absorbed for single-token steps with a cache, expanded otherwise; tests force either one.
     path: Literal["auto", "expanded", "absorbed"] = "auto"

@@ -104,6 +104,7 @@ class WindowAttentionMixer(Mixer):
     """The teacher's projections, norms and RoPE, and the masks of a windowed attention (shared base)."""
 
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    output_projection = "o_proj"
     kernel_ops = ()
     query_block = 256  # queries per block of a forward (see query_blocks)
 
