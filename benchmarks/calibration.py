@@ -3,14 +3,17 @@
     python benchmarks/calibration.py --teacher ../shared/data/teachers/stories260k [--stories 40] [--keep 0.6,0.4,0]
     python benchmarks/calibration.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf \
         --text ../shared/data/text/wikitext2-test.raw [--context 1024] [--windows 8] [--keep 0.5,0.25,0]
+    python benchmarks/calibration.py --teacher ../shared/data/teachers/stories260k --to mla --kv-budget 0.25,0.5 --keep 0
 
 Without ``--text`` the teacher samples ``--stories`` stories (seeded, temperature 1; it only knows
 TinyStories): the first half is the calibration text, the second half the held-out text. With
 ``--text`` the first 2% of the file calibrates and ``--windows`` windows of ``--context`` tokens from
 its second half are held out (``--teacher-samples``: calibrate on text the teacher samples itself,
-``convert``'s default, instead). For each attention fraction,
-the student is converted without and with ``--calibration`` and its held-out perplexity printed
-beside the teacher's. Writes ``benchmarks/results/calibration.json``.
+``convert``'s default, instead). For each attention fraction
+(and ``--kv-budget`` of ``--to mla``), the student is converted without calibration, calibrated without
+the output projection's refit (``--no-output-refit``) and calibrated as ``convert`` does by default,
+and its held-out perplexity printed beside the teacher's. Writes ``benchmarks/results/calibration.json``
+(``calibration[-TEACHER][-KIND].json``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from mixerswap.cli import parse_settings
 from mixerswap.convert import convert
 from mixerswap.convert.checkpoint_io import resolve_model_dir
 
@@ -41,6 +45,10 @@ def main():
     parser.add_argument("--teacher", required=True)
     parser.add_argument("--stories", type=int, default=40)
     parser.add_argument("--keep", default="0.6,0.4,0")
+    parser.add_argument("--to", default="mamba2", help="student kind (convert --to)")
+    parser.add_argument("--kv-budget", default=None, help="--to mla: fractions of the teacher's KV cache, e.g. 0.25,0.5")
+    parser.add_argument("--set", dest="settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a mixer setting (convert --set), e.g. kv_weights=balance")
     parser.add_argument("--text", help="a text file: calibration from its start, held-out windows from its second half")
     parser.add_argument("--context", type=int, default=1024)
     parser.add_argument("--windows", type=int, default=8)
@@ -73,29 +81,41 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         calib = Path(tmp) / "calibration.txt"
         calib.write_text(calibration_text)
+        budgets = [float(b) for b in args.kv_budget.split(",")] if args.kv_budget else [None]
         for keep in (float(k) for k in args.keep.split(",")):
-            for calibrated in (False, True):
-                started = time.perf_counter()
-                folder = Path(tmp) / f"student-{keep}-{calibrated}"
-                source_of_calibration = "teacher" if args.teacher_samples else calib
-                convert(teacher_dir, folder, keep_attention=keep,
-                        calibration=source_of_calibration if calibrated else None, progress=False)
-                student = AutoModelForCausalLM.from_pretrained(folder).eval()
-                rows.append({"model": "student", "keep_attention": keep, "calibrated": calibrated,
-                             "perplexity": perplexity(student, held_out),
-                             "convert_seconds": round(time.perf_counter() - started, 2)})
+            for budget in budgets:
+                settings = {**parse_settings(args.settings), **({"kv_budget": budget} if budget is not None else {})}
+                for calibrated, refit in ((False, None), (True, False), (True, True)):
+                    started = time.perf_counter()
+                    folder = Path(tmp) / f"student-{keep}-{budget}-{calibrated}-{refit}"
+                    source_of_calibration = "teacher" if args.teacher_samples else calib
+                    convert(teacher_dir, folder, to=args.to, keep_attention=keep, mixer_settings=settings,
+                            calibration=source_of_calibration if calibrated else None, output_refit=bool(refit),
+                            progress=False)
+                    student = AutoModelForCausalLM.from_pretrained(folder).eval()
+                    rows.append({"model": "student", "kind": args.to, "settings": settings, "keep_attention": keep,
+                                 "kv_budget": budget,
+                                 "calibrated": calibrated, "output_refit": refit,
+                                 "perplexity": perplexity(student, held_out),
+                                 "convert_seconds": round(time.perf_counter() - started, 2)})
     tokens = sum(len(r) for r in held_out)
     print(f"teacher {args.teacher}; held-out: {source} ({tokens} tokens)")
-    print(f"{'model':<10}{'attention kept':>16}{'calibrated':>12}{'perplexity':>12}")
+    print(f"{'model':<10}{'attention kept':>16}{'kv budget':>10}{'calibrated':>12}{'refit':>7}{'perplexity':>12}")
     for r in rows:
-        print(f"{r['model']:<10}{r['keep_attention']:>16.2f}{str(r['calibrated'] if r['calibrated'] is not None else '-'):>12}"
+        calibrated = "-" if r["calibrated"] is None else str(r["calibrated"])
+        refit = "-" if r.get("output_refit") is None else str(r["output_refit"])
+        budget = "-" if r.get("kv_budget") is None else f"{r['kv_budget']:g}"
+        print(f"{r.get('kind', r['model']):<10}{r['keep_attention']:>16.2f}{budget:>10}{calibrated:>12}{refit:>7}"
               f"{r['perplexity']:>12.2f}")
     if args.out is None:
         name = "calibration.json" if not args.text else f"calibration-{Path(args.teacher).stem}.json"
         name = name.replace(".json", "-teacher-samples.json") if args.teacher_samples else name
+        name = name.replace(".json", f"-{args.to}.json") if args.to != "mamba2" else name
+        name = name.replace(".json", "".join(f"-{s.replace('=', '-')}" for s in args.settings) + ".json")
         args.out = str(Path(__file__).parent / "results" / name)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"teacher": args.teacher, "held_out": source, "held_out_tokens": tokens,
+    Path(args.out).write_text(json.dumps({"teacher": args.teacher, "to": args.to, "held_out": source,
+                                          "held_out_tokens": tokens,
                                           "calibration": "teacher samples" if args.teacher_samples else "text",
                                           "rows": rows}, indent=1))
     print(f"wrote {args.out}")

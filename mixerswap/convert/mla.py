@@ -34,10 +34,9 @@ windows. The mixer computes the teacher's function, up to rounding; its cache pe
    ``W_o,h dv``, so each KV head's values are weighted by ``(sum_h W_o,h^T W_o,h)^{1/2}``. On top, a
    scalar balances keys against values (TransMLA): key rows are scaled so both parts carry the same mean
    energy per row, so neither dominates the factorization (scaled up at most ``MAX_KEY_WEIGHT`` times:
-   what RoRoPE leaves of dependent heads' keys can be rounding noise). Measured at a quarter of the KV
-   cache (``kv_budget`` 0.25, calibrated), the output-aware weights lower the conversion's held-out
-   perplexity from 30.7 to 28.7 on stories260k (teacher 3.60; 6.38 to 5.50 at half the cache) and from
-   217 to 200 on SmolLM2-135M (4 WikiText-2 articles, windows of 256), against the scalar balance alone.
+   what RoRoPE leaves of dependent heads' keys can be rounding noise). ``kv_weights = balance`` keeps the
+   scalar balance alone; the output-aware weights' measured effect is in ``benchmarks/RESULTS.md``
+   ("Conversion before any training").
 3. *q/k norms* (Qwen3, Gemma-3): a key's RMSNorm spans channels that end up in the latent and in
    the RoPE key, so it cannot be kept. It is linearized: ``k_norm(k) ≈ w * k * c_g`` per KV head,
    ``c_g = E[rms] / E[rms^2]`` of the head's pre-norm keys on the calibration inputs (the
@@ -77,7 +76,7 @@ from .mla_rope import HeadSplit, bias64, rope_layout, select_rope_freqs, split_h
 
 logger = logging.getLogger(__name__)
 
-COMPRESSION = ("kv_rank", "rope_dim", "rope_freqs", "latent_norm")
+COMPRESSION = ("kv_rank", "rope_dim", "rope_freqs", "latent_norm", "kv_weights")
 ROPE_SELECT = ("high", "norm", "rorope")
 DEFAULT_ROPE_SELECT = "rorope"  # measured best (mla_rope docstring)
 MIN_RANK = 1  # latent channels every layer keeps under a kv_budget
@@ -206,7 +205,7 @@ class MLAConverter(MixerConverter):
         if s.exact:
             down, down_bias, up = m, b, torch.eye(m.shape[0], dtype=f64)
         else:
-            blocks = output_row_weights(attn, s, split, shape, inputs)
+            blocks = output_row_weights(attn, s, split, shape, inputs) if s.kv_weights == "output" else None
             down, down_bias, up = factorize_kv(m, b, s.kv_rank, inputs=inputs, key_rows=G * nope, blocks=blocks)
         state["kv_down.weight"] = down
         if down_bias is not None:
@@ -244,7 +243,7 @@ class MLAConverter(MixerConverter):
         if stats is None:
             split = split_heads(attn, settings, shape, rot, None)
             m, b = _latent_rows(attn, settings, split)
-            blocks = output_row_weights(attn, settings, split, shape, None)
+            blocks = output_row_weights(attn, settings, split, shape, None) if settings.kv_weights == "output" else None
             return MLAProfile(kv_error_curve(m, b, key_rows=G * settings.nope_dim, blocks=blocks), **chosen)
         inputs = stats.inputs.reshape(-1, shape.hidden_size).to(torch.float64)
         top = min(G * (settings.nope_dim + d), shape.hidden_size + int(settings.qkv_bias))

@@ -92,6 +92,9 @@ class MLASettings(BaseModel):
     rope_select: Literal["high", "norm", "rorope"] = Field(
         "high", description="how the converter chose the RoPE channels (mixerswap.convert.mla); the mixer itself "
                             "reads only rope_heads, rope_dim and rope_freqs")
+    kv_weights: Literal["output", "balance"] = Field(
+        "output", description="how the converter weighted the rows of [K_nope; V] it factorized (mixerswap.convert.mla):"
+                              " output-aware, or TransMLA's key/value balance alone; the mixer does not read it")
     cache_block: int = Field(64, gt=0, description="tokens per allocation of the cache (decode writes in place)")
 
     @model_validator(mode="after")
