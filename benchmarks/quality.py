@@ -135,12 +135,12 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_text(yaml.safe_dump(row["plan"], sort_keys=False))
         conversion = convert(args.teacher_dir, student, plan=plan_file, calibration=calibration, overwrite=True,
-                             progress=False)
+                             output_refit=args.output_refit, progress=False)
     else:
         conversion = convert(args.teacher_dir, student, to=row["to"], keep_attention=row["keep"],
                              mixer_settings=row.get("settings"), select=row.get("select"),
                              select_align_steps=row.get("select_align_steps"), calibration=calibration,
-                             overwrite=True, progress=False)
+                             output_refit=args.output_refit, overwrite=True, progress=False)
     stages = [{**stage, "lr": lr, "fast_lr_scale": args.fast_lr_scale}
               for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({
@@ -173,7 +173,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         **passkey_fields(model, tokenizer, passkey_length, args.passkey_samples),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
         "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
-        "validation_docs": args.validation_docs, "seconds": round(time.perf_counter() - started, 1),
+        "validation_docs": args.validation_docs, "output_refit": args.output_refit,
+        "seconds": round(time.perf_counter() - started, 1),
     }
     if not args.keep_students:
         shutil.rmtree(work / name, ignore_errors=True)
@@ -290,6 +291,8 @@ def main() -> None:
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
     parser.add_argument("--tokens", default="120k", help="distillation tokens per student (align/hidden/kd = 1/1/2)")
     parser.add_argument("--lr", help="peak learning rates of align, hidden, kd (default: the demo's, 3e-3,1e-3,5e-4)")
+    parser.add_argument("--output-refit", action="store_true",
+                        help="convert with the output projection's refit (convert --output-refit)")
     parser.add_argument("--fast-lr-scale", type=float, default=DEFAULT_FAST_LR_SCALE,
                         help="learning-rate multiple of the mixers' fast parameters (1: none)")
     parser.add_argument("--validation-docs", type=int, default=0,

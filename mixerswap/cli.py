@@ -117,9 +117,10 @@ def main():
               help="Text file to fit each mixer to the teacher on (reported per layer); 'teacher': text the "
                    "teacher samples itself (seeded); 'none': no calibration.")
 @click.option("--calibration-tokens", default=2048, show_default=True, help="Tokens of calibration text used.")
-@click.option("--output-refit/--no-output-refit", default=True, show_default=True,
+@click.option("--output-refit/--no-output-refit", default=False, show_default=True,
               help="With calibration: refit each mixer's output projection to the teacher's attention output "
-                   "(ridge least squares, the ridge chosen on held-out calibration rows).")
+                   "(ridge least squares, the ridge chosen on held-out calibration rows): a closer start, which "
+                   "distillation at the default rates does not keep (benchmarks/RESULTS.md).")
 @click.option("--keep-attention", type=float, help="Fraction of layers that keep attention, spread evenly (0..1); "
                                                   "rounded to the nearest count, at least one when above 0.")
 @click.option("--attention-layers", help="Comma-separated indices of layers that keep attention, e.g. 0,8,16.")

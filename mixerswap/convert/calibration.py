@@ -6,16 +6,17 @@ for every layer the plan replaces, the attention module's inputs, the keyword ar
 with (RoPE ``position_embeddings``, ``position_ids``), the per-head attention outputs (the input of
 the output projection), the attention output, and how far back each head attends (from the
 attention probabilities). Converters use these :class:`LayerStats` to set
-what attention has no counterpart for (e.g. Mamba-2's per-head output scale); then the pipeline
-refits every mixer's output projection (the one its kind declares as ``output_projection``) to the
-teacher's attention output by ridge least squares, the ridge chosen on held-out calibration rows
-(:func:`refit_output_projection`), and reports, per layer, how close each converted mixer's output is
-to the attention output it replaces.
+what attention has no counterpart for (e.g. Mamba-2's per-head output scale); with ``output_refit``
+the pipeline then refits every mixer's output projection (the one its kind declares as
+``output_projection``) to the teacher's attention output by ridge least squares, the ridge chosen on
+held-out calibration rows (:func:`refit_output_projection`). The pipeline reports, per layer, how
+close each converted mixer's output is to the attention output it replaces.
 
-Measured effect of the refit (held-out perplexity of the calibrated conversion before any training,
-windows of 256 tokens, calibration on 2048 tokens): SmolLM2-135M-Instruct, half the layers Mamba-2,
-217 → 95 on 4 held-out WikiText-2 articles; all layers MLA at a quarter of the KV cache, 200 → 114;
-stories260k, MLA at a quarter of the KV cache, 28.7 → 20.8 (teacher 3.60).
+The refit's measured effect (``benchmarks/RESULTS.md``, "Conversion before any training"): before any
+training it halves the held-out perplexity of a half-Mamba-2 SmolLM2-135M (202 → 100) and divides that
+of an all-Mamba-2 one by 8; but distillation at the default stage rates does not keep the gain (the
+align stage moves the fitted projection off its optimum; on SmolLM2 MLA at a quarter of the KV cache
+it diverged), so it is off by default.
 
 The teacher is loaded whole for this pass (fp32, then freed before the streaming conversion).
 """

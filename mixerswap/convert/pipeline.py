@@ -92,7 +92,7 @@ def convert(
     calibration_tokens: int = 2048,
     select: str | None = None,
     select_align_steps: int | None = None,
-    output_refit: bool = True,
+    output_refit: bool = False,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
 
@@ -112,7 +112,9 @@ def convert(
             converter fits what attention does not determine to the teacher (see :mod:`.calibration`);
             per-layer output match before/after goes to ``mixerswap.yaml`` and the model card.
         output_refit: with calibration, each mixer's output projection is then refitted to the teacher's
-            attention output (:func:`~.calibration.refit_output_projection`); ``False`` keeps the converter's.
+            attention output (:func:`~.calibration.refit_output_projection`): a much closer start, but
+            distillation at the default stage rates does not keep the gain (measured in
+            ``benchmarks/RESULTS.md``), hence off by default.
         select: ``"kl"`` chooses the ``keep_attention`` layers by measurement on the calibration text
             (see :mod:`.layer_scores`) instead of spacing them evenly; scores and choice are recorded.
         select_align_steps: alignment steps of each mixer before it is scored (default
