@@ -10,8 +10,8 @@ TinyStories): the first half is the calibration text, the second half the held-o
 ``--text`` the first 2% of the file calibrates and ``--windows`` windows of ``--context`` tokens from
 its second half are held out (``--teacher-samples``: calibrate on text the teacher samples itself,
 ``convert``'s default, instead). For each attention fraction
-(and ``--kv-budget`` of ``--to mla``), the student is converted without calibration, calibrated without
-the output projection's refit (``--no-output-refit``) and calibrated as ``convert`` does by default,
+(and ``--kv-budget`` of ``--to mla``), the student is converted without calibration, calibrated as
+``convert`` does by default, and calibrated with the output projection's refit (``--output-refit``),
 and its held-out perplexity printed beside the teacher's. Writes ``benchmarks/results/calibration.json``
 (``calibration[-TEACHER][-KIND].json``).
 """
