@@ -7,8 +7,8 @@
         --rows mamba2-50,mamba2-50-kl --tokens 32k --seq-len 256 --out benchmarks/results/quality-smollm2.json
 
 Data. stories260k (the default, packaged with mixerswap) only knows TinyStories: the teacher writes its
-own corpus (``--stories`` seeded samples); the first 10% are held out, the next 40 calibrate every
-conversion. With ``--text`` (a raw WikiText-style file, articles split at `` = Title = `` lines) the
+own corpus (``--stories`` seeded samples, kept in ``--workdir`` and reused by the next run there); the
+first 10% are held out, the next 40 calibrate every conversion. With ``--text`` (a raw WikiText-style file, articles split at `` = Title = `` lines) the
 first ``--held-out-docs`` articles are held out, the next ones calibrate, the rest train.
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
@@ -75,6 +75,23 @@ def rows_for(teacher_config) -> dict[str, dict]:
                               "layers": [{"layers": str(n // 2), "kind": "attention"},
                                          {"layers": f"0,{n - 1}", "kind": "mla", **mla(0.5)["settings"]}]}}
     return rows
+
+
+def teacher_stories(work: Path, teacher_dir: Path, teacher, tokenizer, count: int) -> list[str]:
+    """``count`` stories the teacher writes (seed 0), kept in ``work/stories.json`` and read back from there by a
+    later run with the same teacher and count (sampling 20,000 takes about 12 minutes on one CPU thread)."""
+    path = work / "stories.json"
+    key = {"teacher": str(Path(teacher_dir).resolve()), "count": count, "seed": 0}
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if {k: saved.get(k) for k in key} == key:
+            print(f"reusing the {count} stories in {path}")
+            return saved["stories"]
+    stories = sample_stories(teacher, tokenizer, count)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**key, "stories": stories}), encoding="utf-8")
+    tmp.replace(path)
+    return stories
 
 
 def write_split(work: Path, docs: list[str], held: int) -> tuple[Path, Path]:
@@ -347,7 +364,7 @@ def main() -> None:
     tokenizer = AutoTokenizer.from_pretrained(args.teacher_dir)
     teacher = AutoModelForCausalLM.from_pretrained(args.teacher_dir, dtype=torch.float32).eval()
     if args.text is None:
-        docs = sample_stories(teacher, tokenizer, args.stories)
+        docs = teacher_stories(work, args.teacher_dir, teacher, tokenizer, args.stories)
         held = max(1, len(docs) // 10)
         data_note = f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out"
     else:
