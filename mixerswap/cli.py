@@ -153,7 +153,8 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, output_refi
     calibration = None if calibration.lower() == "none" else calibration
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
-        output_refit=output_refit, keep_attention=keep_attention, attention_layers=layers, select=select, select_align_steps=select_align_steps,
+        output_refit=output_refit, keep_attention=keep_attention, attention_layers=layers, select=select,
+        select_align_steps=select_align_steps,
         mixer_settings={**parse_settings(settings), **parse_extra_settings(ctx.args)}, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),

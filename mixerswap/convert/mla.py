@@ -429,7 +429,7 @@ def _psd_root(c: torch.Tensor) -> torch.Tensor:
 def output_row_weights(attn: AttentionWeights, s: MLASettings, split: HeadSplit, shape: AttentionShape,
                        inputs: torch.Tensor | None) -> list[torch.Tensor]:
     """The blocks of ``D``'s output-aware part (module docstring, step 2), in the row order of ``[K_nope; V]``:
-    per KV head ``g``, ``(scaling^2 sum_h E[q_h q_h^T])^{1/2}`` over its query heads' no-RoPE channels (a key
+    per KV head ``g``, ``(sum_h E[q_h q_h^T])^{1/2}`` over its query heads' no-RoPE channels (a key
     error ``dk`` changes a score by ``q^T dk``), then per KV head ``(sum_h W_o,h^T W_o,h)^{1/2}`` (a value
     error ``dv`` reaches the output as ``W_o,h dv``). Queries on the calibration inputs (q norm applied), or
     their weights' second moment on unit inputs without them."""
@@ -444,7 +444,7 @@ def output_row_weights(attn: AttentionWeights, s: MLASettings, split: HeadSplit,
             q = rms_norm(q, split.q_norm, s.norm_eps, s.q_norm_dims)
         q = q[..., :nope]
         second = torch.einsum("nhi,nhj->hij", q, q) / len(q)
-    keys = second.view(G, H // G, nope, nope).sum(1) * s.scaling ** 2
+    keys = second.view(G, H // G, nope, nope).sum(1)  # the score scale would cancel in the key/value balance
     wo = attn.o.to(torch.float64).view(hidden, H, d)
     values = torch.einsum("xhi,xhj->hij", wo, wo).view(G, H // G, d, d).sum(1)
     return [_psd_root(c) for c in keys] * bool(nope) + [_psd_root(c) for c in values]

@@ -386,21 +386,24 @@ def model_card(teacher, family_name: str, plan: list[dict], provenance: dict, co
 
 
 def calibration_table(calibration: dict | None) -> list[str]:
-    """Markdown lines: per replaced layer, its output vs the teacher attention output, before/after."""
+    """Markdown lines: per replaced layer, its output vs the teacher attention output, before/after (and the
+    output refit, when the conversion did one)."""
     if not calibration or not calibration.get("layers"):
         return []
+    refit = bool(calibration.get("output_refit"))
     lines = [f"Calibration on `{calibration['text']}` ({calibration['tokens']} tokens): each mixer's output "
-             "against the attention output it replaces (RMS ratio, cosine, relative error; 1, 1, 0 is exact), and "
-             "the refit of its output projection (ridge chosen on held-out calibration rows, or kept as converted).",
-             "",
-             "| layer | RMS ratio before | after | cosine before | after | rel. error before | after | output refit |",
-             "|---|---|---|---|---|---|---|---|"]
+             "against the attention output it replaces (RMS ratio, cosine, relative error; 1, 1, 0 is exact)"
+             + (", and the refit of its output projection (ridge chosen on held-out calibration rows, or kept as "
+                "converted)." if refit else "."), "",
+             "| layer | RMS ratio before | after | cosine before | after | rel. error before | after |"
+             + (" output refit |" if refit else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if refit else "")]
     for idx, r in sorted(calibration["layers"].items()):
-        b, a, refit = r["before"], r["after"], r.get("output_refit")
-        refit_cell = "" if not refit else "kept" if refit["ridge"] is None else \
-            "ridge {ridge:g}: held-out error {0} → {1}".format(*refit["held_out_rel_error"], **refit)
+        b, a, fit = r["before"], r["after"], r.get("output_refit")
+        cell = "" if not refit else " kept |" if not fit or fit["ridge"] is None else \
+            " ridge {ridge:g}: held-out error {0} → {1} |".format(*fit["held_out_rel_error"], **fit)
         lines.append(f"| {idx} | {b['rms_ratio']} | {a['rms_ratio']} | {b['cosine']} | {a['cosine']} | "
-                     f"{b['rel_error']} | {a['rel_error']} | {refit_cell} |")
+                     f"{b['rel_error']} | {a['rel_error']} |{cell}")
     return [*lines, ""]
 
 

@@ -146,3 +146,5 @@ def test_cli_no_output_refit_keeps_the_converters_projection(stories_dir, tmp_pa
     assert all("output_refit" in layer for layer in reports["--output-refit"]["layers"].values())
     assert not any("output_refit" in layer for layer in reports["--no-output-refit"]["layers"].values())
     assert "| output refit |" in (tmp_path / "--output-refit" / "README.md").read_text()
+    card = (tmp_path / "--no-output-refit" / "README.md").read_text()
+    assert "| rel. error before | after |\n" in card and "output refit" not in card

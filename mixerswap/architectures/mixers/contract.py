@@ -18,8 +18,9 @@ A *mixer kind* (``mamba2``, later ``swa``, ``gla``, ``mla`` ...) is three things
    attention has no counterpart for that lives on an O(1) scale: gate and decay logits, log-rates,
    conv taps; they train at a multiple of the stage's learning rate), ``lora_targets`` (``nn.Linear``
    submodules LoRA may adapt), ``output_projection`` (the ``nn.Linear`` whose output is the mixer's
-   output, read from the heads' outputs: calibrated conversion refits it to the teacher), and
-   ``kernel_ops`` (the :mod:`mixerswap.kernels` operators it calls, for reports). It builds its own cache layer (:meth:`Mixer.new_cache_layer`, a
+   output, read from the heads' outputs: ``convert --output-refit`` refits it to the teacher), and
+   ``kernel_ops`` (the :mod:`mixerswap.kernels` operators it calls, for reports). It builds its own
+   cache layer (:meth:`Mixer.new_cache_layer`, a
    :class:`~mixerswap.architectures.cache.MixerCacheLayer` that reports its bytes exactly and is
    updated in place), may restrict what ``align`` trains (:meth:`Mixer.align_parameters`) and may
    offer ``mixing_matrix(hidden_states, position_ids=None, **kwargs) -> [B, H, T, T]`` for matrix
