@@ -447,7 +447,16 @@ def output_row_weights(attn: AttentionWeights, s: MLASettings, split: HeadSplit,
     keys = second.view(G, H // G, nope, nope).sum(1)  # the score scale would cancel in the key/value balance
     wo = attn.o.to(torch.float64).view(hidden, H, d)
     values = torch.einsum("xhi,xhj->hij", wo, wo).view(G, H // G, d, d).sum(1)
-    return [_psd_root(c) for c in keys] * bool(nope) + [_psd_root(c) for c in values]
+    return _unit_scale([_psd_root(c) for c in keys]) * bool(nope) + _unit_scale([_psd_root(c) for c in values])
+
+
+def _unit_scale(blocks: list[torch.Tensor]) -> list[torch.Tensor]:
+    """``blocks`` divided by their mean eigenvalue (their relative sizes kept). The factorization's function does
+    not depend on an overall scale of ``D``, but its split between ``kv_down`` and the up-projections does
+    (``up = D^-1 ...``): unscaled, SmolLM2's large queries and ``o_proj`` made the up-projections ~0.01 in RMS,
+    and the align stage's first Adam step (3e-3 per weight) took the loss from 2.8 to 49."""
+    scale = torch.stack([b.diagonal().mean() for b in blocks]).mean().clamp_min(1e-300)
+    return [b / scale for b in blocks]
 
 
 def latent_norm_weight(down: torch.Tensor, down_bias: torch.Tensor | None, inputs: torch.Tensor | None) -> torch.Tensor:

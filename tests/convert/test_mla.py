@@ -259,3 +259,18 @@ def test_output_aware_factorization_is_the_best_under_its_row_weights():
     assert weighted_error(down, up) < 0.99 * weighted_error(plain_down, plain_up)
     full_down, _, full_up = factorize_kv(m, None, 12, inputs=inputs, blocks=blocks)
     assert torch.allclose(full_up @ full_down, m, atol=1e-9)
+
+
+def test_output_aware_weights_leave_the_latent_scale_to_the_teacher_weights_alone():
+    """An overall scale of the row weights changes only how the factorization splits between ``kv_down`` and
+    the up-projections; the weights are normalized (mean eigenvalue 1 per part, relative sizes kept), so a
+    teacher with 100x larger queries and ``o_proj`` gets the same split, not up-projections 100x smaller."""
+    from mixerswap.convert.mla import _unit_scale
+
+    g = torch.Generator().manual_seed(0)
+    blocks = [(lambda r: r @ r.T)(torch.randn(4, 4, generator=g, dtype=torch.float64)) for _ in range(3)]
+    unit = _unit_scale(blocks)
+    assert torch.stack([b.diagonal().mean() for b in unit]).mean().item() == pytest.approx(1.0)
+    for a, b in zip(unit, _unit_scale([100 * b for b in blocks])):
+        assert torch.allclose(a, b)
+    assert torch.allclose(unit[0] / unit[1].diagonal().mean(), blocks[0] / blocks[1].diagonal().mean())
