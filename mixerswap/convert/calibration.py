@@ -14,9 +14,9 @@ close each converted mixer's output is to the attention output it replaces.
 
 The refit's measured effect (``benchmarks/RESULTS.md``, "Conversion before any training"): before any
 training it halves the held-out perplexity of a half-Mamba-2 SmolLM2-135M (202 → 100) and divides that
-of an all-Mamba-2 one by 8; but distillation at the default stage rates does not keep the gain (the
-align stage moves the fitted projection off its optimum; on SmolLM2 MLA at a quarter of the KV cache
-it diverged), so it is off by default.
+of an all-Mamba-2 one by 8; but distillation at the default stage rates does not keep the gain (least
+squares shrinks the output of layers that point away from the teacher, which shrinks the gradient
+upstream, and the align stage moves the fitted projection off its optimum), so it is off by default.
 
 The teacher is loaded whole for this pass (fp32, then freed before the streaming conversion).
 """
