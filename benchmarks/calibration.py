@@ -82,13 +82,14 @@ def main():
         calib = Path(tmp) / "calibration.txt"
         calib.write_text(calibration_text)
         budgets = [float(b) for b in args.kv_budget.split(",")] if args.kv_budget else [None]
+        given = parse_settings(args.settings)
+        source_of_calibration = "teacher" if args.teacher_samples else calib
         for keep in (float(k) for k in args.keep.split(",")):
             for budget in budgets:
-                settings = {**parse_settings(args.settings), **({"kv_budget": budget} if budget is not None else {})}
+                settings = {**given, **({"kv_budget": budget} if budget is not None else {})}
                 for calibrated, refit in ((False, None), (True, False), (True, True)):
                     started = time.perf_counter()
                     folder = Path(tmp) / f"student-{keep}-{budget}-{calibrated}-{refit}"
-                    source_of_calibration = "teacher" if args.teacher_samples else calib
                     convert(teacher_dir, folder, to=args.to, keep_attention=keep, mixer_settings=settings,
                             calibration=source_of_calibration if calibrated else None, output_refit=bool(refit),
                             progress=False)

@@ -8,8 +8,9 @@
 
 Data. stories260k (the default, packaged with mixerswap) only knows TinyStories: the teacher writes its
 own corpus (``--stories`` seeded samples, kept in ``--workdir`` and reused by the next run there); the
-first 10% are held out, the next 40 calibrate every conversion. With ``--text`` (a raw WikiText-style file, articles split at `` = Title = `` lines) the
-first ``--held-out-docs`` articles are held out, the next ones calibrate, the rest train.
+first 10% are held out, the next 40 calibrate every conversion. With ``--text`` (a raw WikiText-style file,
+articles split at `` = Title = `` lines) the first ``--held-out-docs`` articles are held out, the next ones
+calibrate, the rest train.
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
 

@@ -205,7 +205,7 @@ class MLAConverter(MixerConverter):
         if s.exact:
             down, down_bias, up = m, b, torch.eye(m.shape[0], dtype=f64)
         else:
-            blocks = output_row_weights(attn, s, split, shape, inputs) if s.kv_weights == "output" else None
+            blocks = output_row_weights(attn, s, split, shape, inputs)
             down, down_bias, up = factorize_kv(m, b, s.kv_rank, inputs=inputs, key_rows=G * nope, blocks=blocks)
         state["kv_down.weight"] = down
         if down_bias is not None:
@@ -243,7 +243,7 @@ class MLAConverter(MixerConverter):
         if stats is None:
             split = split_heads(attn, settings, shape, rot, None)
             m, b = _latent_rows(attn, settings, split)
-            blocks = output_row_weights(attn, settings, split, shape, None) if settings.kv_weights == "output" else None
+            blocks = output_row_weights(attn, settings, split, shape, None)
             return MLAProfile(kv_error_curve(m, b, key_rows=G * settings.nope_dim, blocks=blocks), **chosen)
         inputs = stats.inputs.reshape(-1, shape.hidden_size).to(torch.float64)
         top = min(G * (settings.nope_dim + d), shape.hidden_size + int(settings.qkv_bias))
@@ -427,12 +427,14 @@ def _psd_root(c: torch.Tensor) -> torch.Tensor:
 
 
 def output_row_weights(attn: AttentionWeights, s: MLASettings, split: HeadSplit, shape: AttentionShape,
-                       inputs: torch.Tensor | None) -> list[torch.Tensor]:
-    """The blocks of ``D``'s output-aware part (module docstring, step 2), in the row order of ``[K_nope; V]``:
-    per KV head ``g``, ``(sum_h E[q_h q_h^T])^{1/2}`` over its query heads' no-RoPE channels (a key
-    error ``dk`` changes a score by ``q^T dk``), then per KV head ``(sum_h W_o,h^T W_o,h)^{1/2}`` (a value
+                       inputs: torch.Tensor | None) -> list[torch.Tensor] | None:
+    """``None`` with ``kv_weights = balance``; else the blocks of ``D``'s output-aware part (module docstring,
+    step 2), in the row order of ``[K_nope; V]``: per KV head ``g``, ``(sum_h E[q_h q_h^T])^{1/2}`` over its
+    query heads' no-RoPE channels (a key error ``dk`` changes a score by ``q^T dk``), then per KV head ``(sum_h W_o,h^T W_o,h)^{1/2}`` (a value
     error ``dv`` reaches the output as ``W_o,h dv``). Queries on the calibration inputs (q norm applied), or
     their weights' second moment on unit inputs without them."""
+    if s.kv_weights == "balance":
+        return None
     H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size
     nope = s.nope_dim
     if inputs is None:

@@ -318,8 +318,7 @@ def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype
     if stats is not None:
         refit = None
         if output_refit and module.output_projection:
-            mixer = module(settings, teacher_config.hidden_size, idx)
-            mixer.load_state_dict(state)
+            mixer = _loaded_mixer(module, settings, teacher_config, idx, state)
             weight, refit = refit_output_projection(mixer, stats, capture=module.output_projection)
             name = f"{module.output_projection}.weight"
             state = {**state, name: weight.to(state[name].dtype)}
@@ -335,10 +334,14 @@ def _write_mixer(writer, family, teacher_config, plan, idx, tensors, seed, dtype
     return report
 
 
-def _output_match(module, settings, teacher_config, idx, stats: LayerStats, state: dict) -> dict:
+def _loaded_mixer(module, settings, teacher_config, idx, state: dict):
     mixer = module(settings, teacher_config.hidden_size, idx)
     mixer.load_state_dict(state)
-    return output_match(replay_mixer(mixer, stats), stats.outputs)
+    return mixer
+
+
+def _output_match(module, settings, teacher_config, idx, stats: LayerStats, state: dict) -> dict:
+    return output_match(replay_mixer(_loaded_mixer(module, settings, teacher_config, idx, state), stats), stats.outputs)
 
 
 def expected_tensors(config: MixerSwapConfig) -> dict[str, tuple[int, ...]]:
