@@ -430,9 +430,10 @@ def output_row_weights(attn: AttentionWeights, s: MLASettings, split: HeadSplit,
                        inputs: torch.Tensor | None) -> list[torch.Tensor] | None:
     """``None`` with ``kv_weights = balance``; else the blocks of ``D``'s output-aware part (module docstring,
     step 2), in the row order of ``[K_nope; V]``: per KV head ``g``, ``(sum_h E[q_h q_h^T])^{1/2}`` over its
-    query heads' no-RoPE channels (a key error ``dk`` changes a score by ``q^T dk``), then per KV head ``(sum_h W_o,h^T W_o,h)^{1/2}`` (a value
-    error ``dv`` reaches the output as ``W_o,h dv``). Queries on the calibration inputs (q norm applied), or
-    their weights' second moment on unit inputs without them."""
+    query heads' no-RoPE channels (a key error ``dk`` changes a score by ``q^T dk``), then per KV head
+    ``(sum_h W_o,h^T W_o,h)^{1/2}`` (a value error ``dv`` reaches the output as ``W_o,h dv``); each part
+    normalized by :func:`_unit_scale`. Queries on the calibration inputs (q norm applied), or their weights'
+    second moment on unit inputs without them."""
     if s.kv_weights == "balance":
         return None
     H, G, d, hidden = shape.num_heads, shape.num_kv_heads, shape.head_dim, shape.hidden_size

@@ -341,7 +341,8 @@ def _loaded_mixer(module, settings, teacher_config, idx, state: dict):
 
 
 def _output_match(module, settings, teacher_config, idx, stats: LayerStats, state: dict) -> dict:
-    return output_match(replay_mixer(_loaded_mixer(module, settings, teacher_config, idx, state), stats), stats.outputs)
+    mixer = _loaded_mixer(module, settings, teacher_config, idx, state)
+    return output_match(replay_mixer(mixer, stats), stats.outputs)
 
 
 def expected_tensors(config: MixerSwapConfig) -> dict[str, tuple[int, ...]]:
