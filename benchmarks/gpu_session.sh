@@ -19,6 +19,12 @@
 #                  host-device syncs per step, and a torch.profiler table of one step per model (top ops by CPU
 #                  and CUDA time) in OUT_DIR/decode-profile*/; the tiny 16-layer model, then the 1B-shaped one,
 #                  each also with the torch reference kernels instead of Triton (launch overhead at batch 1)
+#   quality        SmolLM2 students distilled on a GPU budget (not in the default list: it needs the teacher's GGUF,
+#                  98 MB, taken over in parts with benchmarks/gpu_stage.sh, and a training corpus from
+#                  benchmarks/corpus.py --xz): quality.py --rows $QUALITY_ROWS (default mamba2-50) with
+#                  $QUALITY_TOKENS (default 10M) tokens each, seq-len 1024, batch 32, bf16, teacher $QUALITY_TEACHER,
+#                  training text $QUALITY_TRAIN_TEXT, held-out WikiText-2 from $MIXERSWAP_SHARED_DATA; rows accumulate
+#                  in $E2E_WORK/quality/q.json (--append) and the report is copied to OUT_DIR
 # Time limits per command of a step, in seconds: MIXERSWAP_GPU_LIMITS="tests=420 e2e-targets=480 ..." overrides the defaults.
 # The e2e checkpoints (a 1B teacher and its students, ~30 GB) go to ${E2E_WORK:-/tmp/mixerswap-e2e}.
 set -u
@@ -28,7 +34,7 @@ steps=${*:-tests kernels-check e2e-targets e2e-kinds distill kernels-speed decod
 mkdir -p "$out"
 work=${E2E_WORK:-/tmp/mixerswap-e2e}
 declare -A limit=([tests]=420 [kernels-check]=240 [e2e-targets]=480 [e2e-kinds]=300 [distill]=180 [kernels-speed]=300
-                 [decode-overhead]=600)
+                 [decode-overhead]=600 [quality]=540)
 for pair in ${MIXERSWAP_GPU_LIMITS:-}; do limit[${pair%%=*}]=${pair#*=}; done
 export PYTHONUNBUFFERED=1
 
@@ -69,8 +75,16 @@ for step in $steps; do
             run decode-overhead python benchmarks/decode_overhead.py --device cuda --dtype bfloat16 --real \
                 --kinds mamba2,gdn --kernels torch --workdir "$work" \
                 --json "$out/decode-overhead-1b-torch-kernels.json" ;;
+        quality)
+            mkdir -p "$work/quality"
+            run quality python benchmarks/quality.py --teacher "${QUALITY_TEACHER:?the staged SmolLM2 GGUF}" \
+                --text "${MIXERSWAP_SHARED_DATA:?}/text/wikitext2-test.raw" \
+                --train-text "${QUALITY_TRAIN_TEXT:?corpus.jsonl.xz of benchmarks/corpus.py}" \
+                --rows "${QUALITY_ROWS:-mamba2-50}" --tokens "${QUALITY_TOKENS:-10M}" --seq-len 1024 --batch-size 32 \
+                --mixed-precision bf16 --workdir "$work/quality" --append --out "$work/quality/q.json"
+            cp "$work/quality/q.json" "$work/quality/q.png" "$out/" 2>/dev/null ;;
         *) echo "unknown step $step (tests kernels-check e2e-targets e2e-kinds distill kernels-speed" \
-                "decode-overhead)" >&2
+                "decode-overhead quality)" >&2
            exit 2 ;;
     esac
 done

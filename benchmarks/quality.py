@@ -5,12 +5,16 @@
     python benchmarks/quality.py --rows mamba2-50 --stories 20000 --tokens 12M --workdir W --keep-students  # ~40 min
     python benchmarks/quality.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf --text wikitext2-test.raw \
         --rows mamba2-50,mamba2-50-kl --tokens 32k --seq-len 256 --out benchmarks/results/quality-smollm2.json
+    python benchmarks/quality.py --teacher SmolLM2-135M-Instruct.Q4_1.gguf --text wikitext2-test.raw \
+        --train-text corpus/corpus.jsonl.xz --rows mamba2-50 --tokens 20M --seq-len 1024 --batch-size 32 \
+        --mixed-precision bf16 --out q-gpu.json        # on a GPU (evaluations there too), more training text
 
 Data. stories260k (the default, packaged with mixerswap) only knows TinyStories: the teacher writes its
 own corpus (``--stories`` seeded samples, kept in ``--workdir`` and reused by the next run there); the
 first 10% are held out, the next 40 calibrate every conversion. With ``--text`` (a raw WikiText-style file,
 articles split at `` = Title = `` lines) the first ``--held-out-docs`` articles are held out, the next ones
-calibrate, the rest train.
+calibrate, the rest train. ``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a
+public-domain and free-documentation corpus from Debian packages) for budgets larger than the text.
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
 
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import lzma
 import math
 import platform
 import re
@@ -95,13 +100,35 @@ def teacher_stories(work: Path, teacher_dir: Path, teacher, tokenizer, count: in
     return stories
 
 
-def write_split(work: Path, docs: list[str], held: int) -> tuple[Path, Path]:
+def write_split(work: Path, docs: list[str], held: int, extra: list[str] = ()) -> tuple[Path, Path]:
     """``(corpus.jsonl, calibration.txt)`` in ``work``: the held-out documents first (distillation holds out
-    the first ``held``), then the training ones; the 40 after the held-out ones calibrate and are left out."""
+    the first ``held``), then the training ones and the ``extra`` training documents; the 40 after the held-out
+    ones calibrate and are left out."""
     corpus, calibration = work / "corpus.jsonl", work / "calibration.txt"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs[:held] + docs[held + 40 :]))
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in [*docs[:held], *docs[held + 40 :], *extra]))
     calibration.write_text("\n\n".join(docs[held : held + 40]))
     return corpus, calibration
+
+
+def read_training_text(paths: list[Path]) -> list[str]:
+    """Documents of ``--train-text`` files: JSONL with a ``text`` field per line (``.jsonl``, or ``.jsonl.xz``
+    as ``benchmarks/corpus.py --xz`` writes it), else plain text with one document per blank-line-separated
+    paragraph group of a file (the whole file when it has no blank lines)."""
+    docs = []
+    for path in paths:
+        if not path.exists():
+            raise SystemExit(f"--train-text: {path} does not exist")
+        raw = lzma.open(path, "rt", encoding="utf-8").read() if path.suffix == ".xz" else path.read_text(encoding="utf-8")
+        if path.name.endswith((".jsonl", ".jsonl.xz")):
+            for number, line in enumerate(raw.splitlines(), 1):
+                if line.strip():
+                    record = json.loads(line)
+                    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                        raise SystemExit(f"--train-text: line {number} of {path} has no string 'text' field")
+                    docs.append(record["text"])
+        else:
+            docs += [d.strip() for d in re.split(r"\n\s*\n", raw) if d.strip()]
+    return docs
 
 
 def split_articles(text: str) -> list[str]:
@@ -115,6 +142,7 @@ def generation_agreement(model, teacher, prompts: list[torch.Tensor], new_tokens
     """Mean share of ``new_tokens`` greedy tokens produced before the student first departs from the teacher."""
     shares = []
     for ids in prompts:
+        ids = ids.to(model.device)
         outs = [m.generate(ids[None], attention_mask=torch.ones_like(ids[None]), do_sample=False,
                            max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0)[0, len(ids):]
                 for m in (model, teacher)]
@@ -128,7 +156,7 @@ def cache_bytes_per_token(model, lengths: list[int], vocab: int) -> dict[str, fl
     """Bytes the model's cache holds after a prefill of each length, per token (batch 1, model dtype)."""
     out = {}
     for length in lengths:
-        ids = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(0))
+        ids = torch.randint(4, vocab, (1, length), generator=torch.Generator().manual_seed(0)).to(model.device)
         cache = model.make_cache() if hasattr(model, "make_cache") else transformers.DynamicCache(config=model.config)
         model(ids, past_key_values=cache, use_cache=True)
         nbytes = cache.nbytes() if isinstance(cache, HybridMixerCache) else sum(
@@ -164,10 +192,11 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "held_out_rows": args.held_out_rows,
-        "validation_docs": args.validation_docs, "stages": stages})
+        "validation_docs": args.validation_docs, "mixed_precision": args.mixed_precision, "stages": stages})
     result = run_distill(recipe, overwrite=True, progress=False)
-    model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval().to(args.device)
     ids = torch.cat([torch.tensor(tokenizer(d)["input_ids"]) for d in held_docs])[: args.agreement_tokens]
+    ids = ids.to(args.device)
     with torch.inference_mode():
         agreement = top1_agreement(model, teacher, ids, seq=args.seq_len)
     prompts = held_out_prompts(tokenizer, held_docs, args.gen_prompts, 16)
@@ -197,6 +226,12 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
     if not args.keep_students:
         shutil.rmtree(work / name, ignore_errors=True)
     return out
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)}, torch CUDA {torch.version.cuda}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
 def plot(rows: list[dict], teacher_ppl: float, path: Path) -> None:
@@ -318,6 +353,15 @@ def main() -> None:
                              "perplexity is undone (0: every stage kept)")
     parser.add_argument("--held-out-rows", type=int, default=8,
                         help="packed rows of --seq-len tokens of the held-out documents scored for perplexity")
+    parser.add_argument("--train-text", type=Path, nargs="+", default=[],
+                        help="more training documents (JSONL with a 'text' field, .jsonl.xz, or plain text), after "
+                             "the training part of the stories or --text articles; held-out and calibration "
+                             "documents stay those of the stories or --text")
+    parser.add_argument("--device", default=None,
+                        help="where the evaluations run (default: cuda when available, else cpu); distillation "
+                             "runs where the engine puts it (the same GPU, or the CPU)")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16"), default="no",
+                        help="distillation's autocast precision (distill's mixed_precision); evaluations run in fp32")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--gen-prompts", type=int, default=16)
@@ -347,6 +391,7 @@ def main() -> None:
     args.lr = [float(x) for x in args.lr.split(",")] if args.lr else [s["lr"] for s in distill_stages(1)]
     if len(args.lr) != 3:
         raise SystemExit(f"--lr takes three learning rates (align,hidden,kd), got {len(args.lr)}")
+    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     args.teacher = args.teacher or str(packaged_teacher())
     args.teacher_dir = resolve_model_dir(args.teacher)
     rows = rows_for(AutoConfig.from_pretrained(args.teacher_dir))
@@ -373,7 +418,11 @@ def main() -> None:
         held = args.held_out_docs
         data_note = f"{len(docs)} articles of {args.text.name}, the first {held} held out"
     held_docs = docs[:held]
-    corpus, calibration = write_split(work, docs, held)
+    extra = read_training_text(args.train_text)
+    if extra:
+        data_note += f", and {len(extra)} training documents of {', '.join(p.name for p in args.train_text)}"
+    corpus, calibration = write_split(work, docs, held, extra)
+    teacher.to(args.device)  # after sampling the stories (the sampler starts on the CPU)
     teacher_mqar = mqar_accuracy(teacher, [args.mqar_length])[0].accuracy
     if teacher_mqar < 0.2:
         print(f"teacher MQAR accuracy {teacher_mqar:.2f} at length {args.mqar_length}: no recall circuit, MQAR left out")
@@ -388,9 +437,10 @@ def main() -> None:
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
               "validation_docs": args.validation_docs, "held_out_rows": args.held_out_rows,
+              "mixed_precision": args.mixed_precision,
               "teacher_row": teacher_row, "rows": [],
               "complete": False, "command": " ".join(["python", *sys.argv]), "torch": torch.__version__,
-              "transformers": transformers.__version__, "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+              "transformers": transformers.__version__, "machine": machine(args.device),
               "passkey": None if passkey_length is None else {"length": passkey_length, "samples": args.passkey_samples,
                                                                "teacher": teacher_passkey}}
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -1,6 +1,7 @@
 """benchmarks/quality.py end to end on the packaged stories260k teacher at a toy budget: rows, table, merge."""
 
 import json
+import lzma
 import sys
 
 import pytest
@@ -15,13 +16,20 @@ def quality():
 
 def test_quality_rows_table_and_merge(quality, tmp_path, monkeypatch, capsys):
     out = tmp_path / "q.json"
+    extra = tmp_path / "extra.jsonl.xz"
+    with lzma.open(extra, "wt", encoding="utf-8") as f:
+        f.write("".join(json.dumps({"text": f"Tom saw a red ball number {i}. He was happy."}) + "\n" for i in range(3)))
     monkeypatch.setattr(sys, "argv", [
         "quality.py", "--rows", "mamba2-50,swa-25", "--stories", "60", "--tokens", "3k", "--seq-len", "64",
         "--batch-size", "4", "--gen-prompts", "2", "--gen-tokens", "8", "--agreement-tokens", "256",
         "--passkey-samples", "1", "--cache-lengths", "64,128", "--out", str(out), "--workdir", str(tmp_path / "w"),
-        "--keep-students"])
+        "--keep-students", "--train-text", str(extra), "--device", "cpu"])
     quality.main()
     report = json.loads(out.read_text())
+    # the extra documents train (after the stories' own training part); held-out and calibration stay the stories'
+    assert report["data"].endswith("and 3 training documents of extra.jsonl.xz") and report["mixed_precision"] == "no"
+    corpus = (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()
+    assert len(corpus) == 60 - 40 + 3 and json.loads(corpus[-1])["text"].startswith("Tom saw a red ball number 2")
     assert report["complete"] and [r["name"] for r in report["rows"]] == ["mamba2-50", "swa-25"]
     for row in report["rows"]:
         assert list(row["stage_ppl"]) == ["align", "hidden", "kd"]
@@ -56,3 +64,15 @@ def test_keep_students_needs_a_workdir(quality, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["quality.py", "--rows", "mamba2-50", "--keep-students"])
     with pytest.raises(SystemExit, match="give --workdir DIR"):
         quality.main()
+
+
+def test_training_text_reads_jsonl_and_paragraphs_and_names_bad_lines(quality, tmp_path):
+    plain, jsonl, bad = tmp_path / "a.txt", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+    plain.write_text("First paragraph\nstill first.\n\n  \nSecond one.\n")
+    jsonl.write_text(json.dumps({"text": "from jsonl", "source": "x"}) + "\n\n")
+    assert quality.read_training_text([plain, jsonl]) == ["First paragraph\nstill first.", "Second one.", "from jsonl"]
+    bad.write_text(json.dumps({"text": "ok"}) + "\n" + json.dumps({"body": "no text"}) + "\n")
+    with pytest.raises(SystemExit, match="line 2 of .*c.jsonl has no string 'text' field"):
+        quality.read_training_text([bad])
+    with pytest.raises(SystemExit, match="does not exist"):
+        quality.read_training_text([tmp_path / "missing.jsonl"])
