@@ -321,13 +321,13 @@ def _latent_rows(attn: AttentionWeights, s: MLASettings, split: HeadSplit) -> tu
 
 
 def _balanced_kv(m: torch.Tensor, b: torch.Tensor | None, inputs: torch.Tensor | None, key_rows: int,
-                 blocks: list[torch.Tensor] | None = None):
-    """``a = B [m | b]`` (``B`` the block-diagonal output-aware weights when ``blocks`` are given), the scalar
+                 rows: torch.Tensor | None = None):
+    """``a = B [m | b]`` (``B = rows``, the block-diagonal output-aware weights, when given), the scalar
     key/value balance ``w`` per row and ``w a S^{1/2}``, whose truncated SVD is the best factorization (``S``
     the inputs' second moment, ``I`` without inputs); ``D = diag(w) B``."""
     a = m if b is None else torch.cat([m, b[:, None]], 1)
-    if blocks is not None:
-        a = torch.block_diag(*blocks) @ a
+    if rows is not None:
+        a = rows @ a
     seen = a
     if inputs is not None:
         x = inputs if b is None else torch.cat([inputs, inputs.new_ones(len(inputs), 1)], 1)
@@ -354,13 +354,14 @@ def factorize_kv(m: torch.Tensor, b: torch.Tensor | None, rank: int, *, inputs: 
     Returns:
         ``down [rank, hidden]``, ``down_bias [rank]`` (``None`` without ``b``), ``up [R, rank]``.
     """
-    a, weight, seen = _balanced_kv(m, b, inputs, key_rows, blocks)
+    rows = None if blocks is None else torch.block_diag(*blocks)
+    a, weight, seen = _balanced_kv(m, b, inputs, key_rows, rows)
     left, _, _ = torch.linalg.svd(seen, full_matrices=False)
     top = left[:, :rank]
     down = top.T @ (weight[:, None] * a)
     up = top / weight[:, None]
-    if blocks is not None:
-        up = torch.linalg.solve(torch.block_diag(*blocks), up)
+    if rows is not None:
+        up = torch.linalg.solve(rows, up)
     return (down, None, up) if b is None else (down[:, :-1], down[:, -1], up)
 
 
@@ -369,7 +370,7 @@ def kv_error_curve(m: torch.Tensor, b: torch.Tensor | None, *, inputs: torch.Ten
     """``[max_rank + 1]``: :func:`factorize_kv`'s relative error at every rank ``k``,
     ``E||D (M - U A) [x; 1]||^2 / E||D M [x; 1]||^2`` (the tail of the squared singular values; 1 at
     rank 0, 0 at full rank), ``x`` the calibration inputs or unit inputs without them."""
-    _, _, seen = _balanced_kv(m, b, inputs, key_rows, blocks)
+    _, _, seen = _balanced_kv(m, b, inputs, key_rows, None if blocks is None else torch.block_diag(*blocks))
     energy = torch.linalg.svdvals(seen).pow(2)
     tail = energy.flip(0).cumsum(0).flip(0)
     return torch.cat([tail, tail.new_zeros(1)]) / tail[0].clamp_min(1e-300)
