@@ -185,8 +185,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
     else:
         conversion = convert(args.teacher_dir, student, to=row["to"], keep_attention=row["keep"],
                              mixer_settings=row.get("settings"), select=row.get("select"),
-                             select_align_steps=row.get("select_align_steps"), calibration=calibration,
-                             output_refit=args.output_refit, overwrite=True, progress=False)
+                             select_align_steps=row.get("select_align_steps"), select_device=args.device,
+                             calibration=calibration, output_refit=args.output_refit, overwrite=True, progress=False)
     stages = [{**stage, "lr": lr, "fast_lr_scale": args.fast_lr_scale}
               for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({

@@ -128,6 +128,8 @@ def main():
               help="Choose the --keep-attention layers by measured KL on the --calibration text (see `select`).")
 @click.option("--select-align-steps", type=int,
               help="--select: alignment steps of each mixer before it is scored (default 100; 0: as converted).")
+@click.option("--select-device", help="--select: where layers are scored: cpu, cuda, cuda:1 ... (default: cuda if "
+                                      "available).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
 @click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--seed", default=0, show_default=True, help="Seed for the parts attention does not determine.")
@@ -139,7 +141,8 @@ def main():
 @click.pass_context
 @user_errors
 def convert(ctx, teacher, to, plan, calibration, calibration_tokens, output_refit, keep_attention, attention_layers,
-            select, select_align_steps, settings, dtype, seed, max_shard_size, revision, out, overwrite, quiet):
+            select, select_align_steps, select_device, settings, dtype, seed, max_shard_size, revision, out, overwrite,
+            quiet):
     """Convert TEACHER (local HF folder or hub id) into a hybrid student folder.
 
     Any other --NAME VALUE is a setting of the mixer kind (same as --set NAME=VALUE), e.g.
@@ -154,7 +157,7 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, output_refi
     result = run_convert(
         teacher, out, to=to, plan=plan, calibration=calibration, calibration_tokens=calibration_tokens,
         output_refit=output_refit, keep_attention=keep_attention, attention_layers=layers, select=select,
-        select_align_steps=select_align_steps,
+        select_align_steps=select_align_steps, select_device=select_device,
         mixer_settings={**parse_settings(settings), **parse_extra_settings(ctx.args)}, dtype=dtype, seed=seed, max_shard_size=max_shard_size,
         overwrite=overwrite, revision=revision, progress=not quiet,
         command=shlex.join(["mixerswap", *sys.argv[1:]]),
@@ -182,13 +185,14 @@ def convert(ctx, teacher, to, plan, calibration, calibration_tokens, output_refi
               help="Score MQAR per layer (only when the teacher itself solves it).")
 @click.option("--set", "settings", multiple=True, metavar="KEY=VALUE", help="Mixer setting, e.g. chunk_size=128.")
 @click.option("--seed", default=0, show_default=True)
+@click.option("--device", default=None, help="Where layers are scored: cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--out", help="Folder for selection.json / .md / .png and plan.yaml.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT if it exists and is not empty.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and errors; no progress bar.")
 @click.pass_context
 @user_errors
 def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, scoring_tokens, seq_len, align_steps,
-                   mqar, settings, seed, out, overwrite, quiet):
+                   mqar, settings, seed, device, out, overwrite, quiet):
     """Score every layer of TEACHER for replacement by --to and print them ranked.
 
     Each layer is scored alone (calibrated-init error, error after a short alignment, end-to-end KL,
@@ -204,7 +208,7 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
     mixer_settings = {**parse_settings(settings), **parse_extra_settings(ctx.args)}
     selection = score_layers(teacher, to=to, text=data, keep_attention=keep_attention, mixer_settings=mixer_settings,
                              calibration_tokens=calibration_tokens, scoring_tokens=scoring_tokens, seq_len=seq_len,
-                             align_steps=align_steps, mqar=mqar, seed=seed, progress=not quiet)
+                             align_steps=align_steps, mqar=mqar, seed=seed, device=device, progress=not quiet)
     click.echo(selection_table(selection))
     if out is not None:
         write_selection(selection, out, settings=mixer_settings, overwrite=overwrite, inputs=(teacher, data))

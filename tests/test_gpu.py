@@ -20,6 +20,8 @@ from mixerswap.distill.recipe import DistillRecipe
 from mixerswap.distill.trainer import run_distill
 from mixerswap.evals.speed import bench
 
+from .conftest import teacher_stories
+
 KINDS = ["mamba2", "swa", "linear", "gla", "gdn", "mla"]
 SETTINGS = {"swa": {"window": 8}, "linear": {"window": 8}}  # windows shorter than the prompts
 
@@ -94,3 +96,18 @@ def test_bf16_distillation_on_the_device_lowers_the_loss(device, stories_dir, tm
     losses = torch.tensor([h["loss"] for h in result.history])
     assert torch.isfinite(losses).all()
     assert result.perplexity_after < result.perplexity_before
+
+
+def test_layer_selection_on_the_device_scores_as_on_the_cpu(device, stories_dir, tmp_path):
+    from mixerswap.convert.layer_scores import score_layers
+
+    stories_text = tmp_path / "stories.txt"
+    stories_text.write_text(teacher_stories(stories_dir, 12, calibration=12)[2])
+    scored = {d: score_layers(stories_dir, to="mamba2", text=stories_text, keep_attention=0.4, calibration_tokens=256,
+                              scoring_tokens=256, seq_len=128, align_steps=5, device=d, progress=False)
+              for d in ("cpu", device)}
+    on_cpu, on_device = scored["cpu"], scored[device]
+    assert on_device.keep == on_cpu.keep
+    for a, b in zip(on_device.scores, on_cpu.scores):
+        assert a.init_error == pytest.approx(b.init_error, rel=1e-3, abs=1e-4)
+        assert a.kl == pytest.approx(b.kl, rel=1e-2, abs=1e-4)

@@ -188,7 +188,8 @@ def attention_reach(probs: torch.Tensor) -> torch.Tensor:
     over queries and rows.
     """
     batch, heads, length, _ = probs.shape
-    distance = (torch.arange(length)[:, None] - torch.arange(length)[None, :]).clamp_min(0)  # [i, j]
+    steps = torch.arange(length, device=probs.device)
+    distance = (steps[:, None] - steps[None, :]).clamp_min(0)  # [i, j]
     order = distance.argsort(dim=-1)  # per query, keys from nearest to farthest (future keys: weight 0)
     mass = probs.gather(-1, order.expand(batch, heads, length, length)).cumsum(-1)
     crossing = (mass < 0.5).sum(-1).clamp_max(length - 1)  # [B, H, i]: where the mass reaches one half

@@ -227,19 +227,25 @@ def score_layers(
     mqar_samples: int = 32,
     batch_size: int = 4,
     seed: int = 0,
+    device: str | torch.device | None = None,
     progress: bool = True,
 ) -> Selection:
     """Score every layer of ``teacher`` for replacement by ``to`` and, with ``keep_attention``, pick the
     layers that keep attention (see the module docstring). ``text`` is a calibration text file or
-    ``"teacher"`` (the teacher's own samples; the scores then use samples of another seed)."""
+    ``"teacher"`` (the teacher's own samples; the scores then use samples of another seed). Teacher, student,
+    alignment and scoring run on ``device`` (default: CUDA when available, else the CPU), in fp32; the
+    conversion itself runs on the CPU."""
     from .pipeline import convert
 
+    device = torch.device(device) if device is not None else default_device()
     model_dir = resolve_model_dir(teacher)
-    teacher_model = load_teacher_fp32(model_dir)
+    teacher_model = load_teacher_fp32(model_dir).to(device)
+    logger.info("select: scoring on %s", device)
     calib_rows = load_calibration_rows(teacher_model, model_dir, text, tokens=calibration_tokens, seq_len=seq_len,
-                                       seed=seed)
+                                       seed=seed).to(device)
     rows = load_calibration_rows(teacher_model, model_dir, text, tokens=scoring_tokens, seq_len=seq_len,
                                  held_out=True, seed=seed)
+    rows = None if rows is None else rows.to(device)
     held_out = rows is not None
     if not held_out:
         logger.warning("the text has too few tokens to score on text the calibration did not see; scoring on the "
@@ -250,7 +256,7 @@ def score_layers(
         convert(model_dir, Path(tmp) / "student", to=to, keep_attention=0.0, mixer_settings=mixer_settings,
                 dtype="float32", seed=seed, calibration=text, calibration_tokens=calibration_tokens, progress=False)
         student = MixerSwapForCausalLM.from_pretrained(Path(tmp) / "student", dtype=torch.float32,
-                                                       attn_implementation="eager").eval()
+                                                       attn_implementation="eager").eval().to(device)
     swap = _Swapper(student, teacher_model)
     everything = set(range(num_layers))
     reference = _teacher_logprobs(teacher_model, rows, batch_size)
@@ -287,6 +293,10 @@ def score_layers(
         selection.uniform_kl = round(_kl(swap.use(everything - set(selection.uniform)), rows, reference, batch_size), 5)
     swap.use(everything)
     return selection
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _greedy(selection: Selection, swap: _Swapper, rows, reference, batch_size: int, count: int, progress: bool):

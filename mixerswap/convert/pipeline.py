@@ -92,6 +92,7 @@ def convert(
     calibration_tokens: int = 2048,
     select: str | None = None,
     select_align_steps: int | None = None,
+    select_device: str | None = None,
     output_refit: bool = False,
 ) -> ConversionResult:
     """Convert ``teacher`` into a student whose replaced layers use mixer ``to``; see the module docstring.
@@ -119,6 +120,7 @@ def convert(
             (see :mod:`.layer_scores`) instead of spacing them evenly; scores and choice are recorded.
         select_align_steps: alignment steps of each mixer before it is scored (default
             ``layer_scores.SELECT_ALIGN_STEPS``; 0 scores the calibrated conversion as it is).
+        select_device: where ``select`` scores (default: CUDA when available, else the CPU).
     """
     if plan is None and to not in registered_kinds():
         raise ValueError(f"unknown target mixer {to!r}; available: {', '.join(registered_kinds())}")
@@ -154,8 +156,7 @@ def convert(
         aligned = {} if select_align_steps is None else {"align_steps": select_align_steps}
         selection = score_layers(model_dir, to=to, text=calibration, keep_attention=keep_attention,
                                  mixer_settings=mixer_settings, calibration_tokens=calibration_tokens, seed=seed,
-                                 **aligned,
-                                 progress=progress)
+                                 **aligned, device=select_device, progress=progress)
         requested = shorthand_plan(num_layers, to, selection.keep, mixer_settings)
     else:
         kept = select_attention_layers(num_layers, keep_attention=keep_attention, attention_layers=attention_layers)

@@ -132,7 +132,7 @@ def test_select_command_writes_table_json_and_a_plan_convert_takes(stories_dir, 
     out = tmp_path / "sel"
     args = ["select", str(stories_dir), "--to", "mamba2", "--data", str(stories_text), "--keep-attention", "0.4",
             "--calibration-tokens", "256", "--scoring-tokens", "256", "--seq-len", "128", "--align-steps", "0",
-            "--no-mqar", "--out", str(out), "--quiet"]
+            "--no-mqar", "--device", "cpu", "--out", str(out), "--quiet"]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert "| rank | layer |" in result.output and "evenly spaced" in result.output
