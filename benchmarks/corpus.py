@@ -112,7 +112,6 @@ DEFAULT_PACKAGES = ",".join((
     "debian-reference-en", "developers-reference", "debian-policy", "maint-guide"))
 
 
-# ---------------------------------------------------------------- text helpers
 
 def join_paragraphs(paragraphs):
     """Collapse whitespace inside each paragraph and keep one blank line between them; paragraphs
@@ -121,7 +120,6 @@ def join_paragraphs(paragraphs):
     return "\n\n".join(p for p in cleaned if re.search(r"[^\W\d_]", p))
 
 
-# ---------------------------------------------------------------- HTML
 
 SKIP_TAGS = {"head", "info", "screen", "script", "style", "pre", "table", "nav", "header", "footer", "noscript", "svg",
              "math", "form", "button", "select", "textarea"}
@@ -191,7 +189,6 @@ def html_to_text(source):
     return join_paragraphs(parser.paragraphs)
 
 
-# ---------------------------------------------------------------- reStructuredText
 
 # directives whose body is prose (admonitions, API descriptions): everything else (code-block,
 # toctree, image, tables, math, kernel-doc, ...) is dropped with its body
@@ -339,7 +336,6 @@ def rst_to_text(source):
     return join_paragraphs(paragraphs)
 
 
-# ---------------------------------------------------------------- POD (perl-doc)
 
 def _pod_code(match):
     """One POD formatting code, innermost first: L<text|target>, E<gt>, X<index>, C<code>, ..."""
@@ -388,7 +384,6 @@ def pod_to_text(source):
     return join_paragraphs(paragraphs)
 
 
-# ---------------------------------------------------------------- the KJV Bible (bible-kjv-text)
 
 BOOKS = ("Genesis Exodus Leviticus Numbers Deuteronomy Joshua Judges Ruth 1_Samuel 2_Samuel 1_Kings "
          "2_Kings 1_Chronicles 2_Chronicles Ezra Nehemiah Esther Job Psalms Proverbs Ecclesiastes "
@@ -470,7 +465,6 @@ def read_bible_data(raw):
     return b"".join(_lzw_window(raw[a:b]) for a, b in zip(offsets, offsets[1:])).decode("latin-1")
 
 
-# ---------------------------------------------------------------- packages
 
 def log(quiet, message):
     """A progress line on stderr (the table goes to stdout)."""
@@ -568,7 +562,6 @@ def keep_documents(documents, seen, min_words=MIN_WORDS):
     return kept
 
 
-# ---------------------------------------------------------------- the corpus
 
 def collect(packages, cache, workdir, max_chars, quiet):
     """Documents and manifest entries of the packages, in order, stopping at max_chars characters."""
