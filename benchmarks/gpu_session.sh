@@ -25,7 +25,8 @@
 #                  $QUALITY_TOKENS (default 10M) tokens each, seq-len 1024, batch 32, bf16, teacher $QUALITY_TEACHER,
 #                  training text $QUALITY_TRAIN_TEXT, held-out WikiText-2 from $MIXERSWAP_SHARED_DATA; rows accumulate
 #                  in $E2E_WORK/quality/q.json (--append) and the report is copied to OUT_DIR; $QUALITY_OPTIONS are
-#                  further quality.py options (later ones win: "--seq-len 256" overrides the 1024)
+#                  further quality.py options (later ones win: "--seq-len 256" overrides the 1024). A row stopped at
+#                  the time limit keeps a checkpoint every 50 steps: the next call of this step continues it (--resume)
 # Time limits per command of a step, in seconds: MIXERSWAP_GPU_LIMITS="tests=420 e2e-targets=480 ..." overrides the defaults.
 # The e2e checkpoints (a 1B teacher and its students, ~30 GB) go to ${E2E_WORK:-/tmp/mixerswap-e2e}.
 set -u
@@ -83,6 +84,7 @@ for step in $steps; do
                 --train-text "${QUALITY_TRAIN_TEXT:?corpus.jsonl.xz of benchmarks/corpus.py}" \
                 --rows "${QUALITY_ROWS:-mamba2-50}" --tokens "${QUALITY_TOKENS:-10M}" --seq-len 1024 --batch-size 32 \
                 --mixed-precision bf16 --workdir "$work/quality" --append --out "$work/quality/q.json" \
+                --resume --checkpoint-every 50 \
                 ${QUALITY_OPTIONS:-}
             cp "$work/quality/q.json" "$work/quality/q.png" "$out/" 2>/dev/null ;;
         *) echo "unknown step $step (tests kernels-check e2e-targets e2e-kinds distill kernels-speed" \

@@ -55,7 +55,8 @@ from mixerswap.convert import convert
 from mixerswap.convert.checkpoint_io import resolve_model_dir
 from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
 from mixerswap.distill.recipe import DEFAULT_FAST_LR_SCALE, DistillRecipe, parse_tokens
-from mixerswap.distill.trainer import run_distill
+from mixerswap.distill.checkpoint import latest_checkpoint
+from mixerswap.distill.trainer import run_distill, work_dir
 from mixerswap.evals.lengths import position_limit
 from mixerswap.evals.probes import mqar_accuracy, passkey_accuracy
 
@@ -176,7 +177,12 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
     started = time.perf_counter()
     student = work / name / "student"
     plan_file = None
-    if "plan" in row:
+    resuming = args.resume and (student / "config.json").exists() and \
+        latest_checkpoint(work_dir(work / name / "distilled") / "checkpoints") is not None
+    if resuming:  # a stopped run's conversion and its distillation's latest checkpoint
+        print(f"{name}: resuming the distillation of {student}")
+        kinds = AutoConfig.from_pretrained(student).layer_kinds()
+    elif "plan" in row:
         plan_file = work / name / "plan.yaml"
         plan_file.parent.mkdir(parents=True, exist_ok=True)
         plan_file.write_text(yaml.safe_dump(row["plan"], sort_keys=False))
@@ -187,20 +193,25 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
                              mixer_settings=row.get("settings"), select=row.get("select"),
                              select_align_steps=row.get("select_align_steps"), select_device=args.device,
                              calibration=calibration, output_refit=args.output_refit, overwrite=True, progress=False)
+    if not resuming:
+        kinds = [e["kind"] for e in conversion.plan]
     stages = [{**stage, "lr": lr, "fast_lr_scale": args.fast_lr_scale}
               for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "held_out_rows": args.held_out_rows,
-        "validation_docs": args.validation_docs, "mixed_precision": args.mixed_precision, "stages": stages})
-    result = run_distill(recipe, overwrite=True, progress=False)
+        "validation_docs": args.validation_docs, "mixed_precision": args.mixed_precision,
+        "checkpoint_every": args.checkpoint_every, "stages": stages})
+    if not resuming and latest_checkpoint(work_dir(recipe.out) / "checkpoints") is not None:
+        print(f"{name}: starting afresh; the checkpoints a stopped run left go (--resume continues them)")
+        shutil.rmtree(work_dir(recipe.out))
+    result = run_distill(recipe, overwrite=True, resume=resuming, progress=False)
     model = AutoModelForCausalLM.from_pretrained(work / name / "distilled", dtype=torch.float32).eval().to(args.device)
     ids = torch.cat([torch.tensor(tokenizer(d)["input_ids"]) for d in held_docs])[: args.agreement_tokens]
     ids = ids.to(args.device)
     with torch.inference_mode():
         agreement = top1_agreement(model, teacher, ids, seq=args.seq_len)
     prompts = held_out_prompts(tokenizer, held_docs, args.gen_prompts, 16)
-    kinds = [e["kind"] for e in conversion.plan]
     selection = {}
     if row.get("select"):  # how the kept layers were scored (rows from before aligned scoring: 0)
         chosen = yaml.safe_load((student / "mixerswap.yaml").read_text())["selection"]
@@ -378,12 +389,18 @@ def main() -> None:
     parser.add_argument("--keep-students", action="store_true",
                         help="keep each row's conversion and distilled student in --workdir ROW/{student,distilled} "
                              "(for `mixerswap eval` at other lengths, say); without it they are removed after the row")
+    parser.add_argument("--resume", action="store_true",
+                        help="a row whose distillation a stopped run left checkpoints for in --workdir continues from "
+                             "the latest one (its conversion is reused); other rows start afresh")
+    parser.add_argument("--checkpoint-every", type=int, default=200, help="optimizer steps between checkpoints")
     parser.add_argument("--merge", type=Path, nargs="+",
                         help="measure nothing: put the rows of these reports (same teacher) into --out, replacing "
                              "rows of the same name, and rewrite its table and plot")
     args = parser.parse_args()
     if args.keep_students and args.workdir is None:
         raise SystemExit("--keep-students keeps the students in --workdir: give --workdir DIR")
+    if args.resume and args.workdir is None:
+        raise SystemExit("--resume continues rows a stopped run left in --workdir: give --workdir DIR")
     if args.merge:
         merge(args.merge, args.out)
         return

@@ -76,3 +76,35 @@ def test_training_text_reads_jsonl_and_paragraphs_and_names_bad_lines(quality, t
         quality.read_training_text([bad])
     with pytest.raises(SystemExit, match="does not exist"):
         quality.read_training_text([tmp_path / "missing.jsonl"])
+
+
+def test_resume_continues_a_stopped_row_to_the_uninterrupted_result(quality, tmp_path, monkeypatch, capsys):
+    def argv(name, *more):
+        return ["quality.py", "--rows", "mamba2-50", "--stories", "60", "--tokens", "3k", "--seq-len", "64",
+                "--batch-size", "4", "--gen-prompts", "1", "--gen-tokens", "4", "--agreement-tokens", "128",
+                "--passkey-samples", "1", "--cache-lengths", "64", "--checkpoint-every", "2",
+                "--out", str(tmp_path / f"{name}.json"), "--workdir", str(tmp_path / name), *more]
+
+    monkeypatch.setattr(sys, "argv", argv("whole"))
+    quality.main()
+    real = quality.run_distill
+    monkeypatch.setattr(quality, "run_distill", lambda recipe, **options: real(recipe, **options, _fail_after_step=5))
+    monkeypatch.setattr(sys, "argv", argv("stopped"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quality.main()
+    monkeypatch.setattr(quality, "run_distill", real)
+    monkeypatch.setattr(sys, "argv", argv("stopped", "--resume"))
+    quality.main()
+    assert "mamba2-50: resuming the distillation of" in capsys.readouterr().out
+    whole, resumed = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0] for n in ("whole", "stopped"))
+    assert resumed["stage_ppl"] == whole["stage_ppl"] and resumed["plan"] == whole["plan"]
+
+    # without --resume a stopped row starts afresh (its checkpoints go) instead of failing on them
+    monkeypatch.setattr(quality, "run_distill", lambda recipe, **options: real(recipe, **options, _fail_after_step=5))
+    monkeypatch.setattr(sys, "argv", argv("stopped"))
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        quality.main()
+    monkeypatch.setattr(quality, "run_distill", real)
+    quality.main()
+    assert "starting afresh" in capsys.readouterr().out
+    assert json.loads((tmp_path / "stopped.json").read_text())["rows"][0]["stage_ppl"] == whole["stage_ppl"]
