@@ -2,8 +2,10 @@
 
 import json
 import lzma
+from pathlib import Path
 
 import pytest
+from transformers import AutoTokenizer
 
 from ..conftest import load_benchmark
 
@@ -190,9 +192,13 @@ def test_build_writes_atomically_and_refuses_a_non_empty_out(corpus, tmp_path, m
         corpus.main(args)
     assert (out / "manifest.json").read_text() == json.dumps(manifest, indent=2) + "\n"  # untouched
 
-    corpus.main(args + ["--max-chars", "400", "--overwrite"])  # budget: only the first page fits
-    assert [json.loads(line)["source"] for line in (out / "corpus.jsonl").read_text().splitlines()] == [
-        "fake-doc:usr/share/doc/fake-doc/a.html"]
+    # budget: only the first page fits; the packaged stories260k tokenizer counts its tokens
+    tokenizer = Path(__file__).parents[2] / "mixerswap" / "data" / "stories260k"
+    counted = corpus.main(args + ["--max-chars", "400", "--overwrite", "--tokenizer", str(tokenizer)])
+    kept = [json.loads(line) for line in (out / "corpus.jsonl").read_text().splitlines()]
+    assert [d["source"] for d in kept] == ["fake-doc:usr/share/doc/fake-doc/a.html"]
+    expected = len(AutoTokenizer.from_pretrained(tokenizer)(kept[0]["text"], add_special_tokens=False)["input_ids"])
+    assert counted["tokens"] == expected > 0
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
