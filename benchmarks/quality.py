@@ -232,7 +232,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
         "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
         "validation_docs": args.validation_docs, "output_refit": args.output_refit,
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(time.perf_counter() - started, 1),  # with "resumed": this run's part only
+        **({"resumed": True} if resuming else {}),
     }
     if not args.keep_students:
         shutil.rmtree(work / name, ignore_errors=True)

@@ -97,7 +97,7 @@ def test_resume_continues_a_stopped_row_to_the_uninterrupted_result(quality, tmp
     quality.main()
     assert "mamba2-50: resuming the distillation of" in capsys.readouterr().out
     whole, resumed = (json.loads((tmp_path / f"{n}.json").read_text())["rows"][0] for n in ("whole", "stopped"))
-    assert resumed["stage_ppl"] == whole["stage_ppl"] and resumed["plan"] == whole["plan"]
+    assert resumed["stage_ppl"] == whole["stage_ppl"] and resumed["plan"] == whole["plan"] and resumed["resumed"]
 
     # without --resume a stopped row starts afresh (its checkpoints go) instead of failing on them
     monkeypatch.setattr(quality, "run_distill", lambda recipe, **options: real(recipe, **options, _fail_after_step=5))
