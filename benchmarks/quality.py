@@ -34,6 +34,7 @@ teacher that this run does not measure again), a PNG of perplexity against token
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import lzma
 import math
@@ -99,6 +100,53 @@ def teacher_stories(work: Path, teacher_dir: Path, teacher, tokenizer, count: in
     tmp.write_text(json.dumps({**key, "stories": stories}), encoding="utf-8")
     tmp.replace(path)
     return stories
+
+
+PROMPT_TOKENS = 32  # of a training paragraph: what a --teacher-samples continuation starts from
+
+
+@torch.inference_mode()
+def teacher_continuations(work: Path, teacher_dir: Path, teacher, tokenizer, docs: list[str], count: int,
+                          new_tokens: int, batch: int) -> list[str]:
+    """``count`` documents the teacher writes (temperature 1, seed 0): each starts with the first
+    ``PROMPT_TOKENS`` tokens of a paragraph of ``docs`` (paragraphs taken in turn, again from the first
+    when there are fewer) and goes on for ``new_tokens`` sampled tokens (less where the teacher ends it).
+    Kept in ``work/samples.json`` and read back by a later run with the same teacher, documents and
+    settings. Sequence-level distillation: the student learns on the teacher's own distribution, in
+    the documents' domain, as many tokens as wanted."""
+    path = work / "samples.json"
+    digest = hashlib.sha256("\0".join(docs).encode()).hexdigest()[:16]
+    key = {"teacher": str(Path(teacher_dir).resolve()), "count": count, "new_tokens": new_tokens,
+           "prompt_tokens": PROMPT_TOKENS, "documents": digest, "seed": 0}
+    if path.exists():
+        saved = json.loads(path.read_text(encoding="utf-8"))
+        if {k: saved.get(k) for k in key} == key:
+            print(f"reusing the {count} teacher samples in {path}")
+            return saved["samples"]
+    paragraphs = [p for d in docs for p in re.split(r"\n\s*\n", d) if p.strip()]
+    prompts = [ids[:PROMPT_TOKENS] for ids in tokenizer(paragraphs, add_special_tokens=False)["input_ids"]
+               if len(ids) >= PROMPT_TOKENS]
+    if not prompts:
+        raise SystemExit(f"--teacher-samples: no training paragraph has {PROMPT_TOKENS} tokens to start from")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    samples, started = [], time.perf_counter()
+    try:
+        for start in range(0, count, batch):
+            ids = torch.tensor([prompts[i % len(prompts)] for i in range(start, min(count, start + batch))],
+                               device=teacher.device)
+            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
+                                   max_new_tokens=new_tokens, pad_token_id=pad)
+            samples += tokenizer.batch_decode(out, skip_special_tokens=True)
+            rate = (len(samples) * new_tokens) / (time.perf_counter() - started)
+            print(f"teacher samples: {len(samples)}/{count} ({rate:,.0f} tokens/s at most)", flush=True)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({**key, "samples": samples}), encoding="utf-8")
+    tmp.replace(path)
+    return samples
 
 
 def write_split(work: Path, docs: list[str], held: int, extra: list[str] = ()) -> tuple[Path, Path]:
@@ -369,6 +417,11 @@ def main() -> None:
                         help="more training documents (JSONL with a 'text' field, .jsonl.xz, or plain text), after "
                              "the training part of the stories or --text articles; held-out and calibration "
                              "documents stay those of the stories or --text")
+    parser.add_argument("--teacher-samples", type=int, default=0,
+                        help="with --text: this many training documents the teacher writes, each continuing the "
+                             f"first {PROMPT_TOKENS} tokens of a training paragraph (kept in --workdir)")
+    parser.add_argument("--sample-tokens", type=int, default=512, help="new tokens per teacher sample")
+    parser.add_argument("--sample-batch", type=int, default=64, help="teacher samples generated at once")
     parser.add_argument("--device", default=None,
                         help="where the evaluations run (default: cuda when available, else cpu); distillation "
                              "runs where the engine puts it (the same GPU, or the CPU)")
@@ -400,6 +453,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.keep_students and args.workdir is None:
         raise SystemExit("--keep-students keeps the students in --workdir: give --workdir DIR")
+    if args.teacher_samples and args.text is None:
+        raise SystemExit("--teacher-samples continues --text paragraphs; stories260k rows sample with --stories")
     if args.resume and args.workdir is None:
         raise SystemExit("--resume continues rows a stopped run left in --workdir: give --workdir DIR")
     if args.merge:
@@ -439,8 +494,13 @@ def main() -> None:
     extra = read_training_text(args.train_text)
     if extra:
         data_note += f", and {len(extra)} training documents of {', '.join(p.name for p in args.train_text)}"
-    corpus, calibration = write_split(work, docs, held, extra)
     teacher.to(args.device)  # after sampling the stories (the sampler starts on the CPU)
+    if args.teacher_samples:
+        extra += teacher_continuations(work, args.teacher_dir, teacher, tokenizer, docs[held + 40 :],
+                                       args.teacher_samples, args.sample_tokens, args.sample_batch)
+        data_note += (f", and {args.teacher_samples} teacher samples of {args.sample_tokens} tokens after the first "
+                      f"{PROMPT_TOKENS} of a training paragraph")
+    corpus, calibration = write_split(work, docs, held, extra)
     teacher_mqar = mqar_accuracy(teacher, [args.mqar_length])[0].accuracy
     if teacher_mqar < 0.2:
         print(f"teacher MQAR accuracy {teacher_mqar:.2f} at length {args.mqar_length}: no recall circuit, MQAR left out")

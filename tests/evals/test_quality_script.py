@@ -108,3 +108,32 @@ def test_resume_continues_a_stopped_row_to_the_uninterrupted_result(quality, tmp
     quality.main()
     assert "starting afresh" in capsys.readouterr().out
     assert json.loads((tmp_path / "stopped.json").read_text())["rows"][0]["stage_ppl"] == whole["stage_ppl"]
+
+
+def test_teacher_samples_continue_training_paragraphs_and_are_kept(quality, tmp_path, monkeypatch, capsys):
+    sentences = ["Tom had a red ball and he liked to play with it in the park near his house every day.",
+                 "One day the ball rolled away, and Tom ran after it until he found it under a big green tree."]
+    text = "".join(f" = Story {i} = \n\n {sentences[0]} {sentences[1]} {sentences[i % 2]} {sentences[0]} \n\n"
+                   f" {sentences[1]} {sentences[0]} \n\n" for i in range(46))
+    articles = tmp_path / "articles.raw"
+    articles.write_text(text)
+    argv = ["quality.py", "--text", str(articles), "--held-out-docs", "2", "--rows", "swa-25", "--tokens", "2k",
+            "--seq-len", "64", "--batch-size", "4", "--held-out-rows", "2", "--gen-prompts", "1", "--gen-tokens", "4",
+            "--agreement-tokens", "64", "--passkey-samples", "1", "--cache-lengths", "64", "--teacher-samples", "5",
+            "--sample-tokens", "12", "--sample-batch", "2", "--workdir", str(tmp_path / "w"),
+            "--out", str(tmp_path / "q.json")]
+    monkeypatch.setattr(sys, "argv", argv)
+    quality.main()
+    report = json.loads((tmp_path / "q.json").read_text())
+    assert report["data"].endswith("and 5 teacher samples of 12 tokens after the first 32 of a training paragraph")
+    samples = json.loads((tmp_path / "w" / "samples.json").read_text())["samples"]
+    corpus = [json.loads(line)["text"] for line in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
+    assert len(samples) == 5 and corpus[-5:] == samples and len(corpus) == 46 - 40 + 5
+    # paragraphs in turn (each article's title line is too short to start from)
+    assert [sample[:7] for sample in samples] == ["Tom had", "One day", "Tom had", "One day", "Tom had"]
+    quality.main()  # a second run reads the samples back
+    assert "reusing the 5 teacher samples" in capsys.readouterr().out
+
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--teacher-samples", "3"])
+    with pytest.raises(SystemExit, match="continues --text paragraphs"):
+        quality.main()
