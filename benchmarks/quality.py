@@ -54,6 +54,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from mixerswap.architectures.cache import HybridMixerCache
 from mixerswap.convert import convert
 from mixerswap.convert.checkpoint_io import resolve_model_dir
+from mixerswap.devices import pick_device
 from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
 from mixerswap.distill.recipe import DEFAULT_FAST_LR_SCALE, DistillRecipe, parse_tokens
 from mixerswap.distill.checkpoint import latest_checkpoint
@@ -464,7 +465,7 @@ def main() -> None:
     args.lr = [float(x) for x in args.lr.split(",")] if args.lr else [s["lr"] for s in distill_stages(1)]
     if len(args.lr) != 3:
         raise SystemExit(f"--lr takes three learning rates (align,hidden,kd), got {len(args.lr)}")
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    args.device = pick_device(args.device)
     args.teacher = args.teacher or str(packaged_teacher())
     args.teacher_dir = resolve_model_dir(args.teacher)
     rows = rows_for(AutoConfig.from_pretrained(args.teacher_dir))

@@ -7,14 +7,9 @@ from pathlib import Path
 import torch
 
 from . import architectures  # noqa: F401  (registers the student with the Auto classes)
+from .devices import pick_device
 
 DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def pick_device(device: str | None) -> torch.device:
-    if device:
-        return torch.device(device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def check_model_path(path: str | Path) -> None:

@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from ..architectures import MixerSwapForCausalLM, family_for
+from ..devices import pick_device
 from ..progress import progress_bar
 from .calibration import describe_calibration, load_calibration_rows, load_teacher_fp32, output_match, record_layer_stats
 from .checkpoint_io import resolve_model_dir
@@ -237,7 +238,7 @@ def score_layers(
     conversion itself runs on the CPU."""
     from .pipeline import convert
 
-    device = torch.device(device) if device is not None else default_device()
+    device = pick_device(device)
     model_dir = resolve_model_dir(teacher)
     teacher_model = load_teacher_fp32(model_dir).to(device)
     logger.info("select: scoring on %s", device)
@@ -293,10 +294,6 @@ def score_layers(
         selection.uniform_kl = round(_kl(swap.use(everything - set(selection.uniform)), rows, reference, batch_size), 5)
     swap.use(everything)
     return selection
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _greedy(selection: Selection, swap: _Swapper, rows, reference, batch_size: int, count: int, progress: bool):
