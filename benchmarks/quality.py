@@ -53,7 +53,10 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from mixerswap.architectures.cache import HybridMixerCache
 from mixerswap.convert import convert
+from mixerswap.convert.adapters import AttentionShape
 from mixerswap.convert.checkpoint_io import resolve_model_dir
+from mixerswap.convert.mla import rotary_width
+from mixerswap.convert.mla_rope import rorope_freqs
 from mixerswap.devices import pick_device
 from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
 from mixerswap.distill.recipe import DEFAULT_FAST_LR_SCALE, DistillRecipe, parse_tokens
@@ -63,6 +66,19 @@ from mixerswap.evals.lengths import position_limit
 from mixerswap.evals.probes import mqar_accuracy, passkey_accuracy
 
 RESULTS = Path(__file__).parent / "results"
+
+
+def mla_even(teacher_config, fraction: float, rope_share: float = 1.0) -> dict:
+    """MLA with ``fraction`` of the teacher's KV cache in every layer (no allocation across layers): the RoRoPE
+    key with ``rope_share`` of the slots ``convert`` gives it under that ``kv_budget`` (RoPE on at most half the
+    budget), the latent the rest."""
+    shape = AttentionShape.from_config(teacher_config)
+    G, d = shape.num_kv_heads, shape.head_dim
+    rot = rotary_width(teacher_config, d)
+    per_head = max(2, min(rot // 4 * 2, int(fraction * d) // 2 * 2))
+    slots = max(1, round(G * per_head / 2 * rope_share))
+    return {"to": "mla", "keep": 0.0, "kv_fraction": fraction,
+            "settings": {"kv_rank": int(fraction * 2 * G * d) - 2 * slots, "rope_freqs": rorope_freqs(slots, rot // 2)}}
 
 
 def rows_for(teacher_config) -> dict[str, dict]:
@@ -79,6 +95,9 @@ def rows_for(teacher_config) -> dict[str, dict]:
     for kind, settings in linear_family.items():
         rows |= {f"{kind}-{int(k * 100)}": {"to": kind, "keep": k, "settings": settings} for k in (0.25, 0.0)}
     rows |= {"mla-kv50": mla(0.5), "mla-kv25": mla(0.25)}
+    shape = AttentionShape.from_config(teacher_config)
+    if shape.num_kv_heads > 1:  # RoRoPE slots: the same cache in every layer, the default split or fewer slots
+        rows |= {"mla-kv25-even": mla_even(teacher_config, 0.25), "mla-kv25-even-rope75": mla_even(teacher_config, 0.25, 0.75)}
     n = teacher_config.num_hidden_layers
     rows["mixed"] = {"plan": {"default": {"kind": "gdn"},
                               "layers": [{"layers": str(n // 2), "kind": "attention"},

@@ -157,9 +157,10 @@ class MLAConverter(MixerConverter):
         rope = rope_layout(select, rope_dim, overrides.pop("rope_freqs", None), G, d, rot, layout.qk_norm)
         rows = G * (rope["nope_dim"] + d)
         max_rank = min(rows, shape.hidden_size + int(layout.qkv_bias))
-        if budget is not None and budget * 2 * G * d < G * rope_dim + MIN_RANK:
+        rope_values = rope["rope_heads"] * rope["rope_dim"]
+        if budget is not None and budget * 2 * G * d < rope_values + MIN_RANK:
             raise ValueError(f"kv_budget {budget} leaves {budget * 2 * G * d:g} cached values per token of the "
-                             f"teacher's {2 * G * d}, less than the RoPE key ({G * rope_dim}) plus {MIN_RANK} latent "
+                             f"teacher's {2 * G * d}, less than the RoPE key ({rope_values}) plus {MIN_RANK} latent "
                              "channel; lower rope_dim or raise the budget")
         kv_rank = overrides.pop("kv_rank", min(G * d, max_rank))  # under a kv_budget: until allocate() sets it
         if not isinstance(kv_rank, int) or not 0 < kv_rank <= max_rank:

@@ -73,27 +73,33 @@ def rope_channels(settings: MLASettings, rot: int, d: int) -> tuple[list[int], l
     return rope_idx, [i for i in range(d) if i not in set(rope_idx)]
 
 
+def rorope_freqs(slots: int, F: int) -> list[int]:
+    """The default frequency of each of ``slots`` RoRoPE slots: every frequency the same number of times, the
+    highest ones (lowest index) once more when the slots do not divide evenly."""
+    return [f for f in range(F) for _ in range(slots // F + int(f < slots % F))]
+
+
 def rope_layout(select: str, rope_dim: int, freqs: list[int] | None, G: int, d: int, rot: int, qk_norm: bool) -> dict:
     """The RoPE settings of a compressed layer for ``rope_select``, ``rope_dim`` RoPE channels per KV head.
 
     ``high`` / ``norm``: a RoPE key per KV head on ``rope_dim / 2`` frequencies (``rope_freqs``; ``None`` = the
     highest, or for ``norm`` until :meth:`~mixerswap.convert.mla.MLAConverter.allocate` sets them).
-    ``rorope``: one shared RoPE key of ``G * rope_dim / 2`` slots, each a frequency of one rotated KV head
-    (``rope_freqs`` lists each slot's frequency; by default every frequency the same number of times, the
-    highest ones once more when the slots do not divide evenly), the query heads keep all their ``d``
-    channels as no-RoPE part.
+    ``rorope``: one shared RoPE key of slots, each a frequency of one rotated KV head; ``rope_freqs`` lists
+    each slot's frequency (any number of slots, each frequency at most ``G`` times), or by default
+    ``G * rope_dim / 2`` slots (:func:`rorope_freqs`); the query heads keep all their ``d`` channels as no-RoPE
+    part. Fewer slots than the default leave more of a budget to the latent (measured in
+    ``benchmarks/RESULTS.md``, "A larger budget on stories260k").
     """
     F = rot // 2
     if freqs is not None and any(not 0 <= f < F for f in freqs):
         raise ValueError(f"rope_freqs must index the teacher's {F} RoPE frequencies, got {freqs}")
     if select == "rorope" and G > 1:
-        slots = G * rope_dim // 2
         if freqs is None:
-            freqs = [f for f in range(F) for _ in range(slots // F + int(f < slots % F))]
-        elif len(freqs) != slots or max(freqs.count(f) for f in freqs) > G:
-            raise ValueError(f"rope_freqs of rope_select rorope lists the frequency of each of the {slots} RoPE "
-                             f"slots (KV heads x rope_dim / 2), each at most {G} times (once per KV head), got {freqs}")
-        return dict(rope_select="rorope", rope_heads=1, rope_dim=2 * slots, nope_dim=d, rope_freqs=sorted(freqs),
+            freqs = rorope_freqs(G * rope_dim // 2, F)
+        elif not freqs or max(freqs.count(f) for f in freqs) > G:
+            raise ValueError(f"rope_freqs of rope_select rorope lists the frequency of each RoPE slot (at least "
+                             f"one), each frequency at most {G} times (once per KV head), got {freqs}")
+        return dict(rope_select="rorope", rope_heads=1, rope_dim=2 * len(freqs), nope_dim=d, rope_freqs=sorted(freqs),
                     q_norm_dims=d if qk_norm else None)
     if freqs is not None and select == "norm":
         raise ValueError("rope_select norm chooses rope_freqs on the calibration text; give one or the other")

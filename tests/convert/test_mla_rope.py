@@ -133,3 +133,23 @@ def test_exact_mode_stays_exact(low_freq_teacher_dir, tmp_path):
     assert entry["exact"] and (entry["rope_heads"], entry["rope_dim"], entry["rope_select"]) == (2, 8, "high")
     x = ids(2, 33)
     assert rel_err(logits(tmp_path / "s", x, torch.float64), logits(low_freq_teacher_dir, x, torch.float64)) <= 1e-9
+
+
+def test_rorope_takes_any_number_of_slots(shared_keys_teacher_dir, tmp_path):
+    """``rope_freqs`` lists the slots: all four frequencies once is the default (exact here), three cache two
+    values per token fewer and lose some positional information; the cache holds exactly what the plan says."""
+    x = ids(2, 33)
+    teacher = logits(shared_keys_teacher_dir, x)
+    errors = {}
+    for freqs in ([0, 1, 2, 3], [2, 0, 1]):
+        out = tmp_path / f"slots-{len(freqs)}"
+        result = convert(shared_keys_teacher_dir, out, to="mla", progress=False,
+                         mixer_settings={"kv_rank": 16, "rope_freqs": freqs})
+        entry = result.plan[0]
+        assert (entry["rope_heads"], entry["rope_dim"], entry["rope_freqs"]) == (1, 2 * len(freqs), sorted(freqs))
+        student = AutoModelForCausalLM.from_pretrained(out).eval()
+        with torch.no_grad():
+            cache = student(x, use_cache=True).past_key_values
+        assert cache.mixer_layer(0).nbytes() == (16 + 2 * len(freqs)) * 4 * 64 * 2  # fp32, one 64-token block
+        errors[len(freqs)] = rel_err(logits(out, x), teacher)
+    assert errors[4] <= 1e-4 < errors[3], errors

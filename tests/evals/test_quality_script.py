@@ -137,3 +137,16 @@ def test_teacher_samples_continue_training_paragraphs_and_are_kept(quality, tmp_
     monkeypatch.setattr(sys, "argv", ["quality.py", "--teacher-samples", "3"])
     with pytest.raises(SystemExit, match="continues --text paragraphs"):
         quality.main()
+
+
+def test_even_mla_rows_cache_the_fraction_in_every_layer(quality):
+    """stories260k: 4 KV heads of 8 channels, 64 values per token and layer; a quarter is 16: the RoRoPE key's
+    default 4 slots (8 values) and 8 latent channels, or 3 slots and 10."""
+    from transformers import AutoConfig
+
+    from mixerswap.demo import packaged_teacher
+
+    rows = quality.rows_for(AutoConfig.from_pretrained(packaged_teacher()))
+    for name, slots in (("mla-kv25-even", 4), ("mla-kv25-even-rope75", 3)):
+        settings = rows[name]["settings"]
+        assert len(settings["rope_freqs"]) == slots and settings["kv_rank"] + 2 * slots == 16, settings
