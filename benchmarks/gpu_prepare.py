@@ -21,7 +21,6 @@ plan says what each call carries (a call takes at most 64 MiB with the working t
 from __future__ import annotations
 
 import argparse
-import re
 import shutil
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 
 from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name as canonical
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE = Path(__file__).with_name("gpu_image_packages.txt")
@@ -37,10 +37,6 @@ PLATFORMS = ("manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_24_x
              "manylinux2014_x86_64", "manylinux1_x86_64")
 CALL_LIMIT = 64 * 2**20  # bytes one call may carry, working tree included
 PART_MIB = 38
-
-
-def canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def image_packages(path: Path = IMAGE) -> set[str]:
@@ -88,9 +84,9 @@ def fetch_wheels(needed: dict[str, str], dest: Path, python_version: str) -> Non
     """One wheel per distribution into ``dest`` (emptied first)."""
     shutil.rmtree(dest, ignore_errors=True)
     dest.mkdir(parents=True)
+    platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
     for name, version in needed.items():
         spec = f"{name}=={version}"
-        platforms = [arg for p in PLATFORMS for arg in ("--platform", p)]
         got = subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:",
                               "--python-version", python_version, "--implementation", "cp", *platforms,
                               "-d", str(dest), spec], capture_output=True, text=True)
@@ -178,13 +174,13 @@ def main() -> None:
     calls = [[".whl", ".gpu"]] if not parts else [([".whl"] if i == 0 else []) + [".gpu", p] for i, p in enumerate(parts)]
     print(f"\nworking tree {base / 2**20:.1f} MiB; .whl {size(ROOT / '.whl') / 2**20:.1f} MiB, "
           f".gpu {size(ROOT / '.gpu') / 2**20:.1f} MiB")
-    for n, carry in enumerate(calls, 1):
-        total = base + sum(size(ROOT / c) for c in carry)
+    totals = [base + sum(size(ROOT / c) for c in carry) for carry in calls]
+    for n, (carry, total) in enumerate(zip(calls, totals), 1):
         flag = "" if total <= CALL_LIMIT else "  TOO LARGE for one call"
         take = [f"bash benchmarks/gpu_stage.sh take {c}" for c in carry if c.startswith(".gq")]
         print(f"call {n}: carry {carry} ({total / 2**20:.1f} MiB){flag}; command: . benchmarks/gpu_env.sh; "
               + "; ".join(take + ["bash benchmarks/gpu_session.sh $OUT/x STEPS"]))
-    if any(base + sum(size(ROOT / c) for c in carry) > CALL_LIMIT for carry in calls):
+    if max(totals) > CALL_LIMIT:
         raise SystemExit("a call would carry more than 64 MiB: make the parts smaller")
 
 

@@ -55,7 +55,8 @@ from mixerswap.architectures.cache import HybridMixerCache
 from mixerswap.convert import convert
 from mixerswap.convert.adapters import AttentionShape
 from mixerswap.convert.checkpoint_io import resolve_model_dir
-from mixerswap.convert.mla import rotary_width
+from mixerswap.convert.converters import AttentionLayout
+from mixerswap.convert.mla import CONVERTER as MLA_CONVERTER, rotary_width
 from mixerswap.convert.mla_rope import rorope_freqs
 from mixerswap.devices import pick_device
 from mixerswap.demo import distill_stages, packaged_teacher, sample_stories, top1_agreement
@@ -73,12 +74,12 @@ def mla_even(teacher_config, fraction: float, rope_share: float = 1.0) -> dict:
     key with ``rope_share`` of the slots ``convert`` gives it under that ``kv_budget`` (RoPE on at most half the
     budget), the latent the rest."""
     shape = AttentionShape.from_config(teacher_config)
-    G, d = shape.num_kv_heads, shape.head_dim
-    rot = rotary_width(teacher_config, d)
-    per_head = max(2, min(rot // 4 * 2, int(fraction * d) // 2 * 2))
-    slots = max(1, round(G * per_head / 2 * rope_share))
+    budgeted = MLA_CONVERTER.settings(teacher_config, AttentionLayout(shape), {"kv_budget": fraction})
+    slots = max(1, round(budgeted.rope_dim // 2 * rope_share))  # rorope: one shared key, two channels a slot
+    rot = rotary_width(teacher_config, shape.head_dim)
     return {"to": "mla", "keep": 0.0, "kv_fraction": fraction,
-            "settings": {"kv_rank": int(fraction * 2 * G * d) - 2 * slots, "rope_freqs": rorope_freqs(slots, rot // 2)}}
+            "settings": {"kv_rank": int(fraction * 2 * shape.num_kv_heads * shape.head_dim) - 2 * slots,
+                         "rope_freqs": rorope_freqs(slots, rot // 2)}}
 
 
 def rows_for(teacher_config) -> dict[str, dict]:
