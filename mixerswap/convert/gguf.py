@@ -6,6 +6,11 @@ without ``quantization_config`` and saved as safetensors with its tokenizer. The
 under ``$MIXERSWAP_CACHE`` (default ``~/.cache/mixerswap``) keyed by the file's path, size and
 modification time, written to a temporary folder and renamed into place, so later commands reuse it;
 a second run that asks while the first is writing waits for it and reuses its folder.
+
+The tokenizer ``transformers`` builds from a GGUF file can name the wrong special tokens (SmolLM2's
+declares end of sequence ``<|im_end|>``, id 2, and comes back with ``<|im_start|>``, id 1, which
+distillation would then put between packed documents and lm-eval would stop generating at), so the
+special tokens are set again from the ids the file declares (``tokenizer.ggml.*_token_id``).
 """
 
 from __future__ import annotations
@@ -18,6 +23,10 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 GGUF_CACHE_WAIT_S = 3600.0  # another run dequantizing the same file: wait for it rather than fail
+CACHE_FORMAT = 2  # part of the cache key: a folder written by an earlier version of this module is made again
+# tokenizer attribute <- GGUF metadata key of its id
+SPECIAL_TOKEN_KEYS = {"bos_token": "tokenizer.ggml.bos_token_id", "eos_token": "tokenizer.ggml.eos_token_id",
+                      "unk_token": "tokenizer.ggml.unknown_token_id", "pad_token": "tokenizer.ggml.padding_token_id"}
 
 
 def find_gguf(path: Path) -> Path | None:
@@ -41,7 +50,7 @@ def cache_root() -> Path:
 def cached_folder(gguf: Path) -> Path:
     """Where the HF folder of ``gguf`` is cached: keyed by the file's path, size and mtime."""
     stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"
 
 
@@ -73,6 +82,7 @@ def _dequantize_into(gguf: Path, folder: Path) -> None:
     with library_bars(["transformers.modeling_gguf_pytorch_utils"], enabled=hf_logging.is_progress_bar_enabled()):
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    set_special_tokens(tokenizer, gguf)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     with torch.device("meta"):
@@ -82,6 +92,37 @@ def _dequantize_into(gguf: Path, folder: Path) -> None:
     with atomic_output_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def gguf_metadata(gguf: Path, keys) -> dict:
+    """The scalar values of ``keys`` the GGUF file's metadata holds (missing keys are left out)."""
+    from gguf import GGUFReader
+
+    fields = GGUFReader(gguf).fields
+    found = {}
+    for key in keys:
+        field = fields.get(key)
+        if field is not None and len(field.data) == 1:
+            value = field.parts[field.data[0]]
+            found[key] = bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
+    return found
+
+
+def set_special_tokens(tokenizer, gguf: Path) -> None:
+    """Make ``tokenizer``'s bos/eos/unk/pad tokens the ones ``gguf`` declares by id (see the module
+    docstring); a byte-level BPE tokenizer (``tokenizer.ggml.model`` ``gpt2``) also gets
+    ``clean_up_tokenization_spaces`` off, as ``transformers`` treats it anyway (it warns on every load)."""
+    metadata = gguf_metadata(gguf, [*SPECIAL_TOKEN_KEYS.values(), "tokenizer.ggml.model"])
+    for name, key in SPECIAL_TOKEN_KEYS.items():
+        token_id = metadata.get(key)
+        if token_id is not None and 0 <= token_id < len(tokenizer):
+            token = tokenizer.convert_ids_to_tokens(int(token_id))
+            if getattr(tokenizer, name) != token:
+                logger.info("GGUF tokenizer: %s %r (id %d, as the file declares) instead of %r", name, token,
+                            token_id, getattr(tokenizer, name))
+                setattr(tokenizer, name, token)
+    if metadata.get("tokenizer.ggml.model") == "gpt2":
+        tokenizer.clean_up_tokenization_spaces = False
 
 
 def hf_model_path(name_or_path):

@@ -127,7 +127,7 @@ def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
     import os
 
     from mixerswap.convert.checkpoint_io import CheckpointError, resolve_model_dir
-    from mixerswap.convert.gguf import find_gguf, gguf_as_hf_folder
+    from mixerswap.convert.gguf import cached_folder, find_gguf, gguf_as_hf_folder
 
     folder = tmp_path / "gguf"
     folder.mkdir()
@@ -142,11 +142,9 @@ def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("read again"))
-    import hashlib
-
     stat = model.stat()
-    key = hashlib.sha256(f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = tmp_path / "cache" / "gguf" / f"tiny.Q4_1-{key}"
+    cached = cached_folder(model)
+    assert cached.parent == tmp_path / "cache" / "gguf" and cached.name.startswith("tiny.Q4_1-")
     cached.mkdir(parents=True)
     (cached / "config.json").write_text("{}")
     assert gguf_as_hf_folder(model) == cached == resolve_model_dir(model)
@@ -157,7 +155,6 @@ def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
 
 def test_a_second_run_waits_for_the_gguf_cache_another_run_is_writing(tmp_path, monkeypatch):
     """Two commands started together on one GGUF: the second waits for the first's folder and reuses it."""
-    import hashlib
     import os
     import socket
     import threading
@@ -170,9 +167,7 @@ def test_a_second_run_waits_for_the_gguf_cache_another_run_is_writing(tmp_path, 
     model.write_bytes(b"GGUF")
     monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("read again"))
-    stat = model.stat()
-    key = hashlib.sha256(f"{model.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    cached = tmp_path / "cache" / "gguf" / f"tiny.Q4_1-{key}"
+    cached = gguf_module.cached_folder(model)
     lock = cached.parent / f".{cached.name}.lock"
     lock.parent.mkdir(parents=True)
     lock.write_text(f"{os.getppid()} {socket.gethostname()}")  # a live run is dequantizing
