@@ -55,7 +55,8 @@ def write_llama_gguf(path, model: T.LlamaForCausalLM, tokenizer, special: dict[s
     state = model.state_dict()
     writer.add_tensor("token_embd.weight", state["model.embed_tokens.weight"].numpy())
     writer.add_tensor("output_norm.weight", state["model.norm.weight"].numpy())
-    writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
+    if not cfg.tie_word_embeddings:  # llama.cpp leaves the head out when it is the embedding
+        writer.add_tensor("output.weight", state["lm_head.weight"].numpy())
     for layer in range(cfg.num_hidden_layers):
         for hf, name in names.items():
             weight = state[f"model.layers.{layer}.{hf}.weight"]
@@ -70,15 +71,16 @@ def write_llama_gguf(path, model: T.LlamaForCausalLM, tokenizer, special: dict[s
     writer.close()
 
 
-@pytest.fixture(scope="module")
-def pico_gguf(tmp_path_factory):
-    """``(gguf path, the HF model it was written from, tokenizer)``: 2 layers, GQA 4/2, untied head."""
+@pytest.fixture(scope="module", params=[False, True], ids=["untied", "tied"])
+def pico_gguf(request, tmp_path_factory):
+    """``(gguf path, the HF model it was written from, tokenizer)``: 2 layers, GQA 4/2, the output head
+    its own matrix or the embedding (as SmolLM2's)."""
     tokenizer = build_tokenizer(demo_text(), vocab_size=300)
     tokenizer.add_special_tokens({"additional_special_tokens": ["<|end|>"]})  # id 300: the declared eos
     torch.manual_seed(0)
     config = T.LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                           rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=0, eos_token_id=300)
+                           rms_norm_eps=1e-5, tie_word_embeddings=request.param, bos_token_id=0, eos_token_id=300)
     model = T.LlamaForCausalLM(config).eval()
     with torch.no_grad():
         for name, param in model.named_parameters():
