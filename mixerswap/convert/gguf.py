@@ -48,7 +48,7 @@ def cache_root() -> Path:
 
 
 def cached_folder(gguf: Path) -> Path:
-    """Where the HF folder of ``gguf`` is cached: keyed by the file's path, size and mtime."""
+    """Where the HF folder of ``gguf`` is cached: keyed by the file's path, size and mtime (and ``CACHE_FORMAT``)."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     return cache_root() / "gguf" / f"{gguf.stem}-{key}"

@@ -101,7 +101,8 @@ def test_a_gguf_teacher_becomes_an_hf_folder_with_its_weights_and_declared_speci
     folder = gguf_as_hf_folder(path)
     assert folder == cached_folder(path) and not (folder / "config.json").read_text().count("quantization")
     loaded_tokenizer = T.AutoTokenizer.from_pretrained(folder)
-    assert (loaded_tokenizer.bos_token, loaded_tokenizer.eos_token, loaded_tokenizer.pad_token) == ("<s>", "<|end|>", "</s>")
+    special = (loaded_tokenizer.bos_token, loaded_tokenizer.eos_token, loaded_tokenizer.pad_token)
+    assert special == ("<s>", "<|end|>", "</s>")
     assert (loaded_tokenizer.eos_token_id, loaded_tokenizer.pad_token_id) == (300, 1)
     assert loaded_tokenizer.clean_up_tokenization_spaces is False
     text = "Once upon a time there was a little dog."
