@@ -336,19 +336,20 @@ def _check_local_model(model: str) -> None:
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--top-p", default=1.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
+@click.option("--chat", is_flag=True, help="PROMPT is a user message: apply the tokenizer's chat template, print the reply.")
 @click.option("--dtype", default="auto", type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available).")
 @click.option("--quiet", "-q", is_flag=True)
 @user_errors
-def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, dtype, device, quiet):
-    """Generate a continuation of PROMPT with MODEL (a student or any HF causal LM folder)."""
+def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, chat, dtype, device, quiet):
+    """Generate a continuation of PROMPT with MODEL (a student or any HF causal LM folder); --chat for a reply."""
     setup_logging(quiet)
     from .generation import generate_text, load_model_and_tokenizer
 
     _check_local_model(model)
     lm, tokenizer = load_model_and_tokenizer(model, dtype=dtype, device=device)
     text = generate_text(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
-                         temperature=temperature, top_p=top_p, seed=seed)
+                         temperature=temperature, top_p=top_p, seed=seed, chat=chat)
     click.echo(text)
 
 

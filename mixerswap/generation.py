@@ -45,11 +45,21 @@ def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: s
 
 @torch.inference_mode()
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 50, do_sample: bool = False,
-                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0) -> str:
-    """Prompt plus continuation, decoded."""
+                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0, chat: bool = False) -> str:
+    """Prompt plus continuation, decoded; with ``chat``, ``prompt`` is one user message put through the
+    tokenizer's chat template (generation prompt added) and only the reply is returned."""
     torch.manual_seed(seed)
-    inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("the model's tokenizer has no chat template; leave out --chat to continue the prompt")
+        inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                               return_dict=True, return_tensors="pt")
+    else:
+        inputs = tokenizer(prompt, return_tensors="pt")
+    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                            pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling)
-    return tokenizer.decode(output[0], skip_special_tokens=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
+                            **sampling)
+    start = inputs["input_ids"].shape[1] if chat else 0
+    return tokenizer.decode(output[0, start:], skip_special_tokens=True)

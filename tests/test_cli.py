@@ -83,6 +83,29 @@ def test_generate_command(stories_dir, tmp_path):
     assert student.stdout == teacher.stdout and student.stdout.startswith("Once upon a time")
 
 
+def test_generate_chat_puts_the_prompt_through_the_chat_template(stories_dir, tmp_path):
+    """``--chat``: the prompt is a user message of the tokenizer's chat template and only the reply is printed;
+    a tokenizer without a template is refused in one line."""
+    import torch
+    from transformers import AutoTokenizer
+
+    refused = run("generate", stories_dir, "Once upon a time", "--chat", "-q")
+    assert refused.exit_code == 1 and "no chat template" in refused.output and "Traceback" not in refused.output
+    model = tmp_path / "chat"
+    shutil.copytree(stories_dir, model)
+    (model / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}{% if add_generation_prompt %} Then{% endif %}")
+    reply = run("generate", model, "Once upon a time", "--chat", "--max-new-tokens", "12", "-q")
+    assert reply.exit_code == 0, reply.output
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    ids = torch.tensor([tokenizer("Once upon a time Then")["input_ids"]])
+    out = AutoModelForCausalLM.from_pretrained(model).generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12,
+                                                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert reply.stdout == tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n"
+    assert not reply.stdout.startswith("Once upon a time")
+
+
 def test_unknown_family(tmp_path):
     teacher = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(teacher)
