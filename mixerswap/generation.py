@@ -56,7 +56,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 50, do
                                                return_dict=True, return_tensors="pt")
     else:
         inputs = tokenizer(prompt, return_tensors="pt")
-    inputs = {k: v.to(model.device) for k, v in inputs.items() if k in ("input_ids", "attention_mask")}
+    inputs = inputs.to(model.device)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
