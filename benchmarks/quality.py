@@ -65,6 +65,7 @@ from mixerswap.distill.checkpoint import latest_checkpoint
 from mixerswap.distill.trainer import run_distill, work_dir
 from mixerswap.evals.lengths import position_limit
 from mixerswap.evals.probes import mqar_accuracy, passkey_accuracy
+from mixerswap.generation import pad_token_id
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -149,7 +150,6 @@ def teacher_continuations(work: Path, teacher_dir: Path, teacher, tokenizer, doc
                if len(ids) >= PROMPT_TOKENS]
     if not prompts:
         raise SystemExit(f"--teacher-samples: no training paragraph has {PROMPT_TOKENS} tokens to start from")
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(0)
     samples, started = [], time.perf_counter()
@@ -158,7 +158,7 @@ def teacher_continuations(work: Path, teacher_dir: Path, teacher, tokenizer, doc
             ids = torch.tensor([prompts[i % len(prompts)] for i in range(start, min(count, start + batch))],
                                device=teacher.device)
             out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                                   max_new_tokens=new_tokens, pad_token_id=pad)
+                                   max_new_tokens=new_tokens, pad_token_id=pad_token_id(tokenizer))
             samples += tokenizer.batch_decode(out, skip_special_tokens=True)
             rate = (len(samples) * new_tokens) / (time.perf_counter() - started)
             print(f"teacher samples: {len(samples)}/{count} ({rate:,.0f} tokens/s at most)", flush=True)

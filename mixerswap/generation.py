@@ -18,6 +18,11 @@ def check_model_path(path: str | Path) -> None:
         raise FileNotFoundError(f"no such model folder: {path}")
 
 
+def pad_token_id(tokenizer) -> int | None:
+    """The id ``generate`` pads with: the tokenizer's pad token, else its end of sequence (an id of 0 is an id)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def load_model_and_tokenizer(path: str | Path, *, dtype: str = "auto", device: str | None = None,
                              require_tokenizer: bool = True):
     """``(model, tokenizer)`` from a local folder or hub id, in eval mode on ``device``.
@@ -58,8 +63,7 @@ def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 50, do
         inputs = tokenizer(prompt, return_tensors="pt")
     inputs = inputs.to(model.device)
     sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad,
-                            **sampling)
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                            pad_token_id=pad_token_id(tokenizer), **sampling)
     start = inputs["input_ids"].shape[1] if chat else 0
     return tokenizer.decode(output[0, start:], skip_special_tokens=True)

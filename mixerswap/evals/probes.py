@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from ..generation import pad_token_id
 from .lengths import check_lengths
 
 PASSKEY_INTRO = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. "
@@ -142,8 +143,7 @@ def _answer_accuracy(model, tokenizer, samples: list[RetrievalSample], batch_siz
         batch = samples[start : start + batch_size]
         ids = torch.tensor([s.input_ids for s in batch], device=model.device)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None
-                             else tokenizer.eos_token_id)
+                             pad_token_id=pad_token_id(tokenizer))
         for sample, row in zip(batch, out[:, ids.shape[1] :].tolist()):
             answer = tokenizer.decode(row, skip_special_tokens=True)
             correct += first_number(answer) == sample.key
