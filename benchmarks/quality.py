@@ -20,7 +20,7 @@ their perplexity is undone (the distill stage guard; the table marks such a stag
 
 Per row: ``convert`` (calibrated; ``-kl`` rows choose their attention layers by the KL of aligned mixers,
 ``-kl-init`` by that of the conversion as it is), ``distill``
-align → hidden → kd with ``--tokens`` split 1:1:2, then on the held-out documents: perplexity (the
+align → hidden → kd with ``--tokens`` split 1:1:2 (``--split``), then on the held-out documents: perplexity (the
 trainer's held-out perplexity, one definition for teacher, init and after every stage), next-token
 agreement with the teacher, greedy-generation agreement (share of ``--gen-tokens`` greedy tokens the
 student produces before it first departs from the teacher, over held-out prompts), MQAR and passkey
@@ -99,7 +99,8 @@ def rows_for(teacher_config) -> dict[str, dict]:
     rows |= {"mla-kv50": mla(0.5), "mla-kv25": mla(0.25)}
     shape = AttentionShape.from_config(teacher_config)
     if shape.num_kv_heads > 1:  # RoRoPE slots: the same cache in every layer, the default split or fewer slots
-        rows |= {"mla-kv25-even": mla_even(teacher_config, 0.25), "mla-kv25-even-rope75": mla_even(teacher_config, 0.25, 0.75)}
+        rows["mla-kv25-even"] = mla_even(teacher_config, 0.25)
+        rows |= {f"mla-kv25-even-rope{int(share * 100)}": mla_even(teacher_config, 0.25, share) for share in (0.75, 0.5, 0.25)}
     n = teacher_config.num_hidden_layers
     rows["mixed"] = {"plan": {"default": {"kind": "gdn"},
                               "layers": [{"layers": str(n // 2), "kind": "attention"},
@@ -264,8 +265,9 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
                              calibration=calibration, output_refit=args.output_refit, overwrite=True, progress=False)
     if not resuming:
         kinds = [e["kind"] for e in conversion.plan]
-    stages = [{**stage, "lr": lr, "fast_lr_scale": args.fast_lr_scale}
-              for stage, lr in zip(distill_stages(parse_tokens(args.tokens)), args.lr)]
+    lrs = dict(zip(("align", "hidden", "kd"), args.lr))
+    stages = [{**stage, "lr": lrs[stage["name"]], "fast_lr_scale": args.fast_lr_scale}
+              for stage in distill_stages(parse_tokens(args.tokens), args.split)]
     recipe = DistillRecipe.validated({
         "student": str(student), "teacher": str(args.teacher_dir), "data": str(corpus), "out": str(work / name / "distilled"),
         "seq_len": args.seq_len, "batch_size": args.batch_size, "held_out_docs": held, "held_out_rows": args.held_out_rows,
@@ -299,7 +301,8 @@ def run_row(name: str, row: dict, args, work: Path, corpus: Path, calibration: P
         "mqar": (round(mqar_accuracy(model, [args.mqar_length])[0].accuracy, 4) if teacher_mqar is not None else None),
         **passkey_fields(model, tokenizer, passkey_length, args.passkey_samples),
         "cache_bytes_per_token": cache_bytes_per_token(model, args.cache_lengths, model.config.vocab_size),
-        "tokens": sum(stage["tokens"] for stage in stages), "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
+        "tokens": sum(stage["tokens"] for stage in stages),
+        "stage_tokens": {stage["name"]: stage["tokens"] for stage in stages}, "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
         "validation_docs": args.validation_docs, "output_refit": args.output_refit,
         "seconds": round(time.perf_counter() - started, 1),  # with "resumed": this run's part only
         **({"resumed": True} if resuming else {}),
@@ -323,9 +326,10 @@ def plot(rows: list[dict], teacher_ppl: float, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
     for row in rows:
-        quarter = row["tokens"] / 4
+        quarter = row["tokens"] / 4  # rows from before --split: 1:1:2
+        split = row.get("stage_tokens") or {"align": quarter, "hidden": quarter, "kd": 2 * quarter}
         xs, ys = [0.0], [row["student_ppl_init"]]
-        for stage, tokens in zip(("align", "hidden", "kd"), (quarter, quarter, 2 * quarter)):
+        for stage, tokens in split.items():
             if stage in row["stage_ppl"]:
                 xs.append(xs[-1] + tokens)
                 ys.append(row["stage_ppl"][stage])
@@ -363,8 +367,8 @@ def table(rows: list[dict]) -> str:
             *[f"cache B/tok {size}" if i == 0 else size for i, size in enumerate(sizes)], "s")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        stage = [f"{r['stage_ppl'].get(s, float('nan')):.2f}" + ("*" if s in r.get("undone", {}) else "")
-                 for s in ("align", "hidden", "kd")]
+        stage = [("-" if s not in r["stage_ppl"] else f"{r['stage_ppl'][s]:.2f}")  # "-": left out by --split
+                 + ("*" if s in r.get("undone", {}) else "") for s in ("align", "hidden", "kd")]
         cache = list(r["cache_bytes_per_token"].values())
         lines.append("| " + " | ".join([
             r["name"], f"{r['attention_kept']:.2f}", f"x{r.get('fast_lr_scale') or 1:g}", f"{r['student_ppl_init']:.2f}", *stage,
@@ -423,7 +427,9 @@ def main() -> None:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--stories", type=int, default=400)
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
-    parser.add_argument("--tokens", default="120k", help="distillation tokens per student (align/hidden/kd = 1/1/2)")
+    parser.add_argument("--tokens", default="120k", help="distillation tokens per student, shared as --split says")
+    parser.add_argument("--split", default="1:1:2",
+                        help="shares of --tokens for align:hidden:kd (default 1:1:2); a share of 0 leaves that stage out")
     parser.add_argument("--lr", help="peak learning rates of align, hidden, kd (default: the demo's, 3e-3,1e-3,5e-4)")
     parser.add_argument("--output-refit", action="store_true",
                         help="convert with the output projection's refit (convert --output-refit)")
@@ -485,6 +491,11 @@ def main() -> None:
     args.lr = [float(x) for x in args.lr.split(",")] if args.lr else [s["lr"] for s in distill_stages(1)]
     if len(args.lr) != 3:
         raise SystemExit(f"--lr takes three learning rates (align,hidden,kd), got {len(args.lr)}")
+    try:
+        args.split = tuple(float(x) for x in args.split.split(":"))
+        distill_stages(1000, args.split)
+    except ValueError:
+        raise SystemExit(f"--split takes three shares align:hidden:kd like 1:1:2, kd above 0; got {args.split!r}")
     args.device = pick_device(args.device)
     args.teacher = args.teacher or str(packaged_teacher())
     args.teacher_dir = resolve_model_dir(args.teacher)
@@ -562,7 +573,8 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     plot(results, teacher_row["teacher_ppl"], args.out.with_suffix(".png"))
     print(f"teacher {args.teacher}: held-out perplexity {teacher_row['teacher_ppl']:.3f}, cache bytes/token "
-          f"{teacher_row['cache_bytes_per_token']}; {data_note}; {args.tokens} distillation tokens per student")
+          f"{teacher_row['cache_bytes_per_token']}; {data_note}; {args.tokens} distillation tokens per student, "
+          f"align:hidden:kd {':'.join(f'{x:g}' for x in args.split)}")
     print(table(results))
     print(f"wrote {args.out} and {args.out.with_suffix('.png')} ({report['seconds']:.0f} s)")
     if args.workdir is None:

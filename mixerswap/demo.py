@@ -23,12 +23,16 @@ from .convert import convert
 from .distill.recipe import DEFAULT_LR
 
 
-def distill_stages(total_tokens: int) -> list[dict]:
-    """The demo's stages: a quarter of the budget to align, a quarter to hidden, half to kd, each at the
-    package's default learning rate (``DEFAULT_LR``)."""
-    quarter = max(total_tokens // 4, 1)
-    return [{"name": name, "tokens": tokens, "lr": DEFAULT_LR[name]}
-            for name, tokens in (("align", quarter), ("hidden", quarter), ("kd", 2 * quarter))]
+def distill_stages(total_tokens: int, split: tuple[float, float, float] = (1, 1, 2)) -> list[dict]:
+    """The demo's stages: ``total_tokens`` shared by align, hidden and kd in the proportions ``split`` (by default
+    a quarter, a quarter and half), each at the package's default learning rate (``DEFAULT_LR``). A stage with
+    share 0 is left out; kd takes what rounding leaves so the stages add up to ``total_tokens``."""
+    if len(split) != 3 or min(split) < 0 or split[2] <= 0:
+        raise ValueError(f"split takes three non-negative shares (align, hidden, kd) with kd above 0, got {split}")
+    tokens = [int(total_tokens * share / sum(split)) for share in split[:2]]
+    tokens.append(max(total_tokens - sum(tokens), 1))
+    return [{"name": name, "tokens": n, "lr": DEFAULT_LR[name]}
+            for name, n, share in zip(("align", "hidden", "kd"), tokens, split) if share > 0]
 
 
 def demo_text() -> str:

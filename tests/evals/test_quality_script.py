@@ -36,6 +36,7 @@ def test_quality_rows_table_and_merge(quality, tmp_path, monkeypatch, capsys):
         assert row["student_ppl_final"] == row["stage_ppl"]["kd"] and row["teacher_ppl"] < row["student_ppl_init"] * 1.05
         assert 0 <= row["gen_agreement"] <= 1 and 0 <= row["next_token_agreement"] <= 1
         assert list(row["cache_bytes_per_token"]) == ["64", "128"] and row["tokens"] == 3000
+        assert row["stage_tokens"] == {"align": 750, "hidden": 750, "kd": 1500}
     mamba = report["rows"][0]
     assert mamba["plan"].count("attention") == 2 and mamba["student_ppl_final"] < mamba["student_ppl_init"]
     # the packaged teacher cannot retrieve a passkey in its 256 positions: the column says so
@@ -141,12 +142,28 @@ def test_teacher_samples_continue_training_paragraphs_and_are_kept(quality, tmp_
 
 def test_even_mla_rows_cache_the_fraction_in_every_layer(quality):
     """stories260k: 4 KV heads of 8 channels, 64 values per token and layer; a quarter is 16: the RoRoPE key's
-    default 4 slots (8 values) and 8 latent channels, or 3 slots and 10."""
+    default 4 slots (8 values) and 8 latent channels, or fewer slots and a wider latent."""
     from transformers import AutoConfig
 
     from mixerswap.demo import packaged_teacher
 
     rows = quality.rows_for(AutoConfig.from_pretrained(packaged_teacher()))
-    for name, slots in (("mla-kv25-even", 4), ("mla-kv25-even-rope75", 3)):
+    for name, slots in (("mla-kv25-even", 4), ("mla-kv25-even-rope75", 3), ("mla-kv25-even-rope50", 2),
+                        ("mla-kv25-even-rope25", 1)):
         settings = rows[name]["settings"]
         assert len(settings["rope_freqs"]) == slots and settings["kv_rank"] + 2 * slots == 16, settings
+
+
+def test_split_shares_the_budget_between_stages_and_leaves_out_a_zero_share(quality, monkeypatch):
+    from mixerswap.demo import distill_stages
+
+    assert [(s["name"], s["tokens"]) for s in distill_stages(1000)] == [("align", 250), ("hidden", 250), ("kd", 500)]
+    assert [(s["name"], s["tokens"]) for s in distill_stages(1001, (1, 1, 8))] == [
+        ("align", 100), ("hidden", 100), ("kd", 801)]  # kd takes what rounding leaves: the budget adds up
+    assert [s["name"] for s in distill_stages(1000, (0, 1, 3))] == ["hidden", "kd"]
+    for bad in ((1, 1, 0), (1, -1, 2), (1, 2)):
+        with pytest.raises(ValueError, match="split takes three"):
+            distill_stages(1000, bad)
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--split", "1:1", "--list"])
+    with pytest.raises(SystemExit, match="--split takes three shares"):
+        quality.main()
