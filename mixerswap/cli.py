@@ -143,7 +143,7 @@ def main():
 def convert(ctx, teacher, to, plan, calibration, calibration_tokens, output_refit, keep_attention, attention_layers,
             select, select_align_steps, select_device, settings, dtype, seed, max_shard_size, revision, out, overwrite,
             quiet):
-    """Convert TEACHER (local HF folder or hub id) into a hybrid student folder.
+    """Convert TEACHER (local HF folder, .gguf file or hub id) into a hybrid student folder.
 
     Any other --NAME VALUE is a setting of the mixer kind (same as --set NAME=VALUE), e.g.
     --to swa --window 512, or --chunk-size 128 for mamba2.
@@ -217,7 +217,7 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 
 @main.command()
 @click.argument("student", required=False)
-@click.option("--teacher", help="Teacher folder or hub id (default: the one recorded in STUDENT/mixerswap.yaml, "
+@click.option("--teacher", help="Teacher folder, .gguf file or hub id (default: the one recorded in STUDENT/mixerswap.yaml, "
                                "when that path exists).")
 @click.option("--data", help="Plain text, JSON lines or parquet file (told by content: wikitext2-test.raw is text), "
                             "a folder of .txt/.jsonl/.parquet files, or a datasets name/path.")
@@ -351,6 +351,9 @@ def generate(model, prompt, max_new_tokens, sample, temperature, top_p, seed, ch
     text = generate_text(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, do_sample=sample,
                          temperature=temperature, top_p=top_p, seed=seed, chat=chat)
     click.echo(text)
+    if chat and not text.strip():
+        click.echo("(empty reply: the model ended it at its first token; a converted student often does before "
+                   "`mixerswap distill`)", err=True)
 
 
 @main.command()

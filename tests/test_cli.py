@@ -106,6 +106,20 @@ def test_generate_chat_puts_the_prompt_through_the_chat_template(stories_dir, tm
     assert not reply.stdout.startswith("Once upon a time")
 
 
+def test_generate_chat_says_so_when_the_reply_is_empty(stories_dir, tmp_path, monkeypatch):
+    """A reply that ends at its first token prints an empty line and says why on stderr (an undistilled
+    student often does), instead of leaving the user with nothing."""
+    import mixerswap.generation as generation
+
+    seen = {}
+    monkeypatch.setattr(generation, "generate_text", lambda *a, chat, **k: seen.setdefault("chat", chat) and "")
+    result = run("generate", stories_dir, "Hello", "--chat", "-q")
+    assert result.exit_code == 0 and seen["chat"] is True
+    assert result.stdout == "\n" and "empty reply" in result.stderr
+    monkeypatch.setattr(generation, "generate_text", lambda *a, **k: "")
+    assert "empty reply" not in run("generate", stories_dir, "Hello", "-q").stderr
+
+
 def test_unknown_family(tmp_path):
     teacher = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)).save_pretrained(teacher)

@@ -76,6 +76,7 @@ def _dequantize_into(gguf: Path, folder: Path) -> None:
     from ..progress import library_bars
     from .checkpoint_io import atomic_output_dir
 
+    check_gguf_file(gguf)
     logger.info("reading %s (dequantizing; once, cached in %s)", gguf, folder)
     config = AutoConfig.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # its de-quantizing bar is a plain tqdm that ignores transformers' switch (off under -q and in logs)
@@ -92,6 +93,32 @@ def _dequantize_into(gguf: Path, folder: Path) -> None:
     with atomic_output_dir(folder, overwrite=True) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+
+
+def check_gguf_file(gguf: Path) -> None:
+    """Raise a one-line :class:`CheckpointError` when ``gguf`` cannot be read whole: not a GGUF file, cut short
+    (an interrupted download), or the ``gguf`` package missing; the readers below would fail deep inside."""
+    import struct
+
+    from .checkpoint_io import CheckpointError
+
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise CheckpointError(f"reading {gguf} needs the gguf package: pip install 'mixerswap[gguf]'") from None
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise CheckpointError(f"{gguf} is not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(gguf)
+        end = max((int(t.data_offset) + int(t.n_bytes) for t in reader.tensors), default=0)
+    except (ValueError, IndexError, OverflowError, struct.error) as err:
+        raise CheckpointError(f"cannot read {gguf}: the file is damaged or cut short ({gguf.stat().st_size:,} "
+                              f"bytes; an interrupted download?): download it again (reader: {str(err).rstrip('.')})"
+                              ) from None
+    if end > gguf.stat().st_size:
+        raise CheckpointError(f"{gguf} is cut short: its tensors need {end:,} bytes, the file has "
+                              f"{gguf.stat().st_size:,} (an interrupted download?): download it again")
 
 
 def gguf_metadata(gguf: Path, keys) -> dict:

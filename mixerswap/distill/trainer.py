@@ -298,6 +298,7 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
                     accelerator.log({f"{config.name}/loss": step_loss, "lr": record["lr"]}, step=state.global_step)
             last_step = step + 1 == total_steps or exhausted
             if last_step:  # before the stage's last checkpoint, so that it holds the weights the run goes on from
+                bar.close()  # the bar's rate is the stage's own, and the perplexity line comes after it
                 state.stage_perplexity.append(finish_stage(config))
             if state.global_step % recipe.checkpoint_every == 0 or last_step:
                 saved = Progress(**{**state.__dict__, "stage_index": stage_index + 1 if last_step else stage_index,
@@ -329,7 +330,10 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
     if dist.is_initialized():
         dist.barrier()
     accelerator.end_training()
-    logger.info("wrote %s; held-out perplexity %s -> %s (teacher %s)", out, ppl_before, ppl_after, ppl_teacher)
+    if ppl_after is not None:
+        logger.info("wrote %s; held-out perplexity %.3f -> %.3f (teacher %.3f)", out, ppl_before, ppl_after, ppl_teacher)
+    else:
+        logger.info("wrote %s", out)
     return DistillResult(out, ppl_before, ppl_after, state.history, ppl_teacher, state.stage_perplexity)
 
 

@@ -125,3 +125,26 @@ def test_a_gguf_file_converts_exactly_to_mla(pico_gguf, tmp_path, monkeypatch):
     ids = torch.tensor([tokenizer("The cat sat on the mat and looked at the sun.")["input_ids"]])
     with torch.no_grad():
         torch.testing.assert_close(student(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("keep", [3, 20, 0.5, 0.99], ids=["magic-only", "header", "half", "last-tensor"])
+def test_a_damaged_or_cut_short_gguf_is_refused_in_one_line_and_nothing_is_cached(pico_gguf, tmp_path, monkeypatch,
+                                                                                  keep):
+    """An interrupted download (any cut point) or a file that is no GGUF at all: a one-line error that says
+    to download it again, and no cached folder that a later run would take for the teacher."""
+    from mixerswap.convert.checkpoint_io import CheckpointError
+
+    path, _, _ = pico_gguf
+    monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
+    data = path.read_bytes()
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: keep if isinstance(keep, int) else int(len(data) * keep)])
+    with pytest.raises(CheckpointError, match="not a GGUF file|cut short.*download it again") as err:
+        gguf_as_hf_folder(cut)
+    assert "\n" not in str(err.value)
+    assert not (cached_folder(cut) / "config.json").exists()
+
+    other = tmp_path / "model.gguf"
+    other.write_text("not a gguf\n")
+    with pytest.raises(CheckpointError, match="is not a GGUF file"):
+        gguf_as_hf_folder(other)
