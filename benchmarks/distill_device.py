@@ -54,7 +54,7 @@ def write_corpus(work: Path, stories: int) -> tuple[Path, Path, int, str]:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     docs = sample_stories(teacher, tokenizer, stories)
     held = max(1, len(docs) // 10)
-    corpus, calibration = write_split(work, docs, held)
+    corpus, calibration = write_split(work, docs, held, 40)
     return corpus, calibration, held, f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out"
 
 

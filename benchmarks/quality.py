@@ -13,7 +13,8 @@ Data. stories260k (the default, packaged with mixerswap) only knows TinyStories:
 own corpus (``--stories`` seeded samples, kept in ``--workdir`` and reused by the next run there); the
 first 10% are held out, the next 40 calibrate every conversion. With ``--text`` (a raw WikiText-style file,
 articles split at `` = Title = `` lines) the first ``--held-out-docs`` articles are held out, the next ones
-calibrate, the rest train. ``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a
+calibrate (as few as hold the 4,096 tokens that calibration and ``--select`` scoring read: a WikiText article is
+thousands of tokens), the rest train; ``--calibration-docs N`` sets the count. ``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a
 public-domain and free-documentation corpus from Debian packages) for budgets larger than the text.
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
@@ -126,6 +127,7 @@ def teacher_stories(work: Path, teacher_dir: Path, teacher, tokenizer, count: in
 
 
 PROMPT_TOKENS = 32  # of a training paragraph: what a --teacher-samples continuation starts from
+CALIBRATION_TOKENS = 4096  # what the calibration documents must hold: convert's 2048 tokens + --select's 2048 to score
 
 
 @torch.inference_mode()
@@ -171,14 +173,25 @@ def teacher_continuations(work: Path, teacher_dir: Path, teacher, tokenizer, doc
     return samples
 
 
-def write_split(work: Path, docs: list[str], held: int, extra: list[str] = ()) -> tuple[Path, Path]:
+def write_split(work: Path, docs: list[str], held: int, calib: int, extra: list[str] = ()) -> tuple[Path, Path]:
     """``(corpus.jsonl, calibration.txt)`` in ``work``: the held-out documents first (distillation holds out
-    the first ``held``), then the training ones and the ``extra`` training documents; the 40 after the held-out
-    ones calibrate and are left out."""
+    the first ``held``), then the training ones and the ``extra`` training documents; the ``calib`` after the
+    held-out ones calibrate and are left out."""
     corpus, calibration = work / "corpus.jsonl", work / "calibration.txt"
-    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in [*docs[:held], *docs[held + 40 :], *extra]))
-    calibration.write_text("\n\n".join(docs[held : held + 40]))
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in [*docs[:held], *docs[held + calib :], *extra]))
+    calibration.write_text("\n\n".join(docs[held : held + calib]))
     return corpus, calibration
+
+
+def calibration_doc_count(docs: list[str], tokenizer, tokens: int = CALIBRATION_TOKENS) -> int:
+    """The fewest of ``docs`` (in order) that hold ``tokens`` tokens once joined as ``write_split`` joins them
+    (all of them when they hold fewer)."""
+    total = 0
+    for count, doc in enumerate(docs, 1):
+        total += len(tokenizer(doc + "\n\n")["input_ids"])
+        if total >= tokens:
+            return count
+    return len(docs)
 
 
 def read_training_text(paths: list[Path]) -> list[str]:
@@ -382,13 +395,15 @@ def table(rows: list[dict]) -> str:
 
 
 def rows_with_settings(report: dict) -> list[dict]:
-    """A report's rows, each with the run's learning rates and fast-parameter multiple unless it has its own
-    (1.0 for runs from before fast parameters), so rows of several runs can share one table. A ``-kl`` row
-    from before selection scored aligned mixers is the ``-kl-init`` row (scored on the conversion as is)."""
+    """A report's rows, each with the run's learning rates, fast-parameter multiple and calibration documents
+    unless it has its own (1.0 and 40 for runs from before those options), so rows of several runs can share one
+    table. A ``-kl`` row from before selection scored aligned mixers is the ``-kl-init`` row (scored on the
+    conversion as is)."""
     rows = []
     for r in report["rows"]:
         r = {"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0),
-             "validation_docs": report.get("validation_docs", 0), **({"select_align_steps": 0} if r.get("select") else {}),
+             "validation_docs": report.get("validation_docs", 0), "calibration_docs": report.get("calibration_docs", 40),
+             **({"select_align_steps": 0} if r.get("select") else {}),
              **r}
         if r.get("select") and r["select_align_steps"] == 0 and not r["name"].endswith("-init"):
             r["name"] += "-init"
@@ -427,6 +442,10 @@ def main() -> None:
     parser.add_argument("--list", action="store_true")
     parser.add_argument("--stories", type=int, default=400)
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
+    parser.add_argument("--calibration-docs", type=int, default=None,
+                        help="documents after the held-out ones that calibrate every conversion and are kept out of "
+                             f"training (default: 40 stories; with --text, as few articles as hold {CALIBRATION_TOKENS} "
+                             "tokens)")
     parser.add_argument("--tokens", default="120k", help="distillation tokens per student, shared as --split says")
     parser.add_argument("--split", default="1:1:2",
                         help="shares of --tokens for align:hidden:kd (default 1:1:2); a share of 0 leaves that stage out")
@@ -517,22 +536,29 @@ def main() -> None:
     if args.text is None:
         docs = teacher_stories(work, args.teacher_dir, teacher, tokenizer, args.stories)
         held = max(1, len(docs) // 10)
-        data_note = f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out"
+        calib = 40 if args.calibration_docs is None else args.calibration_docs
+        data_note = f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out, {calib} calibrate"
     else:
         docs = split_articles(args.text.read_text(encoding="utf-8"))
         held = args.held_out_docs
-        data_note = f"{len(docs)} articles of {args.text.name}, the first {held} held out"
+        calib = args.calibration_docs
+        if calib is None:
+            calib = calibration_doc_count(docs[held:], tokenizer)
+        data_note = f"{len(docs)} articles of {args.text.name}, the first {held} held out, the next {calib} calibrate"
+    if not 0 < calib < len(docs) - held:
+        raise SystemExit(f"--calibration-docs {calib}: there are {len(docs) - held} documents after the held-out ones; "
+                         "keep at least one for training")
     held_docs = docs[:held]
     extra = read_training_text(args.train_text)
     if extra:
         data_note += f", and {len(extra)} training documents of {', '.join(p.name for p in args.train_text)}"
     teacher.to(args.device)  # after sampling the stories (the sampler starts on the CPU)
     if args.teacher_samples:
-        extra += teacher_continuations(work, args.teacher_dir, teacher, tokenizer, docs[held + 40 :],
+        extra += teacher_continuations(work, args.teacher_dir, teacher, tokenizer, docs[held + calib :],
                                        args.teacher_samples, args.sample_tokens, args.sample_batch)
         data_note += (f", and {args.teacher_samples} teacher samples of {args.sample_tokens} tokens after the first "
                       f"{PROMPT_TOKENS} of a training paragraph")
-    corpus, calibration = write_split(work, docs, held, extra)
+    corpus, calibration = write_split(work, docs, held, calib, extra)
     teacher_mqar = mqar_accuracy(teacher, [args.mqar_length])[0].accuracy
     if teacher_mqar < 0.2:
         print(f"teacher MQAR accuracy {teacher_mqar:.2f} at length {args.mqar_length}: no recall circuit, MQAR left out")
@@ -545,6 +571,7 @@ def main() -> None:
 
     teacher_row = {"cache_bytes_per_token": cache_bytes_per_token(teacher, args.cache_lengths, teacher.config.vocab_size)}
     report = {"teacher": str(args.teacher), "data": data_note, "tokens_per_student": parse_tokens(args.tokens),
+              "calibration_docs": calib,
               "seq_len": args.seq_len, "batch_size": args.batch_size, "lr": args.lr, "fast_lr_scale": args.fast_lr_scale,
               "validation_docs": args.validation_docs, "held_out_rows": args.held_out_rows,
               "mixed_precision": args.mixed_precision,

@@ -129,7 +129,11 @@ def test_teacher_samples_continue_training_paragraphs_and_are_kept(quality, tmp_
     assert report["data"].endswith("and 5 teacher samples of 12 tokens after the first 32 of a training paragraph")
     samples = json.loads((tmp_path / "w" / "samples.json").read_text())["samples"]
     corpus = [json.loads(line)["text"] for line in (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()]
-    assert len(samples) == 5 and corpus[-5:] == samples and len(corpus) == 46 - 40 + 5
+    # as few calibration articles as hold the 4096 tokens calibration and --select read, left out of training
+    calib = report["calibration_docs"]
+    docs = quality.split_articles(text)
+    assert 0 < calib < 40 and (tmp_path / "w" / "calibration.txt").read_text() == "\n\n".join(docs[2 : 2 + calib])
+    assert len(samples) == 5 and corpus[-5:] == samples and len(corpus) == 46 - calib + 5
     # paragraphs in turn (each article's title line is too short to start from)
     assert [sample[:7] for sample in samples] == ["Tom had", "One day", "Tom had", "One day", "Tom had"]
     quality.main()  # a second run reads the samples back
@@ -166,4 +170,21 @@ def test_split_shares_the_budget_between_stages_and_leaves_out_a_zero_share(qual
             distill_stages(1000, bad)
     monkeypatch.setattr(sys, "argv", ["quality.py", "--split", "1:1", "--list"])
     with pytest.raises(SystemExit, match="--split takes three shares"):
+        quality.main()
+
+
+def test_calibration_takes_the_fewest_documents_that_hold_its_tokens(quality, monkeypatch):
+    """With --text the calibration articles are counted by tokens: 2 and 3 tokens each reach 4 tokens at the
+    second document (whitespace tokens, with the blank line that joins them counted)."""
+
+    class Words:
+        def __call__(self, text):
+            return {"input_ids": text.split()}
+
+    assert quality.calibration_doc_count(["a b", "c d e", "f"], Words(), tokens=4) == 2
+    assert quality.calibration_doc_count(["a b", "c d e", "f"], Words(), tokens=5) == 2
+    assert quality.calibration_doc_count(["a b", "c d e", "f"], Words(), tokens=6) == 3
+    assert quality.calibration_doc_count(["a b", "c d e", "f"], Words(), tokens=60) == 3
+    monkeypatch.setattr(sys, "argv", ["quality.py", "--stories", "60", "--calibration-docs", "60", "--rows", "swa-25"])
+    with pytest.raises(SystemExit, match="--calibration-docs 60: there are 54 documents after the held-out ones"):
         quality.main()
