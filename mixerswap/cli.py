@@ -217,8 +217,8 @@ def select_command(ctx, teacher, to, data, keep_attention, calibration_tokens, s
 
 @main.command()
 @click.argument("student", required=False)
-@click.option("--teacher", help="Teacher folder, .gguf file or hub id (default: the one recorded in STUDENT/mixerswap.yaml, "
-                               "when that path exists).")
+@click.option("--teacher", help="Teacher folder, .gguf file or hub id (default: the one recorded in "
+                               "STUDENT/mixerswap.yaml, when that path exists).")
 @click.option("--data", help="Plain text, JSON lines or parquet file (told by content: wikitext2-test.raw is text), "
                             "a folder of .txt/.jsonl/.parquet files, or a datasets name/path.")
 @click.option("--stages", help="e.g. align:20M,hidden:40M,kd:200M (token budgets).")

@@ -331,7 +331,8 @@ def _run_distill(recipe: DistillRecipe, *, resume: bool = False, overwrite: bool
         dist.barrier()
     accelerator.end_training()
     if ppl_after is not None:
-        logger.info("wrote %s; held-out perplexity %.3f -> %.3f (teacher %.3f)", out, ppl_before, ppl_after, ppl_teacher)
+        logger.info("wrote %s; held-out perplexity %.3f -> %.3f (teacher %.3f)", out, ppl_before, ppl_after,
+                    ppl_teacher)
     else:
         logger.info("wrote %s", out)
     return DistillResult(out, ppl_before, ppl_after, state.history, ppl_teacher, state.stage_perplexity)
