@@ -14,7 +14,8 @@ own corpus (``--stories`` seeded samples, kept in ``--workdir`` and reused by th
 first 10% are held out, the next 40 calibrate every conversion. With ``--text`` (a raw WikiText-style file,
 articles split at `` = Title = `` lines) the first ``--held-out-docs`` articles are held out, the next ones
 calibrate (as few as hold the 4,096 tokens that calibration and ``--select`` scoring read: a WikiText article is
-thousands of tokens), the rest train; ``--calibration-docs N`` sets the count. ``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a
+thousands of tokens), the rest train; ``--calibration-docs N`` sets the count. Perplexity is scored on the first
+``--held-out-rows`` packed rows of the held-out documents (8 with the stories, 64 with ``--text``). ``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a
 public-domain and free-documentation corpus from Debian packages) for budgets larger than the text.
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
@@ -127,6 +128,8 @@ def teacher_stories(work: Path, teacher_dir: Path, teacher, tokenizer, count: in
 
 
 PROMPT_TOKENS = 32  # of a training paragraph: what a --teacher-samples continuation starts from
+TEXT_HELD_OUT_ROWS = 64  # with --text: 16k tokens at --seq-len 256 (benchmarks/RESULTS.md, "Training text and held-out
+# rows on SmolLM2": 2048 held-out tokens ranked two students the other way round from all 40k)
 CALIBRATION_TOKENS = 4096  # what the calibration documents must hold: convert's 2048 tokens + --select's 2048 to score
 
 
@@ -457,8 +460,10 @@ def main() -> None:
     parser.add_argument("--validation-docs", type=int, default=0,
                         help="documents after the calibration ones kept out of training: a stage that raises their "
                              "perplexity is undone (0: every stage kept)")
-    parser.add_argument("--held-out-rows", type=int, default=8,
-                        help="packed rows of --seq-len tokens of the held-out documents scored for perplexity")
+    parser.add_argument("--held-out-rows", type=int, default=None,
+                        help="packed rows of --seq-len tokens of the held-out documents scored for perplexity "
+                             f"(default: 8 with the stories; with --text {TEXT_HELD_OUT_ROWS}: a few thousand tokens "
+                             "of two or three articles rank students by their topics)")
     parser.add_argument("--train-text", type=Path, nargs="+", default=[],
                         help="more training documents (JSONL with a 'text' field, .jsonl.xz, or plain text), after "
                              "the training part of the stories or --text articles; held-out and calibration "
@@ -506,6 +511,8 @@ def main() -> None:
     if args.merge:
         merge(args.merge, args.out)
         return
+    if args.held_out_rows is None:
+        args.held_out_rows = 8 if args.text is None else TEXT_HELD_OUT_ROWS
     args.cache_lengths = [int(x) for x in args.cache_lengths.split(",")]
     args.lr = [float(x) for x in args.lr.split(",")] if args.lr else [s["lr"] for s in distill_stages(1)]
     if len(args.lr) != 3:

@@ -28,6 +28,7 @@ def test_quality_rows_table_and_merge(quality, tmp_path, monkeypatch, capsys):
     report = json.loads(out.read_text())
     # the extra documents train (after the stories' own training part); held-out and calibration stay the stories'
     assert report["data"].endswith("and 3 training documents of extra.jsonl.xz") and report["mixed_precision"] == "no"
+    assert report["held_out_rows"] == 8 and report["calibration_docs"] == 40  # the stories' defaults
     corpus = (tmp_path / "w" / "corpus.jsonl").read_text().splitlines()
     assert len(corpus) == 60 - 40 + 3 and json.loads(corpus[-1])["text"].startswith("Tom saw a red ball number 2")
     assert report["complete"] and [r["name"] for r in report["rows"]] == ["mamba2-50", "swa-25"]
