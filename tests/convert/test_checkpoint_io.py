@@ -142,6 +142,7 @@ def test_gguf_teachers_are_found_and_their_folder_reused(tmp_path, monkeypatch):
 
     monkeypatch.setenv("MIXERSWAP_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("transformers.AutoConfig.from_pretrained", lambda *a, **k: pytest.fail("read again"))
+    monkeypatch.setattr("mixerswap.convert.gguf.check_gguf_file", lambda path: None)  # a 4-byte stand-in file
     stat = model.stat()
     cached = cached_folder(model)
     assert cached.parent == tmp_path / "cache" / "gguf" and cached.name.startswith("tiny.Q4_1-")
