@@ -43,7 +43,7 @@ from mixerswap.distill.recipe import DistillRecipe, parse_stages
 from mixerswap.distill.trainer import run_distill, work_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from quality import write_split  # noqa: E402  (the same data split as the recovery table)
+from quality import STORY_CALIBRATION_DOCS, write_split  # noqa: E402  (the same data split as the recovery table)
 
 
 def write_corpus(work: Path, stories: int) -> tuple[Path, Path, int, str]:
@@ -54,7 +54,7 @@ def write_corpus(work: Path, stories: int) -> tuple[Path, Path, int, str]:
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=torch.float32).eval()
     docs = sample_stories(teacher, tokenizer, stories)
     held = max(1, len(docs) // 10)
-    corpus, calibration = write_split(work, docs, held, 40)
+    corpus, calibration = write_split(work, docs, held, STORY_CALIBRATION_DOCS)
     return corpus, calibration, held, f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out"
 
 

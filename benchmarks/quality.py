@@ -15,8 +15,9 @@ first 10% are held out, the next 40 calibrate every conversion. With ``--text`` 
 articles split at `` = Title = `` lines) the first ``--held-out-docs`` articles are held out, the next ones
 calibrate (as few as hold the 4,096 tokens that calibration and ``--select`` scoring read: a WikiText article is
 thousands of tokens), the rest train; ``--calibration-docs N`` sets the count. Perplexity is scored on the first
-``--held-out-rows`` packed rows of the held-out documents (8 with the stories, 64 with ``--text``). ``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a
-public-domain and free-documentation corpus from Debian packages) for budgets larger than the text.
+``--held-out-rows`` packed rows of the held-out documents (8 with the stories, 64 with ``--text``).
+``--train-text`` adds training documents (``benchmarks/corpus.py`` builds a public-domain and
+free-documentation corpus from Debian packages) for budgets larger than the text.
 With ``--validation-docs N`` the first N training documents are kept out as well, and a stage that raises
 their perplexity is undone (the distill stage guard; the table marks such a stage with ``*``).
 
@@ -130,6 +131,7 @@ def teacher_stories(work: Path, teacher_dir: Path, teacher, tokenizer, count: in
 PROMPT_TOKENS = 32  # of a training paragraph: what a --teacher-samples continuation starts from
 TEXT_HELD_OUT_ROWS = 64  # with --text: 16k tokens at --seq-len 256 (benchmarks/RESULTS.md, "Training text and held-out
 # rows on SmolLM2": 2048 held-out tokens ranked two students the other way round from all 40k)
+STORY_CALIBRATION_DOCS = 40  # stories260k: the stories after the held-out ones that calibrate
 CALIBRATION_TOKENS = 4096  # what the calibration documents must hold: convert's 2048 tokens + --select's 2048 to score
 
 
@@ -405,7 +407,7 @@ def rows_with_settings(report: dict) -> list[dict]:
     rows = []
     for r in report["rows"]:
         r = {"lr": report.get("lr"), "fast_lr_scale": report.get("fast_lr_scale", 1.0),
-             "validation_docs": report.get("validation_docs", 0), "calibration_docs": report.get("calibration_docs", 40),
+             "validation_docs": report.get("validation_docs", 0), "calibration_docs": report.get("calibration_docs", STORY_CALIBRATION_DOCS),
              **({"select_align_steps": 0} if r.get("select") else {}),
              **r}
         if r.get("select") and r["select_align_steps"] == 0 and not r["name"].endswith("-init"):
@@ -447,7 +449,7 @@ def main() -> None:
     parser.add_argument("--held-out-docs", type=int, default=8, help="with --text: articles held out")
     parser.add_argument("--calibration-docs", type=int, default=None,
                         help="documents after the held-out ones that calibrate every conversion and are kept out of "
-                             f"training (default: 40 stories; with --text, as few articles as hold {CALIBRATION_TOKENS} "
+                             f"training (default: {STORY_CALIBRATION_DOCS} stories; with --text, as few articles as hold {CALIBRATION_TOKENS} "
                              "tokens)")
     parser.add_argument("--tokens", default="120k", help="distillation tokens per student, shared as --split says")
     parser.add_argument("--split", default="1:1:2",
@@ -543,7 +545,7 @@ def main() -> None:
     if args.text is None:
         docs = teacher_stories(work, args.teacher_dir, teacher, tokenizer, args.stories)
         held = max(1, len(docs) // 10)
-        calib = 40 if args.calibration_docs is None else args.calibration_docs
+        calib = STORY_CALIBRATION_DOCS if args.calibration_docs is None else args.calibration_docs
         data_note = f"{len(docs)} stories sampled from the teacher (seed 0), {held} held out, {calib} calibrate"
     else:
         docs = split_articles(args.text.read_text(encoding="utf-8"))
